@@ -1,0 +1,1 @@
+"""Built-in demo assets: the synthetic shapes VQA task and the small shipped tokenizer."""

@@ -1,0 +1,168 @@
+"""The synthetic shapes VQA task: the kit's built-in data for the demo, the tests and the benchmarks.
+
+Images of coloured shapes, one object per quadrant at most, with short-answer questions about colour, shape, count and
+position. Every sample is a pure function of (split, index): train and validation use disjoint seeds, and sample i is
+the same whatever the number of samples asked for. Answers are balanced, so chance accuracy is at most 1/4.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+QUESTION_KINDS = ("color", "shape", "count", "position")
+ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
+SPLIT_SEEDS = {"train": 0, "validation": 1}
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    color: str
+    quadrant: int  # index into QUADRANTS
+
+
+@dataclass
+class ShapesSample:
+    image: Image.Image
+    question: str
+    answer: str
+    kind: str
+    objects: list[ShapeObject]
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, width: int, height: int, rng: np.random.Generator) -> None:
+    # Centre jittered inside the quadrant; radius well inside it so shapes never cross quadrant borders.
+    cell_w, cell_h = width / 2, height / 2
+    radius = min(cell_w, cell_h) * rng.uniform(0.22, 0.34)
+    cx = (obj.quadrant % 2) * cell_w + cell_w / 2 + rng.uniform(-0.1, 0.1) * cell_w
+    cy = (obj.quadrant // 2) * cell_h + cell_h / 2 + rng.uniform(-0.1, 0.1) * cell_h
+    fill = COLORS[obj.color]
+    if obj.shape == "circle":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
+    else:  # diamond
+        draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=fill)
+
+
+def render(objects: list[ShapeObject], width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    background = tuple(int(v) for v in rng.integers(225, 256, size=3))
+    image = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        _draw(draw, obj, width, height, rng)
+    return image
+
+
+def _pick(rng: np.random.Generator, options, count: int = 1) -> list:
+    return [options[i] for i in rng.choice(len(options), size=count, replace=False)]
+
+
+def _scene_and_question(rng: np.random.Generator, kind: str) -> tuple[list[ShapeObject], str, str]:
+    quadrants = [int(q) for q in rng.permutation(4)]
+    if kind == "count":
+        target = _pick(rng, SHAPES)[0]
+        count = int(rng.integers(1, 5))
+        others = [s for s in SHAPES if s != target]
+        num_others = int(rng.integers(0, 5 - count))
+        shapes = [target] * count + [others[int(rng.integers(len(others)))] for _ in range(num_others)]
+        colors = [_pick(rng, list(COLORS))[0] for _ in shapes]
+        objects = [ShapeObject(s, c, q) for s, c, q in zip(shapes, colors, quadrants[: len(shapes)], strict=True)]
+        return objects, f"How many {target}s are there?", str(count)
+    # Distinct shapes and colours, so every object is named unambiguously by its shape or its colour.
+    num_objects = int(rng.integers(1, 5))
+    shapes = _pick(rng, SHAPES, num_objects)
+    colors = _pick(rng, list(COLORS), num_objects)
+    objects = [ShapeObject(s, c, q) for s, c, q in zip(shapes, colors, quadrants[: len(shapes)], strict=True)]
+    subject = objects[int(rng.integers(num_objects))]
+    if kind == "color":
+        return objects, f"What color is the {subject.shape}?", subject.color
+    if kind == "shape":
+        return objects, f"What shape is the {subject.color} object?", subject.shape
+    return objects, f"Where is the {subject.color} {subject.shape}?", QUADRANTS[subject.quadrant]
+
+
+def make_sample(split: str, index: int, width: int = 448, height: int = 448) -> ShapesSample:
+    """Sample `index` of `split` ('train' or 'validation'): deterministic and independent of other samples."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index])
+    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
+    objects, question, answer = _scene_and_question(rng, kind)
+    return ShapesSample(render(objects, width, height, rng), question + ANSWER_SUFFIX, answer, kind, objects)
+
+
+def generate(split: str, num_samples: int, width: int = 448, height: int = 448) -> Iterator[ShapesSample]:
+    for index in range(num_samples):
+        yield make_sample(split, index, width, height)
+
+
+def write_split(out_dir: str | Path, split: str, num_samples: int, width: int = 448, height: int = 448) -> Path:
+    """Write images and an InternVL jsonl (`{split}.jsonl`, image paths relative to `out_dir`); returns the jsonl."""
+    out_dir = Path(out_dir)
+    (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+    annotation = out_dir / f"{split}.jsonl"
+    with annotation.open("w") as handle:
+        for index, sample in enumerate(generate(split, num_samples, width, height)):
+            relative = f"images/{split}/{index:06d}.png"
+            sample.image.save(out_dir / relative)
+            row = {
+                "id": f"{split}-{index}",
+                "image": relative,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{sample.question}"},
+                    {"from": "gpt", "value": sample.answer},
+                ],
+            }
+            handle.write(json.dumps(row) + "\n")
+    return annotation
+
+
+def write_dataset(
+    out_dir: str | Path, num_train: int = 512, num_validation: int = 128, width: int = 448, height: int = 448
+) -> Path:
+    """Write train / validation jsonl files and an InternVL meta file for both; returns the meta file's path."""
+    out_dir = Path(out_dir)
+    meta = {}
+    for split, count in (("train", num_train), ("validation", num_validation)):
+        write_split(out_dir, split, count, width, height)
+        meta[f"shapes_{split}"] = {
+            "root": str(out_dir.resolve()),
+            "annotation": str((out_dir / f"{split}.jsonl").resolve()),
+            "data_augment": False,
+            "repeat_time": 1,
+            "length": count,
+        }
+    for split in ("train", "validation"):
+        split_meta = {f"shapes_{split}": meta[f"shapes_{split}"]}
+        (out_dir / f"meta_{split}.json").write_text(json.dumps(split_meta, indent=2) + "\n")
+    return out_dir / "meta_train.json"
+
+
+def training_text(num_samples: int = 400) -> list[str]:
+    """Questions and answers of the task, used to train the shipped demo tokenizer."""
+    lines = []
+    for index in range(num_samples):
+        rng = np.random.default_rng([SPLIT_SEEDS["train"], index])
+        _, question, answer = _scene_and_question(rng, QUESTION_KINDS[index % len(QUESTION_KINDS)])
+        lines.append(question + ANSWER_SUFFIX + "\n" + answer)
+    lines.extend([*COLORS, *SHAPES, *QUADRANTS, "1", "2", "3", "4", "user", "assistant", "system"])
+    return lines

@@ -1,0 +1,184 @@
+"""InternVL image preprocessing: dynamic tiling, thumbnail, normalisation, JPEG augmentation, video frames.
+
+The grid choice and crops reproduce InternVL's `dynamic_preprocess` exactly (SPEC 2), and the pixel values agree
+with transformers' `GotOcr2ImageProcessor(crop_to_patches=True)`, so training preprocessing equals inference
+preprocessing. Only PIL + numpy + torch are used (no torchvision).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+JPEG_QUALITY_RANGE = (75, 100)  # inclusive, as InternVL's training augmentation
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused before decoding (decompression bombs)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: unreadable, missing, or too large. The message says which and why."""
+
+
+@lru_cache(maxsize=64)
+def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """All (cols, rows) with min_tiles <= cols*rows <= max_tiles, sorted by cols*rows.
+
+    Built exactly like InternVL (a set, then a stable sort on the product), because on an exact ratio tie the
+    candidate order decides the winner.
+    """
+    if not 1 <= min_tiles <= max_tiles:
+        raise ValueError(f"tile bounds must satisfy 1 <= min_tiles <= max_tiles, got {min_tiles}..{max_tiles}")
+    grids = {
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    }
+    return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))
+
+
+def best_grid(
+    width: int, height: int, min_tiles: int = 1, max_tiles: int = 12, tile_size: int = 448
+) -> tuple[int, int]:
+    """The (cols, rows) tile grid InternVL picks for a width x height image.
+
+    Closest cols/rows to width/height wins; on an exact tie the later (larger) grid wins only when the image area
+    exceeds half the area of that grid, so small images are not blown up.
+    """
+    aspect_ratio = width / height
+    area = width * height
+    best_diff = float("inf")
+    best = (1, 1)
+    for cols, rows in candidate_grids(min_tiles, max_tiles):
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def num_tiles_for(width: int, height: int, min_tiles: int = 1, max_tiles: int = 12, use_thumbnail: bool = True) -> int:
+    """How many tiles `dynamic_tiles` returns for an image of this size (without decoding it)."""
+    cols, rows = best_grid(width, height, min_tiles, max_tiles)
+    blocks = cols * rows
+    return blocks + 1 if use_thumbnail and blocks > 1 else blocks
+
+
+def dynamic_tiles(
+    image: Image.Image, min_tiles: int = 1, max_tiles: int = 12, tile_size: int = 448, use_thumbnail: bool = True
+) -> list[Image.Image]:
+    """Cut an RGB image into InternVL's tiles: the grid's crops in row-major order, then the thumbnail (if > 1 crop)."""
+    width, height = image.size
+    cols, rows = best_grid(width, height, min_tiles, max_tiles, tile_size)
+    resized = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC)
+    tiles = [
+        resized.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size))
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    if use_thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def jpeg_degrade(tile: Image.Image, quality: int) -> Image.Image:
+    """Re-encode a tile as JPEG at `quality` and decode it again (InternVL's training augmentation)."""
+    buffer = io.BytesIO()
+    tile.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def tiles_to_pixel_values(
+    tiles: list[Image.Image], mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
+    """Stack RGB tiles into normalised pixel values: FloatTensor[n_tiles, 3, H, W]."""
+    # One uint8 array for all tiles, then a single float conversion: [n, H, W, 3] -> [n, 3, H, W].
+    stacked = torch.from_numpy(np.stack([np.asarray(tile, dtype=np.uint8) for tile in tiles]))
+    pixels = stacked.permute(0, 3, 1, 2).to(torch.float32) * (1.0 / 255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((pixels - mean_t) / std_t).contiguous()
+
+
+def image_to_pixel_values(
+    image: Image.Image,
+    *,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    tile_size: int = 448,
+    use_thumbnail: bool = True,
+    jpeg_augment: bool = False,
+    rng: np.random.Generator | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Tile and normalise one image: FloatTensor[n_tiles, 3, tile_size, tile_size].
+
+    With `jpeg_augment`, every tile is JPEG re-compressed at a quality drawn uniformly from 75..100 (per tile);
+    pass a seeded `rng` for reproducible augmentation.
+    """
+    tiles = dynamic_tiles(image.convert("RGB"), min_tiles, max_tiles, tile_size, use_thumbnail)
+    if jpeg_augment:
+        rng = rng if rng is not None else np.random.default_rng()
+        low, high = JPEG_QUALITY_RANGE
+        tiles = [jpeg_degrade(tile, int(rng.integers(low, high + 1))) for tile in tiles]
+    return tiles_to_pixel_values(tiles, mean, std)
+
+
+def tiles_per_image(max_tiles: int, num_images: int) -> int:
+    """Tile budget of each image in a multi-image sample: the images share `max_tiles`."""
+    return max(1, max_tiles // max(1, num_images))
+
+
+def frames_to_pixel_values(
+    frames: list[Image.Image],
+    tile_size: int = 448,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Video frames -> FloatTensor[n_frames, 3, S, S]: each frame is one S x S tile (no tiling, no thumbnail,
+    never JPEG-augmented)."""
+    resized = [frame.convert("RGB").resize((tile_size, tile_size), Image.Resampling.BICUBIC) for frame in frames]
+    return tiles_to_pixel_values(resized, mean, std)
+
+
+def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
+    """Evenly spaced frame indices: the middle of `num_frames` equal segments (all frames if there are fewer)."""
+    if total_frames <= num_frames:
+        return list(range(total_frames))
+    segment = total_frames / num_frames
+    return [int(segment * i + segment / 2) for i in range(num_frames)]
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image as RGB, refusing missing, unreadable or oversized files with an `ImageError`.
+
+    The size is read from the header before decoding, so a decompression bomb is refused without decoding it.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"image too large: {path} is {width}x{height} = {width * height} pixels "
+                    f"(limit {max_pixels}; raise data.max_image_pixels if this is intended)"
+                )
+            if width < 1 or height < 1:
+                raise ImageError(f"image has no pixels: {path}")
+            return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"image too large (decompression bomb): {path} ({error})") from error
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageError(f"unreadable image: {path} ({type(error).__name__}: {error})") from error

@@ -1,0 +1,159 @@
+"""Load an InternVL model and its tokenizer from a hub id, a local path, or a preset.
+
+    model, tokenizer = load_model(ModelConfig(name_or_path="OpenGVLab/InternVL3-1B-hf", dtype="bfloat16"))
+    model, tokenizer = load_model(ModelConfig(name_or_path="preset:tiny-112"))   # random weights, demo tokenizer
+
+Real checkpoints load through `InternVLForConditionalGeneration.from_pretrained` (safetensors only, remote code off
+unless asked for). Presets build random-weight models: tiny ones for tests and the demo, zoo ones at real size for
+GPU benchmarks and the memory planner.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoTokenizer, InternVLForConditionalGeneration, PreTrainedTokenizerBase
+
+from ivl.config import ConfigError
+from ivl.demo.tokenizer import demo_tokenizer_path
+from ivl.model.presets import PRESETS, preset_config
+from ivl.model.presets import tokens_per_tile_of as _tokens_per_tile_of
+
+PRESET_PREFIX = "preset:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer cannot be loaded; the message says what was tried and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to adapt, and how to load it."""
+
+    name_or_path: str = "preset:tiny-112"  # hub id, local directory, or preset:NAME
+    tokenizer: str | None = None  # defaults to the model's own (the shipped demo tokenizer for presets)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a bf16-capable GPU, else fp32
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    trust_remote_code: bool = False
+    init_seed: int = 0  # random initialisation of presets
+
+    def validate(self) -> None:
+        if self.name_or_path.startswith(PRESET_PREFIX):
+            name = self.name_or_path[len(PRESET_PREFIX) :]
+            if name not in PRESETS:
+                raise ConfigError(f"name_or_path: unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        if not self.name_or_path:
+            raise ConfigError("name_or_path: give a hub id (OpenGVLab/InternVL3-1B-hf), a local path or preset:NAME")
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return DTYPES[dtype]
+
+
+def preset_name(name_or_path: str) -> str | None:
+    return name_or_path[len(PRESET_PREFIX) :] if name_or_path.startswith(PRESET_PREFIX) else None
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    source = config.tokenizer or (
+        str(demo_tokenizer_path()) if preset_name(config.name_or_path) else config.name_or_path
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load a tokenizer from {source!r}: {error}") from error
+    if "<IMG_CONTEXT>" not in tokenizer.get_vocab():
+        raise ModelLoadError(f"tokenizer {source!r} has no <IMG_CONTEXT> token: it is not an InternVL tokenizer")
+    return tokenizer
+
+
+def build_preset_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0, dtype=torch.float32):
+    """A random-weight model of preset `name` (deterministic for a given seed)."""
+    config = preset_config(name, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(config)
+    return model.to(dtype)
+
+
+def _check_checkpoint_format(path: Path) -> None:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") == "internvl_chat" or "InternVLChatModel" in config.get("architectures", []):
+        raise ModelLoadError(
+            f"{path} is an original-format InternVLChatModel checkpoint (remote code). Load its HF-native `-hf` "
+            "version instead (e.g. OpenGVLab/InternVL3-1B-hf); in-kit conversion is not available yet."
+        )
+
+
+def load_model(config: ModelConfig, device: torch.device | str | None = None):
+    """Load (model, tokenizer). The model is in eval mode; its dtype follows `config.dtype`."""
+    name = preset_name(config.name_or_path)
+    if name is None and Path(config.name_or_path).exists():
+        _check_checkpoint_format(Path(config.name_or_path))
+    tokenizer = load_tokenizer(config)
+    dtype = resolve_dtype(config.dtype)
+    if name is not None:
+        model = build_preset_model(name, tokenizer, config.init_seed, dtype)
+    else:
+        try:
+            model = InternVLForConditionalGeneration.from_pretrained(
+                config.name_or_path,
+                dtype=dtype,
+                attn_implementation=config.attn_implementation,
+                trust_remote_code=config.trust_remote_code,
+                use_safetensors=True,
+            )
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"cannot load an InternVL model from {config.name_or_path!r}: {error}") from error
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def save_checkpoint(model, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Write an HF-native checkpoint (safetensors, config, tokenizer) that `load_model` and transformers load."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def tokens_per_tile(model_config) -> int:
+    """LLM tokens per image tile, derived from an `InternVLConfig` (never hard-coded)."""
+    vision = model_config.vision_config
+    image_size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+    patch_size = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+    return _tokens_per_tile_of(image_size, patch_size, model_config.downsample_ratio)
+
+
+def tile_size(model_config) -> int:
+    image_size = model_config.vision_config.image_size
+    return image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+
+
+def load_model_config(config: ModelConfig):
+    """The `InternVLConfig` alone (no weights): enough for tile sizes, token counts and planning."""
+    name = preset_name(config.name_or_path)
+    if name is not None:
+        return preset_config(name, load_tokenizer(config))
+    local = Path(config.name_or_path)
+    if local.exists():
+        _check_checkpoint_format(local)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read a model config from {config.name_or_path!r}: {error}") from error

@@ -1,0 +1,125 @@
+"""The one module that knows InternVL's module names (HF-native `InternVLForConditionalGeneration`).
+
+Everything else asks here: which submodule is the ViT and its layers, the projector, the LLM and its layers, which
+part a parameter belongs to, and which linear layers LoRA may target in each part. Both the ViT and the LLM contain
+`q_proj`-like names, so LoRA targets are always scoped by part prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+Part = Literal["vision", "projector", "llm"]
+PARTS: tuple[Part, ...] = ("vision", "projector", "llm")
+
+# Parameter-name prefixes of each part, relative to InternVLForConditionalGeneration.
+PART_PREFIXES: dict[Part, tuple[str, ...]] = {
+    "vision": ("model.vision_tower.",),
+    "projector": ("model.multi_modal_projector.",),
+    "llm": ("model.language_model.", "lm_head."),
+}
+
+# Linear layers LoRA targets inside each part, by LLM family (SPEC 8). InternLM2 checkpoints are LLaMA-structured
+# once HF-native (wqkv -> q/k/v_proj, w1/w3/w2 -> gate/up/down_proj); Phi-3 keeps fused qkv and gate_up.
+LLM_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "internlm2": ("wqkv", "wo", "w1", "w2", "w3"),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+}
+VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
+PROJECTOR_LORA_TARGETS = ("linear_1", "linear_2")
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """Handles on the parts of one InternVL model (the modules themselves, not copies)."""
+
+    vision: nn.Module
+    vision_embeddings: nn.Module
+    vision_layers: nn.ModuleList
+    projector: nn.Module
+    llm: nn.Module
+    llm_embeddings: nn.Module
+    llm_layers: nn.ModuleList
+    lm_head: nn.Module
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The `InternVLForConditionalGeneration` inside PEFT / DDP / compile wrappers."""
+    while True:
+        if hasattr(model, "get_base_model") and model.__class__.__name__.startswith("Peft"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP / accelerate wrappers
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    base = unwrap(model)
+    inner = getattr(base, "model", None)
+    if inner is None or not hasattr(inner, "vision_tower"):
+        raise TypeError(
+            f"expected an HF-native InternVLForConditionalGeneration, got {type(base).__name__}; original-format "
+            "(InternVLChatModel) checkpoints must be converted to the -hf layout first"
+        )
+    vision, llm = inner.vision_tower, inner.language_model
+    return ModelParts(
+        vision=vision,
+        vision_embeddings=vision.embeddings,
+        vision_layers=vision.encoder.layer,
+        projector=inner.multi_modal_projector,
+        llm=llm,
+        llm_embeddings=llm.embed_tokens,
+        llm_layers=llm.layers,
+        lm_head=base.lm_head,
+    )
+
+
+def _strip_wrappers(name: str) -> str:
+    """`base_model.model.model.vision_tower.x` (PEFT) or `module.model...` (DDP) -> `model.vision_tower.x`."""
+    for prefix in ("module.", "_orig_mod.", "base_model.model."):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def part_of(parameter_name: str) -> Part:
+    """Which part a parameter or module name belongs to."""
+    name = _strip_wrappers(parameter_name)
+    for part, prefixes in PART_PREFIXES.items():
+        if name.startswith(prefixes):
+            return part
+    raise KeyError(f"{parameter_name!r} belongs to no InternVL part (vision, projector, llm)")
+
+
+def vision_layer_index(parameter_name: str) -> int | None:
+    """Index of the ViT encoder layer a parameter lives in; None for embeddings and the final norm."""
+    match = re.search(r"vision_tower\.encoder\.layer\.(\d+)\.", parameter_name)
+    return int(match.group(1)) if match else None
+
+
+def llm_family(model: nn.Module) -> str:
+    return unwrap(model).config.text_config.model_type
+
+
+def lora_target_regex(model: nn.Module, parts: tuple[Part, ...] = ("llm",)) -> str:
+    """A PEFT `target_modules` regex for the LoRA-able linear layers of `parts`, never leaking across parts."""
+    family = llm_family(model)
+    if "llm" in parts and family not in LLM_LORA_TARGETS:
+        raise ValueError(f"no LoRA targets known for LLM family {family!r}; known: {', '.join(LLM_LORA_TARGETS)}")
+    alternatives = []
+    for part in parts:
+        names = {"vision": VISION_LORA_TARGETS, "projector": PROJECTOR_LORA_TARGETS}.get(part)
+        names = names if names is not None else LLM_LORA_TARGETS[family]
+        # The lm_head is never a LoRA target: only modules under the first prefix of each part.
+        prefix = re.escape(PART_PREFIXES[part][0])
+        alternatives.append(rf"{prefix}(?:.*\.)?(?:{'|'.join(names)})")
+    return rf"^(?:{'|'.join(alternatives)})$"

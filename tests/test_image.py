@@ -1,0 +1,143 @@
+"""Tiling must equal InternVL's algorithm (SPEC 2) and transformers' image processor."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ivl.image import (
+    ImageError,
+    best_grid,
+    dynamic_tiles,
+    frames_to_pixel_values,
+    image_to_pixel_values,
+    num_tiles_for,
+    open_image,
+    sample_frame_indices,
+    tiles_per_image,
+)
+
+
+def reference_grid(width, height, min_num, max_num, image_size):
+    """InternVL's rule restated plainly: enumerate grids, stable-sort by product, closest ratio, tie rule."""
+    target_ratios = set()
+    for n in range(min_num, max_num + 1):
+        for i in range(1, n + 1):
+            for j in range(1, n + 1):
+                if min_num <= i * j <= max_num:
+                    target_ratios.add((i, j))
+    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
+    aspect_ratio = width / height
+    best_diff, best = float("inf"), (1, 1)
+    for ratio in target_ratios:
+        diff = abs(aspect_ratio - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best_diff, best = diff, ratio
+        elif diff == best_diff and width * height > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def random_image(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_best_grid_matches_reference_on_thousands_of_sizes():
+    rng = random.Random(1234)
+    for _ in range(5000):
+        width, height = rng.randint(1, 5000), rng.randint(1, 5000)
+        low = rng.randint(1, 6)
+        high = rng.randint(low, 40)
+        size = rng.choice([224, 448])
+        assert best_grid(width, height, low, high, size) == reference_grid(width, height, low, high, size)
+
+
+def test_best_grid_tie_rule_and_spec_example():
+    assert best_grid(800, 1300) == (2, 3)
+    # Square images tie between 1x1, 2x2, 3x3: the larger grid wins only when the image is big enough.
+    assert best_grid(448, 448) == (1, 1)
+    assert best_grid(700, 700) == (2, 2)  # 490000 > 0.5 * 448^2 * 4
+    assert best_grid(1000, 1000) == (3, 3)  # 1e6 > 0.5 * 448^2 * 9 = 903168
+    assert best_grid(900, 900) == (2, 2)  # 810000 < 903168: stays at 2x2
+
+
+def test_spec_example_tiles_and_crops_equal_reference_crop():
+    image = random_image(800, 1300)
+    tiles = dynamic_tiles(image)
+    assert len(tiles) == 7 and all(tile.size == (448, 448) for tile in tiles)
+    resized = np.asarray(image.resize((896, 1344), Image.Resampling.BICUBIC))
+    for index, tile in enumerate(tiles[:6]):
+        row, col = divmod(index, 2)  # row-major order
+        expected = resized[row * 448 : (row + 1) * 448, col * 448 : (col + 1) * 448]
+        assert np.array_equal(np.asarray(tile), expected)
+    thumbnail = np.asarray(image.resize((448, 448), Image.Resampling.BICUBIC))
+    assert np.array_equal(np.asarray(tiles[6]), thumbnail)
+    assert num_tiles_for(800, 1300) == 7
+
+
+def test_single_tile_has_no_thumbnail_and_thumbnail_can_be_disabled():
+    assert len(dynamic_tiles(random_image(448, 448))) == 1
+    assert len(dynamic_tiles(random_image(800, 1300), use_thumbnail=False)) == 6
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "min_tiles", "max_tiles"),
+    [(800, 1300, 1, 12), (1920, 1080, 1, 6), (300, 200, 1, 12), (2000, 500, 2, 8), (640, 480, 1, 1)],
+)
+def test_pixel_values_agree_with_transformers_image_processor(width, height, min_tiles, max_tiles):
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    processor = GotOcr2ImageProcessorPil(
+        crop_to_patches=True,
+        min_patches=min_tiles,
+        max_patches=max_tiles,
+        size={"height": 448, "width": 448},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    image = random_image(width, height, seed=width)
+    expected = processor(images=image, return_tensors="pt")["pixel_values"]
+    ours = image_to_pixel_values(image, min_tiles=min_tiles, max_tiles=max_tiles)
+    assert ours.shape == expected.shape and ours.dtype == torch.float32
+    difference = (ours - expected).abs()
+    assert difference.max().item() <= 0.1
+    assert difference.mean().item() <= 1e-3
+
+
+def test_jpeg_augmentation_is_seedable_per_tile_and_changes_pixels():
+    image = random_image(900, 500, seed=3)
+    plain = image_to_pixel_values(image, max_tiles=6)
+    first = image_to_pixel_values(image, max_tiles=6, jpeg_augment=True, rng=np.random.default_rng(7))
+    again = image_to_pixel_values(image, max_tiles=6, jpeg_augment=True, rng=np.random.default_rng(7))
+    other = image_to_pixel_values(image, max_tiles=6, jpeg_augment=True, rng=np.random.default_rng(8))
+    assert first.shape == plain.shape
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert (first - plain).abs().mean() > 0.01
+
+
+def test_multi_image_budget_and_video_frames():
+    assert tiles_per_image(12, 1) == 12
+    assert tiles_per_image(12, 5) == 2
+    assert tiles_per_image(6, 10) == 1
+    frames = [random_image(320, 240, seed=i) for i in range(3)]
+    assert frames_to_pixel_values(frames).shape == (3, 3, 448, 448)
+    assert sample_frame_indices(100, 8) == [6, 18, 31, 43, 56, 68, 81, 93]
+    assert sample_frame_indices(5, 8) == [0, 1, 2, 3, 4]
+
+
+def test_open_image_refuses_missing_unreadable_and_oversized(tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        open_image(tmp_path / "missing.png")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(ImageError, match="unreadable"):
+        open_image(broken)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 300)).save(big)
+    with pytest.raises(ImageError, match="too large"):
+        open_image(big, max_pixels=300 * 299)
+    assert open_image(big).size == (300, 300)
