@@ -65,9 +65,11 @@ def best_grid(
     return best
 
 
-def num_tiles_for(width: int, height: int, min_tiles: int = 1, max_tiles: int = 12, use_thumbnail: bool = True) -> int:
+def num_tiles_for(
+    width: int, height: int, min_tiles: int = 1, max_tiles: int = 12, tile_size: int = 448, use_thumbnail: bool = True
+) -> int:
     """How many tiles `dynamic_tiles` returns for an image of this size (without decoding it)."""
-    cols, rows = best_grid(width, height, min_tiles, max_tiles)
+    cols, rows = best_grid(width, height, min_tiles, max_tiles, tile_size)
     blocks = cols * rows
     return blocks + 1 if use_thumbnail and blocks > 1 else blocks
 

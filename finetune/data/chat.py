@@ -1,0 +1,230 @@
+"""Conversations -> token ids and labels, InternVL style (SPEC 3).
+
+Every `<image>` becomes `<img>` + `<IMG_CONTEXT>` x (tokens_per_tile * tiles) + `</img>`; only assistant turns are
+supervised, including their closing end token (`<|im_end|>`), never the `<|im_start|>assistant\\n` header, the newline
+after the end token, or any image token.
+
+All templates are Jinja chat templates, so one mechanism serves both: the tokenizer's own template (HF-native
+checkpoints, so training text equals inference text) and InternVL's named templates (`internvl2_5`, `internlm2-chat`,
+`Hermes-2`, `phi3-chat`). Assistant spans are found by rendering prefixes of the conversation; the text is tokenized
+once with one `<IMG_CONTEXT>` per image, which is then expanded at the id level (cheap, and the count is exact).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IGNORE_INDEX = -100
+RESERVED_MARKERS = (IMG_START, IMG_END, IMG_CONTEXT)
+
+_INTERNVL_SYSTEM = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+_INTERNVL2_SYSTEM = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
+
+
+def _chatml(default_system: str) -> str:
+    # A system turn always comes first: the conversation's own, else the template's default.
+    return (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = '" + default_system + "' %}{% endif %}"
+        "{{ '<|im_start|>system\n' + system + '<|im_end|>\n' }}"
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
+def _phi3(default_system: str) -> str:
+    return (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = '" + default_system + "' %}{% endif %}"
+        "{{ '<|system|>\n' + system + '<|end|>\n' }}"
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    )
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    jinja: str | None  # None: the tokenizer's own chat template
+    end_token: str | None  # the assistant turn's closing token (supervised); None: the tokenizer's eos token
+
+
+NAMED_TEMPLATES = {
+    "internvl2_5": ChatTemplate("internvl2_5", _chatml(_INTERNVL_SYSTEM), "<|im_end|>"),
+    "Hermes-2": ChatTemplate("Hermes-2", _chatml(_INTERNVL2_SYSTEM), "<|im_end|>"),
+    "internlm2-chat": ChatTemplate("internlm2-chat", _chatml(_INTERNVL2_SYSTEM), "<|im_end|>"),
+    "phi3-chat": ChatTemplate("phi3-chat", _phi3(_INTERNVL2_SYSTEM), "<|end|>"),
+}
+TEMPLATE_CHOICES = ("auto", "tokenizer", *NAMED_TEMPLATES)
+
+
+class SampleError(ValueError):
+    """A sample that cannot become a correct training example; the message says why."""
+
+
+def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
+    """`auto`: the tokenizer's own template when it has one (HF-native checkpoints), else `internvl2_5`."""
+    if name == "auto":
+        name = "tokenizer" if tokenizer.chat_template else "internvl2_5"
+    if name == "tokenizer":
+        if not tokenizer.chat_template:
+            raise ValueError(f"the tokenizer has no chat template; pick one of {', '.join(NAMED_TEMPLATES)}")
+        return ChatTemplate("tokenizer", None, None)
+    if name not in NAMED_TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; choose from {', '.join(TEMPLATE_CHOICES)}")
+    return NAMED_TEMPLATES[name]
+
+
+@dataclass
+class Conversation:
+    """One normalised sample: messages with `<image>` / `<video>` placeholders in their text, plus its media."""
+
+    messages: list[dict[str, str]]  # {"role": "system" | "user" | "assistant", "content": str}
+    images: list = field(default_factory=list)  # paths (str) or PIL images, in placeholder order
+    video_frames: list = field(default_factory=list)  # paths or PIL images of one video's frames
+
+
+def insert_image_placeholders(conversation: Conversation) -> None:
+    """Validate placeholders against the media; an image sample whose text has none gets `<image>\\n` prepended
+    to its first user turn (one per image), as InternVL does."""
+    text = "".join(message["content"] for message in conversation.messages)
+    for marker in RESERVED_MARKERS:
+        if marker in text:
+            raise SampleError(f"text contains the reserved image marker {marker}; write <image> placeholders instead")
+    num_placeholders = text.count(IMAGE_PLACEHOLDER)
+    num_images = len(conversation.images)
+    if num_placeholders == 0 and num_images:
+        first_user = next((m for m in conversation.messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise SampleError("no user turn to attach the image to")
+        first_user["content"] = IMAGE_PLACEHOLDER + "\n" + first_user["content"]
+    elif num_placeholders != num_images:
+        raise SampleError(f"{num_placeholders} <image> placeholder(s) but {num_images} image(s)")
+    num_video = text.count(VIDEO_PLACEHOLDER)
+    if conversation.video_frames and num_video != 1:
+        if num_video == 0:
+            first_user = next(m for m in conversation.messages if m["role"] == "user")
+            first_user["content"] = VIDEO_PLACEHOLDER + "\n" + first_user["content"]
+        else:
+            raise SampleError(f"{num_video} <video> placeholders but one video")
+    elif num_video and not conversation.video_frames:
+        raise SampleError("<video> placeholder but no video")
+
+
+def _with_markers(content: str, num_frames: int) -> str:
+    # One <IMG_CONTEXT> per image (expanded after tokenization); a video becomes one line per frame.
+    content = content.replace(IMAGE_PLACEHOLDER, f"{IMG_START}{IMG_CONTEXT}{IMG_END}")
+    frames = "".join(f"Frame{i + 1}: {IMG_START}{IMG_CONTEXT}{IMG_END}\n" for i in range(num_frames))
+    return content.replace(VIDEO_PLACEHOLDER + "\n", frames).replace(VIDEO_PLACEHOLDER, frames)
+
+
+class ConversationTokenizer:
+    """Turns a `Conversation` (with placeholders checked) and its tile counts into input ids and labels."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, tokens_per_tile: int):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.tokens_per_tile = tokens_per_tile
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        self.end_token = template.end_token or tokenizer.eos_token
+        if not tokenizer.is_fast:
+            raise ValueError("a fast tokenizer is required (offsets are used to find the assistant spans)")
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.template.jinja,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def supervised_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character spans of each assistant reply up to and including its end token."""
+        text = self.render(messages)
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self.render(messages[:index], add_generation_prompt=True)
+            through = self.render(messages[: index + 1])
+            if not (through.startswith(prefix) and text.startswith(through)):
+                raise SampleError(
+                    f"chat template {self.template.name!r} does not render conversations prefix-consistently, so "
+                    "assistant turns cannot be located; pick a named template (data.template)"
+                )
+            end = through.rfind(self.end_token, len(prefix))
+            end = end + len(self.end_token) if end >= 0 else len(through.rstrip())
+            spans.append((len(prefix), end))
+        return text, spans
+
+    def __call__(self, conversation: Conversation, tiles_per_image: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (input_ids, labels), LongTensor[T] each. `tiles_per_image` has one count per image, then per frame."""
+        num_frames = len(conversation.video_frames)
+        messages = [
+            {"role": m["role"], "content": _with_markers(m["content"], num_frames)} for m in conversation.messages
+        ]
+        if not any(m["role"] == "assistant" for m in messages):
+            raise SampleError("no assistant turn: nothing to learn from")
+        text, spans = self.supervised_spans(messages)
+        encoding = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids = encoding["input_ids"]
+        supervised = _inside_spans([start for start, _ in encoding["offset_mapping"]], spans)
+        positions = [i for i, token in enumerate(ids) if token == self.image_token_id]
+        if len(positions) != len(tiles_per_image):
+            raise SampleError(
+                f"{len(positions)} image slots in the tokenized text but {len(tiles_per_image)} images/frames "
+                f"(is {IMG_CONTEXT} a special token of this tokenizer?)"
+            )
+        return self._expand(ids, supervised, positions, tiles_per_image)
+
+    def _expand(self, ids, supervised, positions, tiles_per_image) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        start = 0
+        for position, tiles in zip(positions, tiles_per_image, strict=True):
+            input_ids += ids[start:position]
+            labels += [
+                tok if sup else IGNORE_INDEX for tok, sup in zip(ids[start:position], supervised[start:position])
+            ]
+            count = self.tokens_per_tile * tiles
+            input_ids += [self.image_token_id] * count
+            labels += [IGNORE_INDEX] * count
+            start = position + 1
+        input_ids += ids[start:]
+        labels += [tok if sup else IGNORE_INDEX for tok, sup in zip(ids[start:], supervised[start:])]
+        return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def _inside_spans(token_starts: list[int], spans: list[tuple[int, int]]) -> list[bool]:
+    """For each token start offset, whether it lies in one of the (sorted, disjoint) spans."""
+    flags = []
+    span_index = 0
+    for start in token_starts:
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        flags.append(span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1])
+    return flags
+
+
+_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def normalise_role(role: str) -> str:
+    if role not in _ROLE_ALIASES:
+        raise SampleError(f"unknown role {role!r}; expected one of {', '.join(sorted(_ROLE_ALIASES))}")
+    return _ROLE_ALIASES[role]
+
+
+def count_placeholders(text: str) -> int:
+    return len(re.findall(re.escape(IMAGE_PLACEHOLDER), text))

@@ -1,0 +1,213 @@
+"""Records -> training samples (token ids, labels, pixel values) and batches.
+
+`SampleBuilder` is the whole per-sample pipeline: parse the row, check its placeholders, load and tile its images
+(multi-image budget split, video frames, optional JPEG augmentation), tokenize with the chat template and expand the
+image tokens. `SFTDataset` wraps it for a DataLoader; `collate` pads a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from finetune.data.chat import (
+    IGNORE_INDEX,
+    TEMPLATE_CHOICES,
+    Conversation,
+    ConversationTokenizer,
+    SampleError,
+    insert_image_placeholders,
+    resolve_template,
+)
+from finetune.data.records import Record, iter_records, repeat_records, sources_for, to_conversation
+from ivl.config import ConfigError
+from ivl.image import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageError,
+    frames_to_pixel_values,
+    image_to_pixel_values,
+    num_tiles_for,
+    open_image,
+    sample_frame_indices,
+    tiles_per_image,
+)
+from ivl.model.load import tile_size, tokens_per_tile
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how samples are built from it."""
+
+    train: str | None = None  # InternVL jsonl, meta .json, or HF dataset (saved dir, data file, or hub id)
+    validation: str | None = None
+    template: str = "auto"  # auto | tokenizer | internvl2_5 | internlm2-chat | Hermes-2 | phi3-chat
+    max_length: int = 4096  # tokens after image expansion; longer samples are bad rows, never truncated
+    min_tiles: int = 1
+    max_tiles: int = 6  # InternVL's max_dynamic_patch; a meta file entry's max_dynamic_patch overrides it
+    use_thumbnail: bool = True
+    jpeg_augment: bool | None = None  # None: as each meta entry's data_augment says
+    num_video_frames: int = 8
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    on_error: Literal["fail", "skip"] = "fail"
+    streaming: bool = False
+    num_workers: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.template not in TEMPLATE_CHOICES:
+            raise ConfigError(f"template: {self.template!r} is not one of {', '.join(TEMPLATE_CHOICES)}")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ConfigError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles} and {self.max_tiles}")
+        if self.max_length < 16:
+            raise ConfigError(f"max_length: {self.max_length} is too short for any chat sample")
+        if not 1 <= self.num_video_frames <= 64:
+            raise ConfigError("num_video_frames: use 8-32 frames as InternVL does")
+
+
+class SampleBuilder:
+    """The per-sample pipeline for one model (tile size and tokens per tile come from its config)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, model_config, data: DataConfig):
+        self.data = data
+        self.tile_size = tile_size(model_config)
+        self.tokens_per_tile = tokens_per_tile(model_config)
+        self.tokenize = ConversationTokenizer(
+            tokenizer, resolve_template(data.template, tokenizer), self.tokens_per_tile
+        )
+
+    def conversation(self, record: Record) -> Conversation:
+        conversation = to_conversation(record)
+        insert_image_placeholders(conversation)
+        return conversation
+
+    def tile_bounds(self, record: Record, num_images: int) -> tuple[int, int]:
+        """(min, max) tiles of each image: the dataset's max_dynamic_patch split among the sample's images."""
+        budget = tiles_per_image(record.source.max_tiles or self.data.max_tiles, num_images)
+        return min(self.data.min_tiles, budget), budget
+
+    def _load(self, image: Any) -> Image.Image:
+        return open_image(image, self.data.max_image_pixels) if isinstance(image, (str, Path)) else image.convert("RGB")
+
+    def _frames(self, conversation: Conversation) -> list[Image.Image]:
+        indices = sample_frame_indices(len(conversation.video_frames), self.data.num_video_frames)
+        return [self._load(conversation.video_frames[i]) for i in indices]
+
+    def build(self, record: Record, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        """One training sample. Raises `SampleError` / `ImageError` (without location) on a bad row."""
+        conversation = self.conversation(record)
+        low, high = self.tile_bounds(record, len(conversation.images))
+        augment = record.source.data_augment if self.data.jpeg_augment is None else self.data.jpeg_augment
+        chunks = [
+            image_to_pixel_values(
+                self._load(image),
+                min_tiles=low,
+                max_tiles=high,
+                tile_size=self.tile_size,
+                use_thumbnail=self.data.use_thumbnail,
+                jpeg_augment=augment,
+                rng=rng,
+            )
+            for image in conversation.images
+        ]
+        if conversation.video_frames:
+            frames = self._frames(conversation)
+            conversation.video_frames = frames
+            chunks.append(frames_to_pixel_values(frames, self.tile_size))
+        num_tiles = [chunk.shape[0] for chunk in chunks[: len(conversation.images)]]
+        num_tiles += [1] * len(conversation.video_frames)
+        input_ids, labels = self.tokenize(conversation, num_tiles)
+        self._check_length(input_ids, labels)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": torch.cat(chunks) if chunks else None,
+            "num_tiles": num_tiles,
+        }
+
+    def measure(self, record: Record) -> dict[str, Any]:
+        """Token and tile counts of a sample, decoding every image once (to catch unreadable files) but not tiling."""
+        conversation = self.conversation(record)
+        low, high = self.tile_bounds(record, len(conversation.images))
+        num_tiles = []
+        for image in conversation.images:
+            width, height = self._load(image).size
+            num_tiles.append(num_tiles_for(width, height, low, high, self.tile_size, self.data.use_thumbnail))
+        if conversation.video_frames:
+            conversation.video_frames = self._frames(conversation)
+            num_tiles += [1] * len(conversation.video_frames)
+        input_ids, labels = self.tokenize(conversation, num_tiles)
+        self._check_length(input_ids, labels)
+        return {"num_tokens": len(input_ids), "num_tiles": sum(num_tiles), "conversation": conversation}
+
+    def _check_length(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(input_ids) > self.data.max_length:
+            raise SampleError(
+                f"{len(input_ids)} tokens after image expansion, over max_length {self.data.max_length} "
+                "(raise data.max_length or lower data.max_tiles)"
+            )
+        if not (labels != IGNORE_INDEX).any():
+            raise SampleError("no supervised tokens (empty assistant replies)")
+
+
+def load_records(path: str | Path, seed: int = 0, streaming: bool = False) -> list[Record]:
+    """All records behind a path, with each source's repeat_time applied."""
+    records: list[Record] = []
+    for index, source in enumerate(sources_for(path)):
+        rows = list(iter_records(source, streaming=streaming))
+        records += repeat_records(rows, source.repeat_time, seed + index)
+    return records
+
+
+class SFTDataset(Dataset):
+    """Map-style dataset of built samples. A bad row raises with its `file:line`, or yields None under
+    `on_error: skip` (the collator drops and counts it)."""
+
+    def __init__(self, records: list[Record], builder: SampleBuilder):
+        self.records = records
+        self.builder = builder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record = self.records[index]
+        # Augmentation depends only on (seed, index): reproducible across workers and resumes.
+        rng = np.random.default_rng([self.builder.data.seed, index])
+        try:
+            return self.builder.build(record, rng)
+        except (SampleError, ImageError) as error:
+            if self.builder.data.on_error == "skip":
+                return None
+            raise SampleError(f"{record.location}: {error}") from error
+
+
+def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad a batch: input_ids / labels / attention_mask [B, T]; pixel_values [sum tiles, 3, S, S] or None."""
+    kept = [sample for sample in samples if sample is not None]
+    if not kept:
+        return {"num_skipped": len(samples), "input_ids": None}
+    length = max(len(sample["input_ids"]) for sample in kept)
+    input_ids = torch.full((len(kept), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(kept), length), dtype=torch.long)
+    for row, sample in enumerate(kept):
+        n = len(sample["input_ids"])
+        input_ids[row, :n] = sample["input_ids"]
+        labels[row, :n] = sample["labels"]
+        attention_mask[row, :n] = 1
+    pixels = [sample["pixel_values"] for sample in kept if sample["pixel_values"] is not None]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.cat(pixels) if pixels else None,
+        "num_tiles": [sample["num_tiles"] for sample in kept],
+        "num_skipped": len(samples) - len(kept),
+    }
