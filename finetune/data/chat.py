@@ -38,7 +38,8 @@ def _chatml(default_system: str) -> str:
         "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
         "{% set messages = messages[1:] %}{% else %}{% set system = '" + default_system + "' %}{% endif %}"
         "{{ '<|im_start|>system\n' + system + '<|im_end|>\n' }}"
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
 
@@ -189,20 +190,18 @@ class ConversationTokenizer:
         return self._expand(ids, supervised, positions, tiles_per_image)
 
     def _expand(self, ids, supervised, positions, tiles_per_image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the single <IMG_CONTEXT> of image i by tokens_per_tile * tiles[i] copies (all unsupervised)."""
+        masked = [token if flag else IGNORE_INDEX for token, flag in zip(ids, supervised, strict=True)]
         input_ids: list[int] = []
         labels: list[int] = []
         start = 0
         for position, tiles in zip(positions, tiles_per_image, strict=True):
-            input_ids += ids[start:position]
-            labels += [
-                tok if sup else IGNORE_INDEX for tok, sup in zip(ids[start:position], supervised[start:position])
-            ]
             count = self.tokens_per_tile * tiles
-            input_ids += [self.image_token_id] * count
-            labels += [IGNORE_INDEX] * count
+            input_ids += ids[start:position] + [self.image_token_id] * count
+            labels += masked[start:position] + [IGNORE_INDEX] * count
             start = position + 1
         input_ids += ids[start:]
-        labels += [tok if sup else IGNORE_INDEX for tok, sup in zip(ids[start:], supervised[start:])]
+        labels += masked[start:]
         return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
