@@ -24,22 +24,33 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the dotted key."""
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Read `path` (YAML, optional), apply `key.sub=value` overrides, and build a validated `cls`."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, only: tuple[str, ...] = ()
+) -> T:
+    """Read `path` (YAML, optional), apply `key.sub=value` overrides, and build a validated `cls`.
+
+    `only` keeps just those top-level sections of the file (e.g. `ivl data check` reads `model` and `data` from a
+    full SFT config); overrides are never filtered, so a typo in one is still an error.
+    """
+    raw = read_yaml(path) if path is not None else {}
+    if only:
+        raw = {key: value for key, value in raw.items() if key in only}
     for override in overrides or []:
         apply_override(raw, override)
     return from_dict(cls, raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

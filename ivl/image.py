@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -170,7 +171,10 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXE
     if not os.path.exists(path):
         raise ImageError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # the size check below replaces PIL's bomb warning with a clear error
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(

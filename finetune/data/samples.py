@@ -26,6 +26,7 @@ from finetune.data.chat import (
     insert_image_placeholders,
     resolve_template,
 )
+from finetune.data.filters import repetition_flags
 from finetune.data.records import Record, iter_records, repeat_records, sources_for, to_conversation
 from ivl.config import ConfigError
 from ivl.image import (
@@ -56,6 +57,7 @@ class DataConfig:
     num_video_frames: int = 8
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     on_error: Literal["fail", "skip"] = "fail"
+    drop_repetitive: bool = False  # treat samples flagged by the repetition filters (SPEC 7) as bad rows
     streaming: bool = False
     num_workers: int = 0
     seed: int = 0
@@ -85,6 +87,11 @@ class SampleBuilder:
     def conversation(self, record: Record) -> Conversation:
         conversation = to_conversation(record)
         insert_image_placeholders(conversation)
+        if self.data.drop_repetitive:
+            replies = [m["content"] for m in conversation.messages if m["role"] == "assistant"]
+            flags = [flag for reply in replies for flag in repetition_flags(reply)]
+            if flags:
+                raise SampleError(f"repetitive text (data.drop_repetitive): {'; '.join(flags)}")
         return conversation
 
     def tile_bounds(self, record: Record, num_images: int) -> tuple[int, int]:

@@ -1,0 +1,118 @@
+"""`ivl <command>`: the kit's command line.
+
+    ivl demo                                   the built-in default job on the synthetic shapes task
+    ivl data check PATH [--config CFG] [section.key=value ...] [--json]
+    ivl data demo OUT_DIR [--train N] [--validation N]
+    ivl presets                                the model presets (zoo shapes and tiny test models)
+
+Known failures (bad config, bad data, unloadable model) end with a one-line `error:` message and exit code 2,
+never a traceback; `ivl data check` exits 1 when any row is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from finetune.data.chat import SampleError
+from finetune.data.records import DataSourceError
+from ivl.config import ConfigError, load_config
+from ivl.image import ImageError
+from ivl.model.load import ModelLoadError
+
+KNOWN_ERRORS = (ConfigError, DataSourceError, ModelLoadError, SampleError, ImageError)
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from finetune.data.checks import DataCheckConfig, check_data
+    from finetune.data.samples import SampleBuilder
+    from ivl.model.load import load_model_config, load_tokenizer
+
+    config = load_config(DataCheckConfig, args.config, args.overrides, only=("model", "data"))
+    builder = SampleBuilder(load_tokenizer(config.model), load_model_config(config.model), config.data)
+    if not args.json:
+        print(
+            f"model {config.model.name_or_path}: {builder.tile_size} px tiles, {builder.tokens_per_tile} tokens per "
+            f"tile, max {config.data.max_tiles} tiles, max_length {config.data.max_length}, "
+            f"template {builder.tokenize.template.name}"
+        )
+    report = check_data(args.path, builder, progress=not args.json and sys.stderr.isatty())
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    return 0 if report.clean else 1
+
+
+def cmd_data_demo(args: argparse.Namespace) -> int:
+    from ivl.demo.shapes import write_dataset
+
+    meta = write_dataset(args.out_dir, args.train, args.validation, args.width, args.height)
+    print(f"wrote {args.train} train / {args.validation} validation samples; meta file {meta}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ivl.demo.run import run_demo
+
+    run_demo(args.out_dir)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import InternVLForConditionalGeneration
+
+    from ivl.model.presets import ZOO, preset_config
+
+    print(f"{'preset':<28} {'vision':<16} {'llm':<16} {'parameters':>11}")
+    for name, (vision, llm, _) in ZOO.items():
+        with torch.device("meta"):
+            model = InternVLForConditionalGeneration(preset_config(name))
+        billions = sum(p.numel() for p in model.parameters()) / 1e9
+        print(f"{name:<28} {vision:<16} {llm:<16} {billions:>10.2f}B")
+    print("tiny presets (random weights, demo tokenizer): tiny, tiny-112, tiny-llama, tiny-phi3, tiny-6b-style")
+    print("use as model.name_or_path=preset:NAME")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ivl", description="Adapt InternVL models on one GPU.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run the built-in default job on the synthetic shapes task")
+    demo.add_argument("--out-dir", default="outputs/demo")
+    demo.set_defaults(handler=cmd_demo)
+
+    data = commands.add_parser("data", help="check or generate data").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser("check", help="validate every row of a jsonl / meta file / HF dataset and report")
+    check.add_argument("path", help="InternVL jsonl, meta .json, or HF dataset")
+    check.add_argument("--config", help="a recipe config: its model and data sections are used")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=8192")
+    check.set_defaults(handler=cmd_data_check)
+    make = data.add_parser("demo", help="write the synthetic shapes task (images, jsonl, meta files)")
+    make.add_argument("out_dir")
+    make.add_argument("--train", type=int, default=512)
+    make.add_argument("--validation", type=int, default=128)
+    make.add_argument("--width", type=int, default=448)
+    make.add_argument("--height", type=int, default=336)
+    make.set_defaults(handler=cmd_data_demo)
+
+    presets = commands.add_parser("presets", help="list the model presets")
+    presets.set_defaults(handler=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KNOWN_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
