@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,16 +101,55 @@ def jpeg_degrade(tile: Image.Image, quality: int) -> Image.Image:
     return Image.open(buffer).convert("RGB")
 
 
-def tiles_to_pixel_values(
-    tiles: list[Image.Image], mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic resize of uint8 [1, 3, H, W]. torch's antialiased uint8 bicubic is a port of Pillow's (same filter,
+    same two-pass fixed-point rounding) and 3-5x faster than PIL here; results agree within +-2 levels."""
+    if pixels.shape[-2:] == (height, width):
+        return pixels
+    return F.interpolate(pixels, size=(height, width), mode="bicubic", antialias=True)
+
+
+def image_to_tiles(
+    image: Image.Image,
+    *,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    tile_size: int = 448,
+    use_thumbnail: bool = True,
+    jpeg_augment: bool = False,
+    rng: np.random.Generator | None = None,
 ) -> torch.Tensor:
-    """Stack RGB tiles into normalised pixel values: FloatTensor[n_tiles, 3, H, W]."""
-    # One uint8 array for all tiles, then a single float conversion: [n, H, W, 3] -> [n, 3, H, W].
-    stacked = torch.from_numpy(np.stack([np.asarray(tile, dtype=np.uint8) for tile in tiles]))
-    pixels = stacked.permute(0, 3, 1, 2).to(torch.float32) * (1.0 / 255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((pixels - mean_t) / std_t).contiguous()
+    """InternVL's tiles as uint8 [n_tiles, 3, S, S]: grid crops in row-major order, then the thumbnail (if > 1 crop).
+
+    Same grid and crops as `dynamic_tiles`, computed in torch. With `jpeg_augment`, every tile is JPEG re-compressed
+    at a quality drawn uniformly from 75..100 (per tile); pass a seeded `rng` for reproducible augmentation.
+    """
+    width, height = image.size
+    cols, rows = best_grid(width, height, min_tiles, max_tiles, tile_size)
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
+    canvas = _resize(pixels, tile_size * rows, tile_size * cols)[0]
+    # [3, rows*S, cols*S] -> [rows*cols, 3, S, S], row-major like InternVL's crop boxes.
+    tiles = canvas.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4).reshape(-1, 3, tile_size, tile_size)
+    if use_thumbnail and len(tiles) > 1:
+        tiles = torch.cat([tiles, _resize(pixels, tile_size, tile_size)])
+    if jpeg_augment:
+        rng = rng if rng is not None else np.random.default_rng()
+        low, high = JPEG_QUALITY_RANGE
+        degraded = [
+            np.asarray(jpeg_degrade(Image.fromarray(tile.permute(1, 2, 0).numpy()), int(rng.integers(low, high + 1))))
+            for tile in tiles
+        ]
+        tiles = torch.from_numpy(np.stack(degraded)).permute(0, 3, 1, 2)
+    return tiles
+
+
+def normalize(
+    tiles: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 [n, 3, H, W] -> float32 (x / 255 - mean) / std, in one fused pass (x * scale + bias)."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, 3, 1, 1)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, 3, 1, 1)
+    return torch.addcmul(bias.to(tiles.device), tiles, scale.to(tiles.device))
 
 
 def image_to_pixel_values(
@@ -124,17 +164,17 @@ def image_to_pixel_values(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """Tile and normalise one image: FloatTensor[n_tiles, 3, tile_size, tile_size].
-
-    With `jpeg_augment`, every tile is JPEG re-compressed at a quality drawn uniformly from 75..100 (per tile);
-    pass a seeded `rng` for reproducible augmentation.
-    """
-    tiles = dynamic_tiles(image.convert("RGB"), min_tiles, max_tiles, tile_size, use_thumbnail)
-    if jpeg_augment:
-        rng = rng if rng is not None else np.random.default_rng()
-        low, high = JPEG_QUALITY_RANGE
-        tiles = [jpeg_degrade(tile, int(rng.integers(low, high + 1))) for tile in tiles]
-    return tiles_to_pixel_values(tiles, mean, std)
+    """Tile and normalise one image: FloatTensor[n_tiles, 3, tile_size, tile_size] (see `image_to_tiles`)."""
+    tiles = image_to_tiles(
+        image,
+        min_tiles=min_tiles,
+        max_tiles=max_tiles,
+        tile_size=tile_size,
+        use_thumbnail=use_thumbnail,
+        jpeg_augment=jpeg_augment,
+        rng=rng,
+    )
+    return normalize(tiles, mean, std)
 
 
 def tiles_per_image(max_tiles: int, num_images: int) -> int:
@@ -142,16 +182,10 @@ def tiles_per_image(max_tiles: int, num_images: int) -> int:
     return max(1, max_tiles // max(1, num_images))
 
 
-def frames_to_pixel_values(
-    frames: list[Image.Image],
-    tile_size: int = 448,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-) -> torch.Tensor:
-    """Video frames -> FloatTensor[n_frames, 3, S, S]: each frame is one S x S tile (no tiling, no thumbnail,
-    never JPEG-augmented)."""
-    resized = [frame.convert("RGB").resize((tile_size, tile_size), Image.Resampling.BICUBIC) for frame in frames]
-    return tiles_to_pixel_values(resized, mean, std)
+def frames_to_tiles(frames: list[Image.Image], tile_size: int = 448) -> torch.Tensor:
+    """Video frames -> uint8 [n_frames, 3, S, S]: each frame is one S x S tile (no tiling, no thumbnail, never
+    JPEG-augmented)."""
+    return torch.cat([image_to_tiles(frame, max_tiles=1, tile_size=tile_size) for frame in frames])
 
 
 def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from finetune.data.chat import IGNORE_INDEX, SampleError
 from finetune.data.records import DataSource, Record, read_meta
-from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records
+from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records, model_inputs
 from ivl.demo.tokenizer import load_demo_tokenizer
 from ivl.model.load import ModelConfig, load_model
 from ivl.model.presets import preset_config
@@ -84,7 +84,7 @@ def test_image_token_count_equals_tokens_per_tile_times_tiles_for_every_image(to
     assert (measured["num_tokens"], measured["num_tiles"]) == (len(sample["input_ids"]), 6)
     # Budget 12 split over 2 images -> 6 each: the 4:1 image gets a 4x1 grid + thumbnail, the square one 1 tile.
     assert sample["num_tiles"] == [5, 1]
-    assert sample["pixel_values"].shape == (6, 3, 112, 112)
+    assert sample["tiles"].shape == (6, 3, 112, 112) and sample["tiles"].dtype == torch.uint8
     ids = sample["input_ids"].tolist()
     context = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     start, end = tokenizer.convert_tokens_to_ids("<img>"), tokenizer.convert_tokens_to_ids("</img>")
@@ -118,7 +118,8 @@ def test_training_ids_equal_transformers_internvl_processor_ids(tokenizer, model
     row = {"messages": [*messages, {"role": "assistant", "content": "circle"}], "images": ["p.png"]}
     sample = SampleBuilder(tokenizer, model_config, DataConfig(max_tiles=6)).build(record(row, tmp_path))
     assert sample["input_ids"].tolist() == expected["input_ids"][0].tolist()
-    torch.testing.assert_close(sample["pixel_values"], expected["pixel_values"], atol=0.1, rtol=0)
+    batch = collate([sample], tokenizer.pad_token_id)
+    torch.testing.assert_close(model_inputs(batch)["pixel_values"], expected["pixel_values"], atol=0.1, rtol=0)
 
 
 def test_named_template_adds_its_default_system_prompt(tokenizer, model_config):
@@ -128,7 +129,7 @@ def test_named_template_adds_its_default_system_prompt(tokenizer, model_config):
     text = tokenizer.decode(sample["input_ids"])
     assert text.startswith("<|im_start|>system\n你是书生·万象")
     assert supervised_text(tokenizer, sample) == "hello<|im_end|>"
-    assert sample["pixel_values"] is None and sample["num_tiles"] == []
+    assert sample["tiles"] is None and sample["num_tiles"] == []
     with_system = {**row, "system": "Be brief."}
     text = tokenizer.decode(builder.build(record(with_system, "."))["input_ids"])
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and "书生" not in text
@@ -180,7 +181,7 @@ def test_video_frames_become_one_tile_each_with_frame_prefixes(tokenizer, model_
                                                {"from": "gpt", "value": "nothing"}]}  # fmt: skip
     sample = SampleBuilder(tokenizer, model_config, DataConfig(num_video_frames=4)).build(record(row, tmp_path))
     assert sample["num_tiles"] == [1, 1, 1, 1]
-    assert sample["pixel_values"].shape == (4, 3, 112, 112)
+    assert sample["tiles"].shape == (4, 3, 112, 112)
     text = tokenizer.decode(sample["input_ids"])
     assert "Frame1: <img>" in text and "Frame4: <img>" in text and "Frame5" not in text
 
@@ -214,8 +215,8 @@ def test_mixed_text_and_image_batch_runs_through_the_model(tokenizer, tmp_path):
     dataset = SFTDataset([record(row, tmp_path) for row in rows], builder)
     batch = collate([dataset[i] for i in range(3)], tokenizer.pad_token_id)
     assert batch["num_skipped"] == 1 and batch["input_ids"].shape[0] == 2
-    assert batch["pixel_values"].shape[0] == 3  # 2x1 grid + thumbnail, text-only sample adds none
-    output = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")})
+    assert batch["tiles"].shape[0] == 3  # 2x1 grid + thumbnail, text-only sample adds none
+    output = model(**model_inputs(batch))
     assert torch.isfinite(output.loss)
     strict = SFTDataset(dataset.records, SampleBuilder(tokenizer, model.config, DataConfig(on_error="fail")))
     with pytest.raises(SampleError, match=r"test.jsonl:1: image not found"):

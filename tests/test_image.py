@@ -11,7 +11,7 @@ from ivl.image import (
     ImageError,
     best_grid,
     dynamic_tiles,
-    frames_to_pixel_values,
+    frames_to_tiles,
     image_to_pixel_values,
     num_tiles_for,
     open_image,
@@ -124,7 +124,7 @@ def test_multi_image_budget_and_video_frames():
     assert tiles_per_image(12, 5) == 2
     assert tiles_per_image(6, 10) == 1
     frames = [random_image(320, 240, seed=i) for i in range(3)]
-    assert frames_to_pixel_values(frames).shape == (3, 3, 448, 448)
+    assert frames_to_tiles(frames).shape == (3, 3, 448, 448)
     assert sample_frame_indices(100, 8) == [6, 18, 31, 43, 56, 68, 81, 93]
     assert sample_frame_indices(5, 8) == [0, 1, 2, 3, 4]
 

@@ -1,8 +1,12 @@
-"""Records -> training samples (token ids, labels, pixel values) and batches.
+"""Records -> training samples (token ids, labels, image tiles) and batches.
 
 `SampleBuilder` is the whole per-sample pipeline: parse the row, check its placeholders, load and tile its images
 (multi-image budget split, video frames, optional JPEG augmentation), tokenize with the chat template and expand the
-image tokens. `SFTDataset` wraps it for a DataLoader; `collate` pads a batch.
+image tokens. `SFTDataset` wraps it for a DataLoader; `collate` pads a batch; `model_inputs` moves it to the device.
+
+Tiles travel as uint8 and are normalised on the device by `model_inputs`: a float32 sample at 7 tiles of 448 px is
+17 MB, its uint8 tiles 4.2 MB, so workers, shared memory and the host-to-device copy move 4x less, and the worker
+skips the float expansion (which dominated its time). The model only ever sees normalised `pixel_values`.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ from finetune.data.records import Record, iter_records, repeat_records, sources_
 from ivl.config import ConfigError
 from ivl.image import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     ImageError,
-    frames_to_pixel_values,
-    image_to_pixel_values,
+    frames_to_tiles,
+    image_to_tiles,
+    normalize,
     num_tiles_for,
     open_image,
     sample_frame_indices,
@@ -112,7 +119,7 @@ class SampleBuilder:
         low, high = self.tile_bounds(record, len(conversation.images))
         augment = record.source.data_augment if self.data.jpeg_augment is None else self.data.jpeg_augment
         chunks = [
-            image_to_pixel_values(
+            image_to_tiles(
                 self._load(image),
                 min_tiles=low,
                 max_tiles=high,
@@ -126,7 +133,7 @@ class SampleBuilder:
         if conversation.video_frames:
             frames = self._frames(conversation)
             conversation.video_frames = frames
-            chunks.append(frames_to_pixel_values(frames, self.tile_size))
+            chunks.append(frames_to_tiles(frames, self.tile_size))
         num_tiles = [chunk.shape[0] for chunk in chunks[: len(conversation.images)]]
         num_tiles += [1] * len(conversation.video_frames)
         input_ids, labels = self.tokenize(conversation, num_tiles)
@@ -134,7 +141,7 @@ class SampleBuilder:
         return {
             "input_ids": input_ids,
             "labels": labels,
-            "pixel_values": torch.cat(chunks) if chunks else None,
+            "tiles": (chunks[0] if len(chunks) == 1 else torch.cat(chunks)) if chunks else None,  # uint8 [n, 3, S, S]
             "num_tiles": num_tiles,
         }
 
@@ -196,7 +203,7 @@ class SFTDataset(Dataset):
 
 
 def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad a batch: input_ids / labels / attention_mask [B, T]; pixel_values [sum tiles, 3, S, S] or None."""
+    """Right-pad a batch: input_ids / labels / attention_mask [B, T]; tiles uint8 [sum of tiles, 3, S, S] or None."""
     kept = [sample for sample in samples if sample is not None]
     if not kept:
         return {"num_skipped": len(samples), "input_ids": None}
@@ -209,12 +216,32 @@ def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str
         input_ids[row, :n] = sample["input_ids"]
         labels[row, :n] = sample["labels"]
         attention_mask[row, :n] = 1
-    pixels = [sample["pixel_values"] for sample in kept if sample["pixel_values"] is not None]
+    tiles = [sample["tiles"] for sample in kept if sample["tiles"] is not None]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "pixel_values": torch.cat(pixels) if pixels else None,
+        "tiles": torch.cat(tiles) if tiles else None,
         "num_tiles": [sample["num_tiles"] for sample in kept],
         "num_skipped": len(samples) - len(kept),
+    }
+
+
+def model_inputs(
+    batch: dict[str, Any],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> dict[str, torch.Tensor | None]:
+    """The forward-pass arguments of a collated batch on `device`, tiles normalised there into `pixel_values`."""
+    tiles = batch["tiles"]
+    pixel_values = None
+    if tiles is not None:
+        pixel_values = normalize(tiles.to(device, non_blocking=True), mean, std).to(dtype)
+    return {
+        "input_ids": batch["input_ids"].to(device, non_blocking=True),
+        "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
+        "labels": batch["labels"].to(device, non_blocking=True),
+        "pixel_values": pixel_values,
     }

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from finetune.data.checks import check_data
-from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records
+from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records, model_inputs
 from ivl.demo.shapes import write_dataset
 from ivl.model.load import ModelConfig, load_model, tokens_per_tile
 
@@ -45,7 +45,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", num_train: int = 256, num_val
     tick = time.perf_counter()
     num_tiles = num_tokens = 0
     for batch in loader:
-        num_tiles += batch["pixel_values"].shape[0]
+        num_tiles += batch["tiles"].shape[0]
         num_tokens += int(batch["attention_mask"].sum())
     pipeline_seconds = time.perf_counter() - tick
     print(
@@ -58,7 +58,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", num_train: int = 256, num_val
     loss_sum = tokens = 0.0
     with torch.no_grad():
         for batch in DataLoader(validation, batch_size=8, collate_fn=lambda b: collate(b, tokenizer.pad_token_id)):
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+            inputs = model_inputs(batch)
             supervised = int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += model(**inputs).loss.item() * supervised
             tokens += supervised
