@@ -1,7 +1,7 @@
 """`ivl <command>`: the kit's command line.
 
     ivl demo                                   the built-in default job on the synthetic shapes task
-    ivl data check PATH [--config CFG] [section.key=value ...] [--json]
+    ivl data check PATH [--config CFG] [section.key=value ...] [--json] [--show-config]
     ivl data demo OUT_DIR [--train N] [--validation N]
     ivl presets                                the model presets (zoo shapes and tiny test models)
 
@@ -17,7 +17,7 @@ import sys
 
 from finetune.data.chat import SampleError
 from finetune.data.records import DataSourceError
-from ivl.config import ConfigError, load_config
+from ivl.config import ConfigError, format_config, load_config
 from ivl.image import ImageError
 from ivl.model.load import ModelLoadError
 
@@ -30,6 +30,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from ivl.model.load import load_model_config, load_tokenizer
 
     config = load_config(DataCheckConfig, args.config, args.overrides, only=("model", "data"))
+    if args.show_config:
+        print(format_config(config), end="")
     builder = SampleBuilder(load_tokenizer(config.model), load_model_config(config.model), config.data)
     if not args.json:
         print(
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", help="InternVL jsonl, meta .json, or HF dataset")
     check.add_argument("--config", help="a recipe config: its model and data sections are used")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--show-config", action="store_true", help="print the resolved model and data config first")
     check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=8192")
     check.set_defaults(handler=cmd_data_check)
     make = data.add_parser("demo", help="write the synthetic shapes task (images, jsonl, meta files)")
@@ -103,7 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Dotted overrides may come before or after options (`PATH --json data.max_tiles=6`): argparse stops collecting
+    # positionals at the first option, so the rest arrive here as unknown arguments.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         return args.handler(args)
     except KNOWN_ERRORS as error:

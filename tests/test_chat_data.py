@@ -10,7 +10,15 @@ from PIL import Image
 
 from finetune.data.chat import IGNORE_INDEX, SampleError
 from finetune.data.records import DataSource, Record, read_meta
-from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records, model_inputs
+from finetune.data.samples import (
+    DataConfig,
+    SampleBuilder,
+    SFTDataset,
+    StreamingSFTDataset,
+    collate,
+    load_records,
+    model_inputs,
+)
 from ivl.demo.tokenizer import load_demo_tokenizer
 from ivl.model.load import ModelConfig, load_model
 from ivl.model.presets import preset_config
@@ -221,3 +229,27 @@ def test_mixed_text_and_image_batch_runs_through_the_model(tokenizer, tmp_path):
     strict = SFTDataset(dataset.records, SampleBuilder(tokenizer, model.config, DataConfig(on_error="fail")))
     with pytest.raises(SampleError, match=r"test.jsonl:1: image not found"):
         strict[2]
+
+
+def test_saved_hf_dataset_in_trl_layout_and_streaming(tokenizer, model_config, tmp_path):
+    import datasets
+
+    make_image(tmp_path, "a.png", (224, 112))
+    rows = [
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Q{i}"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": f"answer {i}"}]}],
+         "images": [str(tmp_path / "a.png")]}
+        for i in range(5)
+    ]  # fmt: skip
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    builder = SampleBuilder(tokenizer, model_config, DataConfig())
+    records = load_records(tmp_path / "saved")
+    assert [r.location for r in records][:2] == [f"{tmp_path / 'saved'}[0]", f"{tmp_path / 'saved'}[1]"]
+    mapped = [SFTDataset(records, builder)[i] for i in range(5)]
+    assert supervised_text(tokenizer, mapped[3]) == "answer 3<|im_end|>"
+
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    streamed = list(StreamingSFTDataset(tmp_path / "rows.jsonl", builder))
+    assert len(streamed) == 5
+    for ours, theirs in zip(streamed, mapped, strict=True):
+        assert torch.equal(ours["input_ids"], theirs["input_ids"]) and torch.equal(ours["tiles"], theirs["tiles"])

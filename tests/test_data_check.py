@@ -66,6 +66,16 @@ def test_every_bad_row_kind_is_reported_with_its_line(bad_file, capsys):
     assert "bad.jsonl:10: flagged: repetitive 3-gram" in out
 
 
+def test_resolved_config_is_printed_with_overrides_applied(tmp_path, capsys):
+    config = tmp_path / "sft.yaml"
+    config.write_text("model:\n  name_or_path: preset:tiny-112\ndata:\n  max_tiles: 4\noptim:\n  lr: 1e-4\n")
+    meta = write_dataset(tmp_path / "shapes", num_train=2, num_validation=1)
+    assert main(["data", "check", str(meta), "--config", str(config), "data.max_length=512", "--show-config"]) == 0
+    out = capsys.readouterr().out
+    assert "name_or_path: preset:tiny-112" in out and "max_tiles: 4" in out and "max_length: 512" in out
+    assert "112 px tiles, 16 tokens per tile" in out
+
+
 def test_json_report_and_clean_demo_data(tmp_path, capsys):
     meta = write_dataset(tmp_path / "shapes", num_train=12, num_validation=4, width=448, height=336)
     assert main(["data", "check", str(meta), "--json"]) == 0

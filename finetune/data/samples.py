@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from finetune.data.chat import (
@@ -145,6 +145,16 @@ class SampleBuilder:
             "num_tiles": num_tiles,
         }
 
+    def build_indexed(self, record: Record, index: int) -> dict[str, Any] | None:
+        """`build` as datasets call it: augmentation seeded by (seed, index), so it is reproducible across workers and
+        resumes; a bad row raises with its `file:line`, or gives None under `on_error: skip`."""
+        try:
+            return self.build(record, np.random.default_rng([self.data.seed, index]))
+        except (SampleError, ImageError) as error:
+            if self.data.on_error == "skip":
+                return None
+            raise SampleError(f"{record.location}: {error}") from error
+
     def measure(self, record: Record) -> dict[str, Any]:
         """Token and tile counts of a sample, decoding every image once (to catch unreadable files) but not tiling."""
         conversation = self.conversation(record)
@@ -180,7 +190,7 @@ def load_records(path: str | Path, seed: int = 0, streaming: bool = False) -> li
 
 
 class SFTDataset(Dataset):
-    """Map-style dataset of built samples. A bad row raises with its `file:line`, or yields None under
+    """Map-style dataset of built samples. A bad row raises with its `file:line`, or gives None under
     `on_error: skip` (the collator drops and counts it)."""
 
     def __init__(self, records: list[Record], builder: SampleBuilder):
@@ -191,15 +201,29 @@ class SFTDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        record = self.records[index]
-        # Augmentation depends only on (seed, index): reproducible across workers and resumes.
-        rng = np.random.default_rng([self.builder.data.seed, index])
-        try:
-            return self.builder.build(record, rng)
-        except (SampleError, ImageError) as error:
-            if self.builder.data.on_error == "skip":
-                return None
-            raise SampleError(f"{record.location}: {error}") from error
+        return self.builder.build_indexed(self.records[index], index)
+
+
+class StreamingSFTDataset(IterableDataset):
+    """Samples built on the fly from a streamed source (HF streaming dataset or a large jsonl), one pass in file
+    order. DataLoader workers take every k-th row, so each row is built once. Repeats and shuffling belong to the
+    stream (e.g. `datasets`' `shuffle(buffer_size=...)`), not here."""
+
+    def __init__(self, path: str | Path, builder: SampleBuilder):
+        self.path = path
+        self.builder = builder
+
+    def __iter__(self):
+        worker = get_worker_info()
+        shard, num_shards = (worker.id, worker.num_workers) if worker else (0, 1)
+        index = 0
+        for source in sources_for(self.path):
+            for record in iter_records(source, streaming=True):
+                if index % num_shards == shard:
+                    sample = self.builder.build_indexed(record, index)
+                    if sample is not None:
+                        yield sample
+                index += 1
 
 
 def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str, Any]:
