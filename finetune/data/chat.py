@@ -115,7 +115,9 @@ def insert_image_placeholders(conversation: Conversation) -> None:
     num_video = text.count(VIDEO_PLACEHOLDER)
     if conversation.video_frames and num_video != 1:
         if num_video == 0:
-            first_user = next(m for m in conversation.messages if m["role"] == "user")
+            first_user = next((m for m in conversation.messages if m["role"] == "user"), None)
+            if first_user is None:
+                raise SampleError("no user turn to attach the video to")
             first_user["content"] = VIDEO_PLACEHOLDER + "\n" + first_user["content"]
         else:
             raise SampleError(f"{num_video} <video> placeholders but one video")

@@ -134,7 +134,7 @@ def _read_hf(source: DataSource, streaming: bool) -> Iterator[Record]:
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
         else:
             dataset = datasets.load_dataset(str(path), split="train", streaming=streaming)
-    except (FileNotFoundError, ValueError, OSError) as error:
+    except (ValueError, OSError, ConnectionError) as error:  # FileNotFoundError and hub errors are OSErrors
         raise DataSourceError(f"{path}: cannot load it as a dataset: {error}") from error
     for index, row in enumerate(dataset):
         yield Record(f"{path}[{index}]", dict(row), source)
