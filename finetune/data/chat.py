@@ -12,7 +12,6 @@ once with one `<IMG_CONTEXT>` per image, which is then expanded at the id level 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -225,7 +224,3 @@ def normalise_role(role: str) -> str:
     if role not in _ROLE_ALIASES:
         raise SampleError(f"unknown role {role!r}; expected one of {', '.join(sorted(_ROLE_ALIASES))}")
     return _ROLE_ALIASES[role]
-
-
-def count_placeholders(text: str) -> int:
-    return len(re.findall(re.escape(IMAGE_PLACEHOLDER), text))

@@ -86,10 +86,6 @@ TINY = {
 PRESETS = sorted([*ZOO, *TINY])
 
 
-def is_tiny(name: str) -> bool:
-    return name in TINY
-
-
 def preset_config(name: str, tokenizer: PreTrainedTokenizerBase | None = None) -> InternVLConfig:
     """The `InternVLConfig` of a preset. Tiny presets take vocabulary, special and image token ids from `tokenizer`."""
     if name in ZOO:
