@@ -7,6 +7,7 @@ the per-dataset settings of the meta file. Reading never decodes images; `to_con
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from finetune.data.chat import Conversation, SampleError, normalise_role
 
@@ -161,10 +164,6 @@ def _media_path(value: Any, root: Path) -> Any:
         return str(path if path.is_absolute() else root / path)
     if isinstance(value, dict):  # HF datasets Image feature without decoding: {"bytes": ..., "path": ...}
         if value.get("bytes"):
-            import io
-
-            from PIL import Image
-
             return Image.open(io.BytesIO(value["bytes"]))
         if value.get("path"):
             return _media_path(value["path"], root)

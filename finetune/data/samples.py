@@ -65,8 +65,7 @@ class DataConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     on_error: Literal["fail", "skip"] = "fail"
     drop_repetitive: bool = False  # treat samples flagged by the repetition filters (SPEC 7) as bad rows
-    streaming: bool = False
-    num_workers: int = 0
+    streaming: bool = False  # read HF datasets as streams (no full download); see StreamingSFTDataset
     seed: int = 0
 
     def validate(self) -> None:
@@ -180,11 +179,11 @@ class SampleBuilder:
             raise SampleError("no supervised tokens (empty assistant replies)")
 
 
-def load_records(path: str | Path, seed: int = 0, streaming: bool = False) -> list[Record]:
+def load_records(path: str | Path, seed: int = 0) -> list[Record]:
     """All records behind a path, with each source's repeat_time applied."""
     records: list[Record] = []
     for index, source in enumerate(sources_for(path)):
-        rows = list(iter_records(source, streaming=streaming))
+        rows = list(iter_records(source))
         records += repeat_records(rows, source.repeat_time, seed + index)
     return records
 

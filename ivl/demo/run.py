@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", num_train: int = 256, num_val
 
     print("[3/4] tiling + tokenizing + batching the train split")
     train = SFTDataset(load_records(out_dir / "data" / "train.jsonl"), builder)
-    loader = DataLoader(train, batch_size=8, collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+    collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    loader = DataLoader(train, batch_size=8, collate_fn=collate_fn)
     tick = time.perf_counter()
     num_tiles = num_tokens = 0
     for batch in loader:
@@ -57,7 +59,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", num_train: int = 256, num_val
     validation = SFTDataset(load_records(out_dir / "data" / "validation.jsonl"), builder)
     loss_sum = tokens = 0.0
     with torch.no_grad():
-        for batch in DataLoader(validation, batch_size=8, collate_fn=lambda b: collate(b, tokenizer.pad_token_id)):
+        for batch in DataLoader(validation, batch_size=8, collate_fn=collate_fn):
             inputs = model_inputs(batch)
             supervised = int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += model(**inputs).loss.item() * supervised
