@@ -172,26 +172,39 @@ class ConversationTokenizer:
 
     def __call__(self, conversation: Conversation, tiles_per_image: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (input_ids, labels), LongTensor[T] each. `tiles_per_image` has one count per image, then per frame."""
-        num_frames = len(conversation.video_frames)
-        messages = [
-            {"role": m["role"], "content": _with_markers(m["content"], num_frames)} for m in conversation.messages
-        ]
+        messages = self._marked(conversation)
         if not any(m["role"] == "assistant" for m in messages):
             raise SampleError("no assistant turn: nothing to learn from")
         text, spans = self.supervised_spans(messages)
         encoding = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        ids = encoding["input_ids"]
         supervised = _inside_spans([start for start, _ in encoding["offset_mapping"]], spans)
+        return self._expand(encoding["input_ids"], supervised, tiles_per_image)
+
+    def prompt(self, conversation: Conversation, tiles_per_image: list[int]) -> torch.Tensor:
+        """The generation prompt (everything up to the assistant's turn) as input ids [T]; a trailing assistant reply
+        in `conversation` is left out (it is the reference answer)."""
+        messages = self._marked(conversation)
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages or messages[-1]["role"] != "user":
+            raise SampleError("a generation prompt must end with a user turn")
+        text = self.render(messages, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        input_ids, _ = self._expand(ids, [False] * len(ids), tiles_per_image)
+        return input_ids
+
+    def _marked(self, conversation: Conversation) -> list[dict[str, str]]:
+        num_frames = len(conversation.video_frames)
+        return [{"role": m["role"], "content": _with_markers(m["content"], num_frames)} for m in conversation.messages]
+
+    def _expand(self, ids, supervised, tiles_per_image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the single <IMG_CONTEXT> of image i by tokens_per_tile * tiles[i] copies (all unsupervised)."""
         positions = [i for i, token in enumerate(ids) if token == self.image_token_id]
         if len(positions) != len(tiles_per_image):
             raise SampleError(
                 f"{len(positions)} image slots in the tokenized text but {len(tiles_per_image)} images/frames "
                 f"(is {IMG_CONTEXT} a special token of this tokenizer?)"
             )
-        return self._expand(ids, supervised, positions, tiles_per_image)
-
-    def _expand(self, ids, supervised, positions, tiles_per_image) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replace the single <IMG_CONTEXT> of image i by tokens_per_tile * tiles[i] copies (all unsupervised)."""
         masked = [token if flag else IGNORE_INDEX for token, flag in zip(ids, supervised, strict=True)]
         input_ids: list[int] = []
         labels: list[int] = []

@@ -115,8 +115,29 @@ class SampleBuilder:
     def build(self, record: Record, rng: np.random.Generator | None = None) -> dict[str, Any]:
         """One training sample. Raises `SampleError` / `ImageError` (without location) on a bad row."""
         conversation = self.conversation(record)
+        tiles, num_tiles = self._tiles(record, conversation, rng)
+        input_ids, labels = self.tokenize(conversation, num_tiles)
+        self._check_length(input_ids, labels)
+        return {"input_ids": input_ids, "labels": labels, "tiles": tiles, "num_tiles": num_tiles}
+
+    def build_prompt(self, record: Record) -> dict[str, Any]:
+        """A generation prompt from a record: its conversation up to the last assistant reply, which becomes the
+        `reference` answer (empty if the record has none). No augmentation."""
+        conversation = self.conversation(record)
+        last = conversation.messages[-1] if conversation.messages else None
+        reference = last["content"] if last and last["role"] == "assistant" else ""
+        tiles, num_tiles = self._tiles(record, conversation, None, augment=False)
+        input_ids = self.tokenize.prompt(conversation, num_tiles)
+        return {"input_ids": input_ids, "tiles": tiles, "num_tiles": num_tiles, "reference": reference}
+
+    def _tiles(
+        self, record: Record, conversation: Conversation, rng: np.random.Generator | None, augment: bool | None = None
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """uint8 tiles [n, 3, S, S] of every image then every video frame (None without media), and the tile count
+        of each image / frame."""
         low, high = self.tile_bounds(record, len(conversation.images))
-        augment = record.source.data_augment if self.data.jpeg_augment is None else self.data.jpeg_augment
+        if augment is None:
+            augment = record.source.data_augment if self.data.jpeg_augment is None else self.data.jpeg_augment
         chunks = [
             image_to_tiles(
                 self._load(image),
@@ -129,20 +150,14 @@ class SampleBuilder:
             )
             for image in conversation.images
         ]
+        num_tiles = [chunk.shape[0] for chunk in chunks]
         if conversation.video_frames:
             frames = self._frames(conversation)
             conversation.video_frames = frames
             chunks.append(frames_to_tiles(frames, self.tile_size))
-        num_tiles = [chunk.shape[0] for chunk in chunks[: len(conversation.images)]]
-        num_tiles += [1] * len(conversation.video_frames)
-        input_ids, labels = self.tokenize(conversation, num_tiles)
-        self._check_length(input_ids, labels)
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "tiles": (chunks[0] if len(chunks) == 1 else torch.cat(chunks)) if chunks else None,  # uint8 [n, 3, S, S]
-            "num_tiles": num_tiles,
-        }
+            num_tiles += [1] * len(frames)
+        tiles = (chunks[0] if len(chunks) == 1 else torch.cat(chunks)) if chunks else None
+        return tiles, num_tiles
 
     def build_indexed(self, record: Record, index: int) -> dict[str, Any] | None:
         """`build` as datasets call it: augmentation seeded by (seed, index), so it is reproducible across workers and
@@ -250,6 +265,25 @@ def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str
     }
 
 
+def collate_prompts(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Left-pad generation prompts (so every row's next token is at the end): input_ids / attention_mask [B, T],
+    tiles uint8 [sum of tiles, 3, S, S] or None, and the reference answers."""
+    length = max(len(sample["input_ids"]) for sample in samples)
+    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        input_ids[row, length - n :] = sample["input_ids"]
+        attention_mask[row, length - n :] = 1
+    tiles = [sample["tiles"] for sample in samples if sample["tiles"] is not None]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "tiles": torch.cat(tiles) if tiles else None,
+        "references": [sample["reference"] for sample in samples],
+    }
+
+
 def model_inputs(
     batch: dict[str, Any],
     device: torch.device | str | None = None,
@@ -265,6 +299,6 @@ def model_inputs(
     return {
         "input_ids": batch["input_ids"].to(device, non_blocking=True),
         "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
-        "labels": batch["labels"].to(device, non_blocking=True),
+        **({"labels": batch["labels"].to(device, non_blocking=True)} if "labels" in batch else {}),
         "pixel_values": pixel_values,
     }

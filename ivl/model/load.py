@@ -11,6 +11,7 @@ GPU benchmarks and the memory planner.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -96,30 +97,48 @@ def _check_checkpoint_format(path: Path) -> None:
         )
 
 
-def load_model(config: ModelConfig, device: torch.device | str | None = None):
-    """Load (model, tokenizer). The model is in eval mode; its dtype follows `config.dtype`."""
+def load_model(config: ModelConfig, device: torch.device | str | None = None, quantize_llm: bool = False):
+    """Load (model, tokenizer). The model is in eval mode; its dtype follows `config.dtype`.
+
+    `quantize_llm`: the LLM in 4-bit NF4 for QLoRA (`ivl.model.quantize`); the rest keeps `config.dtype`.
+    """
     name = preset_name(config.name_or_path)
     if name is None and Path(config.name_or_path).exists():
         _check_checkpoint_format(Path(config.name_or_path))
     tokenizer = load_tokenizer(config)
     dtype = resolve_dtype(config.dtype)
-    if name is not None:
+    if name is not None and not quantize_llm:
         model = build_preset_model(name, tokenizer, config.init_seed, dtype)
+    elif name is not None:
+        # bitsandbytes quantises while loading weights, so a preset goes through a (temporary) checkpoint.
+        with tempfile.TemporaryDirectory(prefix="ivl-preset-") as tmp:
+            build_preset_model(name, tokenizer, config.init_seed, dtype).save_pretrained(tmp)
+            model = _from_pretrained(tmp, config, dtype, quantize_llm, device)
     else:
-        try:
-            model = InternVLForConditionalGeneration.from_pretrained(
-                config.name_or_path,
-                dtype=dtype,
-                attn_implementation=config.attn_implementation,
-                trust_remote_code=config.trust_remote_code,
-                use_safetensors=True,
-            )
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"cannot load an InternVL model from {config.name_or_path!r}: {error}") from error
-    if device is not None:
+        model = _from_pretrained(config.name_or_path, config, dtype, quantize_llm, device)
+    if device is not None and not quantize_llm:
         model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, quantize_llm: bool, device):
+    extra = {}
+    if quantize_llm:
+        from ivl.model.quantize import nf4_config
+
+        extra = {"quantization_config": nf4_config(dtype), "device_map": {"": device or "cpu"}}
+    try:
+        return InternVLForConditionalGeneration.from_pretrained(
+            source,
+            dtype=dtype,
+            attn_implementation=config.attn_implementation,
+            trust_remote_code=config.trust_remote_code,
+            use_safetensors=True,
+            **extra,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load an InternVL model from {config.name_or_path!r}: {error}") from error
 
 
 def save_checkpoint(model, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:

@@ -1,0 +1,145 @@
+"""Resumable training checkpoints, written atomically, and the final adapter / model export.
+
+    OUTPUT/checkpoints/step-000200/
+        trainable.safetensors   every trainable parameter (LoRA, modules_to_save, full parts), by name
+        optimizer.pt            optimizer state (tensors only: loads with weights_only=True)
+        scheduler.pt
+        rng-0.pt ...            torch CPU / CUDA RNG state of each process
+        state.json              step, data position, and whatever the recipe adds (e.g. MPO's reward shift)
+
+A checkpoint is assembled in a hidden `.step-000200.tmp` directory and renamed into place, so a crash mid-save never
+leaves a directory that looks complete; `latest_checkpoint` only ever sees finished ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+TRAINING_INFO = "ivl_training.json"  # what the kit needs to rebuild the model around an adapter
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed from; the message says why and what to do."""
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(parameters) != set(state):
+        missing, unexpected = sorted(set(parameters) - set(state)), sorted(set(state) - set(parameters))
+        raise CheckpointError(
+            f"{source} does not match this run's trainable parameters (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}): was it written with another adapter / parts config?"
+        )
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(state[name])
+
+
+def save_training_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` atomically (every process calls this) and prune to the newest `keep_last`."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state_dict(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears complete or not at all
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints under `output_dir/checkpoints`, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: `auto` -> the newest one if any, `never` -> None, else the given directory."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"loop.resume={resume}: not a checkpoint directory (no state.json)")
+    return path
+
+
+def load_training_checkpoint(
+    path: Path, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this process's RNG; returns the recipe's saved state."""
+    load_trainable_state_dict(accelerator.unwrap_model(model), load_file(path / "trainable.safetensors"), path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if not rng_file.is_file():
+        raise CheckpointError(f"{path} was written by fewer processes (no {rng_file.name}); resume with as many")
+    rng = torch.load(rng_file, weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((path / "state.json").read_text())
+
+
+def export_final(
+    out_dir: Path, model: nn.Module, tokenizer, info: dict[str, Any], write: Callable[[nn.Module, Path], None]
+) -> Path:
+    """Write the final adapter or model with its tokenizer and the kit's training info, atomically."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def read_training_info(path: str | Path) -> dict[str, Any]:
+    info = Path(path) / TRAINING_INFO
+    return json.loads(info.read_text()) if info.is_file() else {}

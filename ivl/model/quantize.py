@@ -1,0 +1,33 @@
+"""QLoRA's 4-bit base (bitsandbytes): the LLM in NF4 with double quantisation; ViT, projector and lm_head stay
+unquantised (SPEC 8: 4-bit ViTs lose accuracy badly). bitsandbytes is imported only when a 4-bit model is asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Module-name prefixes (from the model root) that are never quantised.
+UNQUANTISED_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    """transformers' `BitsAndBytesConfig` for QLoRA: NF4 weights, double quantisation, `compute_dtype` matmuls."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=UNQUANTISED_MODULES,
+    )
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False))
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace every 4-bit linear layer by an ordinary one holding its dequantised weight (for merging)."""
+    return model.dequantize()

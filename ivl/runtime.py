@@ -1,0 +1,185 @@
+"""What every training recipe shares: the loop and optimizer config sections, the Accelerator, seeding, optimizer and
+schedule, metrics (jsonl + Accelerate trackers), the progress bar and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ivl.config import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule. Per-part learning rates (`vision.lr` ...) override `lr`."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"  # 8-bit ones via bitsandbytes
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03  # of the total optimizer steps
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class LoopConfig:
+    """Steps, batching, precision, evaluation, checkpointing and logging of a training run."""
+
+    output_dir: str = "outputs/run"
+    batch_size: int = 4  # per device, per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 0  # optimizer steps; 0: as many as `epochs` gives
+    epochs: float = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 autocast when the model is bf16
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 0  # optimizer steps; 0: only at the end (when data.validation is set)
+    eval_batch_size: int = 8
+    exact_match_samples: int = 0  # also measure greedy exact-match on this many validation samples (short answers)
+    max_new_tokens: int = 16
+    save_every: int = 0  # optimizer steps; 0: only the final adapter / model
+    keep_last: int = 2  # resumable checkpoints kept
+    resume: str = "auto"  # auto: from the newest checkpoint in output_dir if any | never | a checkpoint directory
+    num_workers: int = 2  # DataLoader worker processes building samples
+    report_to: list[str] = field(default_factory=list)  # Accelerate trackers: tensorboard, wandb, ...
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.epochs <= 0:
+            raise ConfigError("loop.max_steps must be >= 0 and loop.epochs > 0")
+        if self.num_workers < 0:
+            raise ConfigError("loop.num_workers must be >= 0")
+
+
+def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:
+    """An Accelerator for the loop. A bf16/fp16 base needs autocast (its trainable weights are fp32 masters)."""
+    mixed_precision = loop.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model_dtype, "no")
+    elif mixed_precision == "no" and model_dtype != torch.float32:
+        raise ConfigError(
+            f"loop.mixed_precision=no with a {model_dtype} model: use loop.mixed_precision=auto "
+            "(or model.dtype=float32)"
+        )
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=loop.report_to or None,
+        project_dir=loop.output_dir,
+    )
+    set_seed(loop.seed, device_specific=False)
+    return accelerator
+
+
+def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
+    kwargs = {"betas": tuple(optim.betas), "eps": optim.eps}
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    import bitsandbytes.optim as bnb_optim  # optional backend: imported only when asked for
+
+    optimizer_class = {"adamw_8bit": bnb_optim.AdamW8bit, "paged_adamw_8bit": bnb_optim.PagedAdamW8bit}
+    return optimizer_class[optim.optimizer](groups, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
+    warmup_steps = math.ceil(optim.warmup_ratio * total_steps)
+    if optim.schedule == "cosine":
+        return get_scheduler(
+            "cosine_with_min_lr",
+            optimizer,
+            num_warmup_steps=warmup_steps,
+            num_training_steps=total_steps,
+            scheduler_specific_kwargs={"min_lr_rate": optim.min_lr_ratio},
+        )
+    name = {"linear": "linear", "constant": "constant_with_warmup"}[optim.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+class MetricsLog:
+    """Metrics as one JSON object per line in `path` (main process only), mirrored to the Accelerate trackers."""
+
+    def __init__(self, path: str | Path, accelerator: Accelerator):
+        self.path = Path(path)
+        self.accelerator = accelerator
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.accelerator.log_with:
+            step = record.get("step")
+            values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self.accelerator.log(values, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (a resumed run rewrites them), so the file reads as one uninterrupted run."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def progress_bar(accelerator: Accelerator, total: int, initial: int, description: str) -> tqdm:
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=description,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not accelerator.is_main_process,
+    )
+
+
+def plot_curves(metrics_path: str | Path, out_path: str | Path, title: str) -> Path | None:
+    """Training (and evaluation) loss against step, as a PNG; None when there is nothing to plot."""
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evaluation = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evaluation:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
+    for points, label, style in ((train, "train loss", "-"), (evaluation, "validation loss", "o-")):
+        if points:
+            steps, values = zip(*points, strict=True)
+            axes.plot(steps, values, style, label=label, markersize=4)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (per supervised token)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(out_path)
+    plt.close(figure)
+    return Path(out_path)
