@@ -6,7 +6,9 @@ Both shard the work across processes and reduce the sums, so the numbers do not 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,10 +18,22 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from finetune.data.chat import SampleError
-from finetune.data.records import Record
-from finetune.data.samples import SampleBuilder, collate, collate_prompts, model_inputs
+from finetune.data.records import DataSource, Record
+from finetune.data.samples import (
+    DataConfig,
+    SampleBuilder,
+    SFTDataset,
+    collate,
+    collate_prompts,
+    load_records,
+    model_inputs,
+)
 from finetune.losses import num_supervised_tokens, token_cross_entropy
+from ivl.config import ConfigError
 from ivl.image import ImageError
+from ivl.model.adapters import load_trained
+from ivl.model.load import ModelConfig, load_model
+from ivl.model.parts import unwrap
 
 
 class _Shard(Dataset):
@@ -98,7 +112,6 @@ def exact_match(
     generator.eval()
     shard = records[accelerator.process_index :: accelerator.num_processes]
     prompts = _prompts(builder, shard)
-    end_ids = sorted({tokenizer.convert_tokens_to_ids(builder.tokenize.end_token), tokenizer.eos_token_id})
     counts = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (correct, total)
     examples = []
     batches = range(0, len(prompts), batch_size)
@@ -106,14 +119,7 @@ def exact_match(
         batch = collate_prompts(prompts[start : start + batch_size], tokenizer.pad_token_id)
         inputs = model_inputs(batch, accelerator.device, dtype)
         with accelerator.autocast():
-            output = generator.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=end_ids,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            answers = greedy_answers(generator, builder, inputs, max_new_tokens)
         for reference, answer in zip(batch["references"], answers, strict=True):
             counts[0] += normalise_answer(answer) == normalise_answer(reference)
             counts[1] += 1
@@ -123,3 +129,85 @@ def exact_match(
     generator.train(was_training)
     total = int(counts[1].item())
     return {"exact_match": counts[0].item() / max(total, 1), "samples": total, "examples": examples}
+
+
+@dataclass
+class EvalOptions:
+    adapter: str | None = None  # a run's adapter/ or model/ directory
+    batch_size: int = 8
+    exact_match_samples: int = -1  # -1: every sample, 0: loss only
+    max_new_tokens: int = 16
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("eval.batch_size must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """`ivl eval`: a model, or a run's adapter on its base, on a data set. An SFT config works as is (its model and
+    data sections are read)."""
+
+    model: ModelConfig | None = None  # with eval.adapter: defaults to the base recorded at training time
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+
+    def validate(self) -> None:
+        if self.model is None and not self.eval.adapter:
+            raise ConfigError("give model.name_or_path, or eval.adapter (a run's adapter/ or model/ dir), or both")
+        if not (self.data.validation or self.data.train):
+            raise ConfigError("data.validation (or data.train): give the data to evaluate on")
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    """Loss (token-weighted over the whole set) and, unless switched off, greedy exact-match."""
+    accelerator = Accelerator()
+    options = config.eval
+    if options.adapter:
+        model, tokenizer, _ = load_trained(options.adapter, config.model, accelerator.device)
+    else:
+        model, tokenizer = load_model(config.model, accelerator.device)
+    path = config.data.validation or config.data.train
+    builder = SampleBuilder(tokenizer, unwrap(model).config, config.data)
+    records = load_records(path, config.data.seed)
+    dtype = unwrap(model).dtype
+    with accelerator.autocast():
+        result = {"data": str(path), **evaluate_loss(
+            model, SFTDataset(records, builder), accelerator, options.batch_size, tokenizer.pad_token_id, dtype
+        )}  # fmt: skip
+        if options.exact_match_samples:
+            subset = records if options.exact_match_samples < 0 else records[: options.exact_match_samples]
+            result.update(exact_match(model, builder, subset, accelerator, options.batch_size,
+                                      options.max_new_tokens, dtype))  # fmt: skip
+    return result
+
+
+@torch.no_grad()
+def answer_question(
+    model: nn.Module, builder: SampleBuilder, question: str, images: list[str], max_new_tokens: int = 256
+) -> str:
+    """One greedy answer to `question` about `images` (paths; none for a text-only question)."""
+    row = {"image": images, "conversations": [{"from": "human", "value": question}]}
+    record = Record("the question", row, DataSource("chat", "chat", Path.cwd()))
+    try:
+        prompt = builder.build_prompt(record)
+    except ImageError as error:
+        raise SampleError(str(error)) from error
+    tokenizer = builder.tokenize.tokenizer
+    base = unwrap(model)
+    inputs = model_inputs(collate_prompts([prompt], tokenizer.pad_token_id), base.device, base.dtype)
+    return greedy_answers(model, builder, inputs, max_new_tokens)[0].strip()
+
+
+def greedy_answers(model: nn.Module, builder: SampleBuilder, inputs: dict[str, Any], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of left-padded prompts, decoded, stopping at the template's end token or EOS."""
+    tokenizer = builder.tokenize.tokenizer
+    end_ids = sorted({tokenizer.convert_tokens_to_ids(builder.tokenize.end_token), tokenizer.eos_token_id})
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=end_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -46,6 +46,7 @@ from ivl.model.adapters import (
 from ivl.model.checkpoint import (
     export_final,
     load_training_checkpoint,
+    read_checkpoint_state,
     resolve_resume,
     save_training_checkpoint,
 )
@@ -217,14 +218,16 @@ def train(run: Run) -> dict[str, Any]:
     state = {"step": 0, "micro_batches": 0, "skipped_rows": 0}
     resume_from = resolve_resume(loop.resume, loop.output_dir)
     if resume_from is not None:
-        state.update(load_training_checkpoint(resume_from, accelerator, run.model, run.optimizer, run.scheduler))
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
-    run.metrics.truncate_after(state["step"])
+        state.update(read_checkpoint_state(resume_from))
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
                                accelerator.num_processes, start=state["micro_batches"])  # fmt: skip
     loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
                         collate_fn=partial(collate, pad_token_id=run.tokenizer.pad_token_id))  # fmt: skip
-    batches = iter(loader)
+    batches = iter(loader)  # draws the workers' base seed from the global RNG: before restoring the saved RNG state
+    if resume_from is not None:
+        load_training_checkpoint(resume_from, accelerator, run.model, run.optimizer, run.scheduler)
+        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+    run.metrics.truncate_after(state["step"])
     progress = progress_bar(accelerator, run.total_steps, state["step"], "sft")
     losses, tokens, clock, last = [], 0, time.perf_counter(), {}
     run.model.train()

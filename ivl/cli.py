@@ -1,6 +1,10 @@
 """`ivl <command>`: the kit's command line.
 
     ivl demo                                   the built-in default job on the synthetic shapes task
+    ivl sft CONFIG [section.key=value ...]     supervised fine-tuning (LoRA / QLoRA / full per part)
+    ivl eval CONFIG [--adapter DIR] [--json]   validation loss and greedy exact-match
+    ivl merge --adapter DIR --out DIR [--base B]   fold a LoRA / QLoRA adapter into an HF-native checkpoint
+    ivl chat [--base B] [--adapter DIR] --image IMG "question"
     ivl data check PATH [--config CFG] [section.key=value ...] [--json] [--show-config]
     ivl data demo OUT_DIR [--train N] [--validation N]
     ivl presets                                the model presets (zoo shapes and tiny test models)
@@ -19,9 +23,69 @@ from finetune.data.chat import SampleError
 from finetune.data.records import DataSourceError
 from ivl.config import ConfigError, format_config, load_config
 from ivl.image import ImageError
+from ivl.model.checkpoint import CheckpointError
 from ivl.model.load import ModelLoadError
 
-KNOWN_ERRORS = (ConfigError, DataSourceError, ModelLoadError, SampleError, ImageError)
+KNOWN_ERRORS = (ConfigError, DataSourceError, ModelLoadError, SampleError, ImageError, CheckpointError)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from finetune.sft import SFTConfig, run_sft
+
+    config = load_config(SFTConfig, args.config, args.overrides)
+    if args.show_config:
+        print(format_config(config), end="")
+    result = run_sft(config)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from finetune.evaluate import EvalConfig, run_eval
+
+    overrides = args.overrides + ([f"eval.adapter={args.adapter}"] if args.adapter else [])
+    config = load_config(EvalConfig, args.config, overrides, only=("model", "data", "eval"))
+    result = run_eval(config)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
+        return 0
+    print(f"{result['data']}: loss {result['loss']:.4f} over {result['tokens']} supervised tokens")
+    if "exact_match" in result:
+        print(f"exact match {result['exact_match']:.3f} on {result['samples']} samples")
+        for reference, answer in result["examples"]:
+            print(f"  reference {reference!r:<24} answer {answer!r}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ivl.model.adapters import merge_adapter
+    from ivl.model.load import ModelConfig
+
+    base = ModelConfig(name_or_path=args.base) if args.base else None
+    out = merge_adapter(args.adapter, args.out, base)
+    print(f"merged checkpoint written to {out} (loads with InternVLForConditionalGeneration.from_pretrained)")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from finetune.data.samples import DataConfig, SampleBuilder
+    from finetune.evaluate import answer_question
+    from ivl.model.adapters import load_trained
+    from ivl.model.load import ModelConfig, load_model
+    from ivl.model.parts import unwrap
+
+    if not (args.base or args.adapter):
+        raise ConfigError("give --base (a model), --adapter (a run's adapter/ or model/ directory), or both")
+    base = ModelConfig(name_or_path=args.base) if args.base else None
+    if args.adapter:
+        model, tokenizer, info = load_trained(args.adapter, base)
+        data = {k: v for k, v in info.get("data", {}).items() if k in ("template", "max_tiles", "use_thumbnail")}
+    else:
+        (model, tokenizer), data = load_model(base), {}
+    builder = SampleBuilder(tokenizer, unwrap(model).config, DataConfig(**data))
+    question = " ".join(args.question)
+    print(answer_question(model, builder, question, args.image, args.max_new_tokens))
+    return 0
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -83,6 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the built-in default job on the synthetic shapes task")
     demo.add_argument("--out-dir", default="outputs/demo")
     demo.set_defaults(handler=cmd_demo)
+
+    sft = commands.add_parser("sft", help="supervised fine-tuning from a YAML config")
+    sft.add_argument("config", help="YAML config (see configs/sft/)")
+    sft.add_argument("--show-config", action="store_true", help="print the resolved config first")
+    sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 loop.max_steps=100")
+    sft.set_defaults(handler=cmd_sft)
+
+    evaluate = commands.add_parser("eval", help="validation loss and greedy exact-match of a model or adapter")
+    evaluate.add_argument("config", help="YAML config with model / data / eval sections (an SFT config works)")
+    evaluate.add_argument("--adapter", help="a run's adapter/ or model/ directory")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.exact_match_samples=100")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    merge = commands.add_parser("merge", help="merge a LoRA / QLoRA adapter into its base")
+    merge.add_argument("--adapter", required=True, help="a run's adapter/ directory")
+    merge.add_argument("--out", required=True, help="where to write the merged HF-native checkpoint")
+    merge.add_argument("--base", help="the base model (default: the one recorded at training time)")
+    merge.set_defaults(handler=cmd_merge)
+
+    chat = commands.add_parser("chat", help="answer one question about an image")
+    chat.add_argument("--base", help="hub id, local path or preset:NAME (default: an adapter's recorded base)")
+    chat.add_argument("--adapter", help="a run's adapter/ or model/ directory")
+    chat.add_argument("--image", action="append", default=[], help="an image path (repeat for several)")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("question", nargs="+")
+    chat.set_defaults(handler=cmd_chat)
 
     data = commands.add_parser("data", help="check or generate data").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="validate every row of a jsonl / meta file / HF dataset and report")

@@ -109,10 +109,16 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """The step, data position and recipe state saved with a checkpoint."""
+    return json.loads((path / "state.json").read_text())
+
+
 def load_training_checkpoint(
     path: Path, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this process's RNG; returns the recipe's saved state."""
+) -> None:
+    """Restore weights, optimizer, scheduler and this process's RNG (read the saved state with
+    `read_checkpoint_state`)."""
     load_trainable_state_dict(accelerator.unwrap_model(model), load_file(path / "trainable.safetensors"), path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -123,7 +129,6 @@ def load_training_checkpoint(
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((path / "state.json").read_text())
 
 
 def export_final(

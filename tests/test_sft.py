@@ -1,0 +1,193 @@
+"""The SFT recipe end to end on a tiny model: trainability per part, resume, merge, eval, bad data."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import InternVLForConditionalGeneration
+
+from finetune.data.chat import SampleError
+from finetune.sft import SFTConfig, run_sft
+from ivl.cli import main as cli_main
+from ivl.config import ConfigError, load_config
+from ivl.demo.shapes import write_dataset
+from ivl.model.adapters import load_trained, merge_adapter
+from ivl.model.load import ModelConfig, load_model
+from ivl.model.parts import part_of
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_dataset(root, num_train=24, num_validation=8, width=112, height=112)
+    return root
+
+
+def sft_config(shapes, out, *overrides):
+    base = [
+        f"data.train={shapes / 'train.jsonl'}",
+        f"data.validation={shapes / 'validation.jsonl'}",
+        "data.max_tiles=1",
+        "data.use_thumbnail=false",
+        "model.dtype=float32",
+        "adapter.dropout=0",
+        "optim.lr=5e-3",
+        "optim.warmup_ratio=0",
+        "loop.batch_size=4",
+        "loop.max_steps=4",
+        "loop.log_every=1",
+        "loop.num_workers=0",
+        f"loop.output_dir={out}",
+    ]
+    return load_config(SFTConfig, None, base + list(overrides))
+
+
+def base_state():
+    model, _ = load_model(ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def trained_state(model):
+    """Effective weights by base name (LoRA merged, modules_to_save copies in place of the originals)."""
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    return {name: p.detach() for name, p in merged.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "overrides, changed_parts",
+    [
+        ((), {"projector", "llm"}),  # default: frozen ViT, full projector, LoRA LLM
+        (("stage=stage1",), {"projector"}),
+        (("vision.mode=lora", "projector.mode=frozen", "llm.mode=frozen", "stage=none"), {"vision"}),
+    ],
+)
+def test_frozen_parts_stay_byte_identical_and_trained_parts_change(shapes, tmp_path, overrides, changed_parts):
+    before = base_state()
+    result = run_sft(sft_config(shapes, tmp_path, *overrides))
+    model, _, info = load_trained(result["output"])
+    after = trained_state(model)
+    assert set(after) == set(before)
+    for name, value in before.items():
+        if part_of(name) in changed_parts and name.endswith("weight") and value.ndim == 2:
+            continue  # checked per part below
+        if part_of(name) not in changed_parts:
+            assert torch.equal(after[name], value), f"{name} ({part_of(name)}) changed but its part is frozen"
+    for part in changed_parts:
+        assert any(not torch.equal(after[n], v) for n, v in before.items() if part_of(n) == part), part
+    assert {part for part, mode in info["modes"].items() if mode != "frozen"} == changed_parts
+
+
+def test_unfreeze_last_vision_layers_trains_only_those(shapes, tmp_path):
+    before = base_state()
+    result = run_sft(sft_config(shapes, tmp_path, "vision.unfreeze_last_layers=1"))
+    after = trained_state(load_trained(result["output"])[0])
+    vision_changed = {n for n, v in before.items() if part_of(n) == "vision" and not torch.equal(after[n], v)}
+    assert vision_changed and all(".encoder.layer.1." in name for name in vision_changed)
+
+
+def test_full_training_without_lora_saves_a_whole_model(shapes, tmp_path):
+    result = run_sft(sft_config(shapes, tmp_path, "stage=stage1.5"))
+    assert result["output"].endswith("model")
+    reloaded = InternVLForConditionalGeneration.from_pretrained(result["output"])
+    before = base_state()
+    after = dict(reloaded.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in before.items() if part_of(n) == "llm")
+    assert any(not torch.equal(after[n], v) for n, v in before.items() if part_of(n) == "vision")
+
+
+def test_stage_and_explicit_mode_conflict_is_a_config_error(shapes, tmp_path):
+    with pytest.raises(ConfigError, match="contradicts stage stage1"):
+        sft_config(shapes, tmp_path, "stage=stage1", "llm.mode=lora")
+    with pytest.raises(ConfigError, match="nothing would train"):
+        sft_config(shapes, tmp_path, "vision.mode=frozen", "projector.mode=frozen", "llm.mode=frozen")
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses(shapes, tmp_path):
+    overrides = ("loop.max_steps=6", "loop.save_every=3", "loop.keep_last=5", "adapter.dropout=0.1")
+    run_sft(sft_config(shapes, tmp_path, *overrides))
+    uninterrupted = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    final_adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    # Simulate a crash after step 3: the later checkpoint and the final adapter never got written.
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000006")
+    shutil.rmtree(tmp_path / "adapter")
+    (tmp_path / "checkpoints" / ".step-000006.tmp").mkdir()  # a half-written checkpoint is ignored
+    run_sft(sft_config(shapes, tmp_path, *overrides))
+    resumed = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+    again = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(final_adapter[k], again[k], atol=1e-6) for k in final_adapter)
+
+
+def _image_batch(model):
+    image_token = model.config.image_token_id
+    ids = torch.cat([torch.tensor([[1, 2]]), torch.full((1, 16), image_token), torch.tensor([[5, 9, 33, 70]])], dim=1)
+    return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(0))}
+
+
+def test_merged_model_equals_adapter_model_and_reloads_with_plain_transformers(shapes, tmp_path):
+    result = run_sft(sft_config(shapes, tmp_path / "run"))
+    adapter_model, _, _ = load_trained(result["output"])
+    merge_adapter(result["output"], tmp_path / "merged")
+    merged = InternVLForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    base, _ = load_model(ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
+    batch = _image_batch(merged)
+    with torch.no_grad():
+        expected = adapter_model(**batch).logits
+        assert torch.allclose(merged(**batch).logits, expected, atol=1e-4)
+        assert not torch.allclose(base(**batch).logits, expected, atol=1e-3)  # the adapter did change the model
+        generated = merged.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] >= batch["input_ids"].shape[1] + 1
+
+
+def test_qlora_trains_and_merges_into_the_dequantised_base(shapes, tmp_path):
+    result = run_sft(sft_config(shapes, tmp_path / "run", "adapter.qlora=true", "loop.max_steps=2"))
+    adapter_model, _, info = load_trained(result["output"])
+    assert info["qlora"] is True
+    assert type(adapter_model.get_base_model().model.language_model.layers[0].mlp.up_proj.base_layer).__name__ == (
+        "Linear4bit"
+    )
+    merge_adapter(result["output"], tmp_path / "merged")
+    merged = InternVLForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    # The reference: the same adapter, unmerged, on the dequantised 4-bit base.
+    quantized, _ = load_model(ModelConfig(name_or_path="preset:tiny-112", dtype="float32"), quantize_llm=True)
+    from peft import PeftModel
+
+    reference = PeftModel.from_pretrained(quantized.dequantize(), result["output"])
+    batch = _image_batch(merged)
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, reference(**batch).logits, atol=1e-4)
+
+
+def test_bad_rows_fail_before_training_or_are_skipped_and_counted(shapes, tmp_path):
+    bad = tmp_path / "train.jsonl"
+    rows = (shapes / "train.jsonl").read_text().splitlines()
+    broken = json.loads(rows[2])
+    broken["image"] = "images/train/missing.png"
+    bad.write_text("\n".join([rows[0], rows[1], json.dumps(broken), *rows[3:]]) + "\n")
+    (tmp_path / "images").symlink_to(shapes / "images")
+    with pytest.raises(SampleError, match=r"train.jsonl:3"):
+        run_sft(sft_config(shapes, tmp_path / "fail", f"data.train={bad}"))
+    assert not (tmp_path / "fail" / "metrics.jsonl").exists()  # failed before the first step
+    result = run_sft(
+        sft_config(shapes, tmp_path / "skip", f"data.train={bad}", "data.on_error=skip", "loop.max_steps=6")
+    )
+    assert result["skipped_rows"] == 1
+
+
+def test_cli_eval_reports_token_weighted_loss_and_exact_match(shapes, tmp_path, capsys):
+    result = run_sft(sft_config(shapes, tmp_path / "run"))
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"data: {{validation: {shapes / 'validation.jsonl'}, max_tiles: 1, use_thumbnail: false}}\n")
+    capsys.readouterr()
+    assert cli_main(["eval", str(config), "--adapter", result["output"], "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["loss"] == pytest.approx(result["eval_loss"], rel=1e-5)
+    assert report["tokens"] == result["eval_tokens"] > 0
+    assert report["samples"] == 8 and 0 <= report["exact_match"] <= 1
