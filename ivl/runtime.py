@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -83,7 +84,11 @@ def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:
             f"loop.mixed_precision=no with a {model_dtype} model: use loop.mixed_precision=auto "
             "(or model.dtype=float32)"
         )
+    # Accelerate only forms a multi-process CPU group when told the run is on CPU (e.g. under plain torchrun);
+    # without this each process would train alone on its shard, silently.
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=multi_process_cpu,
         mixed_precision=mixed_precision,
         log_with=loop.report_to or None,
         project_dir=loop.output_dir,

@@ -1,7 +1,10 @@
 """The SFT recipe end to end on a tiny model: trainability per part, resume, merge, eval, bad data."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -191,3 +194,48 @@ def test_cli_eval_reports_token_weighted_loss_and_exact_match(shapes, tmp_path, 
     assert report["loss"] == pytest.approx(result["eval_loss"], rel=1e-5)
     assert report["tokens"] == result["eval_tokens"] > 0
     assert report["samples"] == 8 and 0 <= report["exact_match"] <= 1
+
+
+def _run_losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(shapes, tmp_path):
+    """2 CPU processes x batch 2 == 1 process x batch 4 == 1 process x batch 2 x 2 accumulation steps."""
+    common = [
+        f"data.train={shapes / 'train.jsonl'}",
+        "data.max_tiles=1",
+        "data.use_thumbnail=false",
+        "model.dtype=float32",
+        "adapter.dropout=0",
+        "optim.lr=5e-3",
+        "optim.warmup_ratio=0",
+        "loop.max_steps=4",
+        "loop.log_every=1",
+        "loop.num_workers=0",
+    ]
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    command = [
+        *torchrun,
+        "-m",
+        "finetune.sft",
+        str(config),
+        *common,
+        "loop.batch_size=2",
+        f"loop.output_dir={tmp_path / 'ddp'}",
+    ]
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_sft(load_config(SFTConfig, None, [*common, "loop.batch_size=4", f"loop.output_dir={tmp_path / 'one'}"]))
+    run_sft(
+        load_config(
+            SFTConfig, None, [*common, "loop.batch_size=2", "loop.grad_accum=2", f"loop.output_dir={tmp_path / 'acc'}"]
+        )
+    )
+    one, ddp, accumulated = (_run_losses(tmp_path / name) for name in ("one", "ddp", "acc"))
+    assert len(one) == 4
+    assert ddp == pytest.approx(one, abs=1e-5)
+    assert accumulated == pytest.approx(one, abs=1e-5)
