@@ -116,7 +116,7 @@ def _checked_dataset(path: str, builder: SampleBuilder, accelerator: Accelerator
     return SFTDataset(load_records(path, seed), builder)
 
 
-def _enable_gradient_checkpointing(model: nn.Module, config: SFTConfig) -> None:
+def enable_gradient_checkpointing(model: nn.Module, config: SFTConfig) -> None:
     parts = model_parts(model)
     for enabled, module in (
         (config.vision.gradient_checkpointing, parts.vision),
@@ -133,7 +133,7 @@ def setup(config: SFTConfig) -> Run:
     dtype = resolve_dtype(config.model.dtype)
     accelerator = make_accelerator(loop, dtype)
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=config.adapter.qlora)
-    _enable_gradient_checkpointing(model, config)
+    enable_gradient_checkpointing(model, config)
     model = apply_trainability(model, modes, config.vision, config.adapter)
     accelerator.print(format_report(trainable_report(model, modes)))
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +13,13 @@ from safetensors.torch import load_file
 from transformers import InternVLForConditionalGeneration
 
 from finetune.data.chat import SampleError
-from finetune.sft import SFTConfig, run_sft
+from finetune.sft import SFTConfig, enable_gradient_checkpointing, run_sft
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config
 from ivl.demo.shapes import write_dataset
 from ivl.model.adapters import load_trained, merge_adapter
 from ivl.model.load import ModelConfig, load_model
-from ivl.model.parts import part_of
+from ivl.model.parts import model_parts, part_of
 
 pytestmark = pytest.mark.slow
 
@@ -239,3 +240,29 @@ def test_two_processes_match_one_process_with_the_same_global_batch(shapes, tmp_
     assert len(one) == 4
     assert ddp == pytest.approx(one, abs=1e-5)
     assert accumulated == pytest.approx(one, abs=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(shapes, tmp_path):
+    plain = run_sft(sft_config(shapes, tmp_path / "plain", "stage=stage2", "optim.lr=1e-3"))
+    checkpointed = run_sft(
+        sft_config(
+            shapes,
+            tmp_path / "ckpt",
+            "stage=stage2",
+            "optim.lr=1e-3",
+            "vision.gradient_checkpointing=true",
+            "llm.gradient_checkpointing=true",
+        )
+    )
+    assert _run_losses(tmp_path / "ckpt") == pytest.approx(_run_losses(tmp_path / "plain"), abs=1e-5)
+    model, _ = load_model(ModelConfig(name_or_path="preset:tiny-112"))
+    enable_gradient_checkpointing(model, sft_config(shapes, tmp_path, "llm.gradient_checkpointing=true"))
+    assert all(layer.gradient_checkpointing for layer in model_parts(model).llm_layers)
+    assert not any(layer.gradient_checkpointing for layer in model_parts(model).vision_layers)
+    assert checkpointed["eval_loss"] == pytest.approx(plain["eval_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/sft/*.yaml")), ids=lambda p: p.name)
+def test_shipped_sft_configs_are_valid(path):
+    config = load_config(SFTConfig, path)
+    assert config.model.name_or_path.startswith("OpenGVLab/") and config.model.name_or_path.endswith("-hf")
