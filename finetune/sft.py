@@ -61,6 +61,7 @@ from ivl.runtime import (
     make_accelerator,
     plot_curves,
     progress_bar,
+    start_trackers,
 )
 
 
@@ -159,6 +160,7 @@ def setup(config: SFTConfig) -> Run:
         "data": {k: v for k, v in to_dict(config.data).items() if k not in ("train", "validation")},
     }
     metrics = MetricsLog(Path(loop.output_dir) / "metrics.jsonl", accelerator)
+    start_trackers(accelerator, "ivl-sft", to_dict(config))
     return Run(config, accelerator, model, tokenizer, builder, train_set, validation_set, optimizer, scheduler,
                total_steps, dtype, metrics, info)  # fmt: skip
 

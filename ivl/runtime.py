@@ -84,6 +84,7 @@ def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:
             f"loop.mixed_precision=no with a {model_dtype} model: use loop.mixed_precision=auto "
             "(or model.dtype=float32)"
         )
+    _check_trackers(loop.report_to)
     # Accelerate only forms a multi-process CPU group when told the run is on CPU (e.g. under plain torchrun);
     # without this each process would train alone on its shard, silently.
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -95,6 +96,33 @@ def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:
     )
     set_seed(loop.seed, device_specific=False)
     return accelerator
+
+
+def _check_trackers(names: list[str]) -> None:
+    """Accelerate silently drops trackers whose package is missing; a user who asked for one wants to know."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    available = {str(tracker) for tracker in get_available_trackers()}
+    for name in names:
+        if name not in LoggerType.list():
+            raise ConfigError(
+                f"loop.report_to: unknown tracker {name!r}; Accelerate knows {', '.join(LoggerType.list())}"
+            )
+        if name not in available:
+            raise ConfigError(f"loop.report_to: {name} is not installed (pip install {name})")
+
+
+def start_trackers(accelerator: Accelerator, project: str, config: dict[str, Any]) -> None:
+    """Open the trackers asked for in loop.report_to, with the run's config as hyper-parameters (scalars only)."""
+    if not accelerator.log_with:
+        return
+    flat = {}
+    for section, values in config.items():
+        for key, value in values.items() if isinstance(values, dict) else [("", values)]:
+            if isinstance(value, (int, float, str, bool)):
+                flat[f"{section}.{key}" if key else section] = value
+    accelerator.init_trackers(project, config=flat)
 
 
 def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
