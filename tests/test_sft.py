@@ -266,3 +266,15 @@ def test_gradient_checkpointing_gives_the_same_losses(shapes, tmp_path):
 def test_shipped_sft_configs_are_valid(path):
     config = load_config(SFTConfig, path)
     assert config.model.name_or_path.startswith("OpenGVLab/") and config.model.name_or_path.endswith("-hf")
+
+
+def test_demo_runs_end_to_end_and_reports_before_and_after(tmp_path, capsys):
+    from ivl.demo.run import run_demo
+
+    result = run_demo(tmp_path, num_train=32, num_validation=8, overrides=["loop.max_steps=3", "loop.num_workers=0"])
+    out = capsys.readouterr().out
+    assert "validation exact-match after SFT" in out and "ivl chat --adapter" in out
+    assert result["loss_after"] < result["loss_before"]
+    assert 0 <= result["exact_match_before"] <= 1 and 0 <= result["exact_match_after"] <= 1
+    for name in ("run/model/model.safetensors", "run/metrics.jsonl", "run/loss.png"):
+        assert (tmp_path / name).is_file(), name

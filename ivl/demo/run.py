@@ -1,75 +1,78 @@
-"""`ivl demo`: the built-in default job on the synthetic shapes task.
-
-Until the SFT recipe lands this runs the data pipeline end to end: write the task, check it, build a tiny InternVL,
-turn every sample into tiles and tokens, batch them and run the model's forward pass, reporting throughput and the
-untrained model's validation loss.
-"""
+"""`ivl demo`: the built-in default job. Writes the synthetic shapes task, measures the base model's validation
+exact-match, fine-tunes it with the SFT recipe (`ivl/assets/demo_sft.yaml`), and measures again."""
 
 from __future__ import annotations
 
-import math
 import time
-from functools import partial
+from importlib import resources
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
-from finetune.data.checks import check_data
-from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records, model_inputs
+from finetune.evaluate import EvalConfig, EvalOptions, run_eval
+from finetune.sft import SFTConfig, run_sft
+from ivl.config import load_config
 from ivl.demo.shapes import write_dataset
-from ivl.model.load import ModelConfig, load_model, tokens_per_tile
 
-DEMO_MODEL = "preset:tiny-112"
+IMAGE_SIZE = 224  # one 112 px tile per image (data.max_tiles: 1)
 
 
-def run_demo(out_dir: str | Path = "outputs/demo", num_train: int = 256, num_validation: int = 64) -> dict:
+def demo_config_path() -> Path:
+    return Path(str(resources.files("ivl") / "assets" / "demo_sft.yaml"))
+
+
+def run_demo(
+    out_dir: str | Path = "outputs/demo", num_train: int = 2000, num_validation: int = 128, overrides: list[str] = ()
+) -> dict:
+    """The demo end to end; `overrides` go on top of the demo config (e.g. a shorter run)."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    print(f"[1/4] writing the shapes task ({num_train} train / {num_validation} validation) to {out_dir / 'data'}")
-    write_dataset(out_dir / "data", num_train, num_validation, width=448, height=336)
+    data = out_dir / "data"
+    print(f"[1/4] writing the shapes task ({num_train} train / {num_validation} validation) to {data}")
+    write_dataset(data, num_train, num_validation, width=IMAGE_SIZE, height=IMAGE_SIZE)
+    overrides = [
+        f"data.train={data / 'train.jsonl'}",
+        f"data.validation={data / 'validation.jsonl'}",
+        f"loop.output_dir={out_dir / 'run'}",
+        *overrides,
+    ]
+    config = load_config(SFTConfig, demo_config_path(), overrides)
 
-    model, tokenizer = load_model(ModelConfig(name_or_path=DEMO_MODEL, dtype="float32"))
-    data = DataConfig(max_tiles=6, max_length=1024)
-    builder = SampleBuilder(tokenizer, model.config, data)
-    geometry = f"{builder.tile_size} px tiles, {builder.tokens_per_tile} tokens each"
-    print(f"[2/4] checking the data ({DEMO_MODEL}: {geometry})")
-    for split in ("train", "validation"):
-        report = check_data(out_dir / "data" / f"{split}.jsonl", builder, progress=False)
-        print("      " + report.format().splitlines()[0])
-        if not report.clean:
-            raise RuntimeError(report.format())
-
-    print("[3/4] tiling + tokenizing + batching the train split")
-    train = SFTDataset(load_records(out_dir / "data" / "train.jsonl"), builder)
-    collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
-    loader = DataLoader(train, batch_size=8, collate_fn=collate_fn)
-    tick = time.perf_counter()
-    num_tiles = num_tokens = 0
-    for batch in loader:
-        num_tiles += batch["tiles"].shape[0]
-        num_tokens += int(batch["attention_mask"].sum())
-    pipeline_seconds = time.perf_counter() - tick
-    print(
-        f"      {len(train)} samples, {num_tiles} tiles, {num_tokens} tokens in {pipeline_seconds:.1f}s "
-        f"({len(train) / pipeline_seconds:.0f} samples/s on one worker)"
+    print(f"[2/4] validation exact-match of the base model ({config.model.name_or_path}, before training)")
+    before = run_eval(
+        EvalConfig(
+            model=config.model,
+            data=config.data,
+            eval=EvalOptions(
+                batch_size=64,
+                exact_match_samples=config.loop.exact_match_samples,
+                max_new_tokens=config.loop.max_new_tokens,
+            ),
+        )
     )
+    print(f"      exact match {before['exact_match']:.3f}, loss {before['loss']:.3f} (chance: at most 0.25)")
 
-    print("[4/4] forward pass of the untrained tiny model on the validation split")
-    validation = SFTDataset(load_records(out_dir / "data" / "validation.jsonl"), builder)
-    loss_sum = tokens = 0.0
-    with torch.no_grad():
-        for batch in DataLoader(validation, batch_size=8, collate_fn=collate_fn):
-            inputs = model_inputs(batch)
-            supervised = int((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += model(**inputs).loss.item() * supervised
-            tokens += supervised
-    loss = loss_sum / tokens
+    print(f"[3/4] SFT ({config.stage}: {config.loop.max_steps} steps of {config.loop.batch_size} samples)")
+    result = run_sft(config)
+    after = result["eval_exact_match"]
+    print(f"[4/4] validation exact-match after SFT: {after:.3f} (before {before['exact_match']:.3f}), "
+          f"loss {result['eval_loss']:.3f} (before {before['loss']:.3f})")  # fmt: skip
+    run = out_dir / "run"
+    print(f"done in {time.perf_counter() - started:.0f}s.")
+    print(f"  trained model  {result['output']}")
+    print(f"  metrics        {run / 'metrics.jsonl'}")
+    print(f"  loss curve     {run / 'loss.png'}")
+    print("Next:")
+    print(f"  ivl chat --adapter {result['output']} --image {data / 'images/validation/000000.png'} "
+          "\"What color is the circle?\"")  # fmt: skip
     print(
-        f"      validation loss {loss:.3f} over {int(tokens)} answer tokens (uniform guess: "
-        f"{math.log(model.config.text_config.vocab_size):.3f}); image tokens per tile: {tokens_per_tile(model.config)}"
+        "  ivl data check YOUR.jsonl model.name_or_path=OpenGVLab/InternVL3-1B-hf      # your data, real token counts"
     )
-    print(f"done in {time.perf_counter() - started:.1f}s. Next:")
-    print(f"  ivl data check {out_dir / 'data' / 'train.jsonl'}            # the report for one file")
-    print("  ivl data check YOUR.jsonl model.name_or_path=OpenGVLab/InternVL3-1B-hf   # your data, real token counts")
-    return {"validation_loss": loss, "samples_per_second": len(train) / pipeline_seconds}
+    print(
+        "  ivl sft configs/sft/internvl3_1b_lora.yaml data.train=YOUR.jsonl             # a real checkpoint, on a GPU"
+    )
+    return {
+        "exact_match_before": before["exact_match"],
+        "exact_match_after": after,
+        "loss_before": before["loss"],
+        "loss_after": result["eval_loss"],
+        "seconds": time.perf_counter() - started,
+    }
