@@ -1,7 +1,7 @@
 """Supervised fine-tuning of an InternVL model: LoRA, QLoRA or full training per part (ViT, projector, LLM).
 
     ivl sft configs/sft/internvl3_1b_lora.yaml optim.lr=1e-4 loop.max_steps=500
-    accelerate launch -m finetune.sft configs/sft/internvl3_1b_lora.yaml        # DDP / FSDP / DeepSpeed
+    accelerate launch -m finetune.sft configs/sft/internvl3_1b_lora.yaml        # DDP on several GPUs
 
 setup -> train -> save. The loop below is the whole algorithm: micro-batches of one optimizer step are fetched
 together so the loss is normalised by the *global* supervised-token count of the step (all micro-batches, all
@@ -30,7 +30,7 @@ from finetune.data.loader import StepBatchSampler
 from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records, model_inputs
 from finetune.evaluate import evaluate_loss, exact_match
 from finetune.losses import num_supervised_tokens, token_cross_entropy
-from ivl.config import ConfigError, format_config, load_config, to_dict
+from ivl.config import ConfigError, load_config, to_dict
 from ivl.model.adapters import (
     AdapterConfig,
     PartConfig,
@@ -42,8 +42,10 @@ from ivl.model.adapters import (
     parameter_groups,
     resolve_modes,
     trainable_report,
+    validate_modes,
 )
 from ivl.model.checkpoint import (
+    check_same_layout,
     export_final,
     load_training_checkpoint,
     read_checkpoint_state,
@@ -82,9 +84,10 @@ class SFTConfig:
             raise ConfigError("data.train: give the training data (InternVL jsonl, meta .json or HF dataset)")
         if self.data.streaming:
             raise ConfigError("data.streaming: SFT reads map-style data (resumable order); drop data.streaming")
-        self.modes()  # a stage / mode conflict is a config error, reported before anything loads
+        # Stage / mode conflicts and adapter constraints are config errors, reported before anything loads.
+        validate_modes(self.modes(), self.adapter, self.vision)
 
-    def modes(self):
+    def modes(self) -> dict[str, str]:
         return resolve_modes(self.stage, self.vision, self.projector, self.llm)
 
 
@@ -108,13 +111,21 @@ class Run:
 
 
 def _checked_dataset(path: str, builder: SampleBuilder, accelerator: Accelerator, seed: int) -> SFTDataset:
-    """Check every row before training: bad rows fail the run now, with the report (or are counted under skip)."""
+    """Check every row before training: bad rows fail the run now, with the report, or (data.on_error=skip) are
+    left out; `dataset.num_left_out` counts them."""
     report = check_data(path, builder, progress=accelerator.is_main_process and sys.stderr.isatty())
     if not report.clean and builder.data.on_error == "fail":
         raise SampleError(f"the data check failed; fix these rows or set data.on_error=skip\n{report.format()}")
+    records = load_records(path, seed)
     if not report.clean:
-        accelerator.print(f"data.on_error=skip: {len(report.bad_rows)} bad rows of {path} will be skipped")
-    return SFTDataset(load_records(path, seed), builder)
+        # Dropped here rather than at batch time, so no process ever gets an empty micro-batch (DDP needs every
+        # process to run the forward pass); the collator still skips rows that fail later (e.g. a file removed).
+        bad = {location for location, _ in report.bad_rows}
+        records = [record for record in records if record.location not in bad]
+        accelerator.print(f"data.on_error=skip: {len(bad)} bad rows of {path} are left out")
+    dataset = SFTDataset(records, builder)
+    dataset.num_left_out = len(report.bad_rows)
+    return dataset
 
 
 def enable_gradient_checkpointing(model: nn.Module, config: SFTConfig) -> None:
@@ -217,10 +228,13 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
 def train(run: Run) -> dict[str, Any]:
     """The training loop; returns the last logged and evaluated metrics."""
     loop, accelerator = run.config.loop, run.accelerator
-    state = {"step": 0, "micro_batches": 0, "skipped_rows": 0}
+    layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
+              "seed": loop.seed, "train_samples": len(run.train_set)}  # fmt: skip
+    state = {"step": 0, "micro_batches": 0, "skipped_rows": run.train_set.num_left_out}
     resume_from = resolve_resume(loop.resume, loop.output_dir)
     if resume_from is not None:
         state.update(read_checkpoint_state(resume_from))
+        check_same_layout(resume_from, state, layout)
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
                                accelerator.num_processes, start=state["micro_batches"])  # fmt: skip
     loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
@@ -241,7 +255,9 @@ def train(run: Run) -> dict[str, Any]:
         losses.append(optimizer_step(run, window))
         state["step"] += 1
         step = state["step"]
-        if step % loop.log_every == 0 or step == run.total_steps:
+        saving = bool(loop.save_every) and step % loop.save_every == 0
+        # A checkpoint closes the logging window too, so a resumed run logs the same windows as an uninterrupted one.
+        if step % loop.log_every == 0 or step == run.total_steps or saving:
             seconds = time.perf_counter() - clock
             last = {
                 "step": step,
@@ -257,9 +273,10 @@ def train(run: Run) -> dict[str, Any]:
             losses, tokens, clock = [], 0, time.perf_counter()
         if loop.eval_every and step % loop.eval_every == 0 and step < run.total_steps:
             last.update(evaluate(run, step))
-        if loop.save_every and step % loop.save_every == 0:
+        if saving:
             save_training_checkpoint(loop.output_dir, step, accelerator, run.model, run.optimizer, run.scheduler,
-                                     {k: v for k, v in state.items() if k != "step"}, loop.keep_last)  # fmt: skip
+                                     {**layout, **{k: v for k, v in state.items() if k != "step"}},
+                                     loop.keep_last)  # fmt: skip
         progress.update(1)
     progress.close()
     last.update(evaluate(run, state["step"]))
@@ -286,7 +303,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     metrics = train(run)
     out_dir = save(run)
     run.accelerator.end_training()
-    return {"output": str(out_dir), **metrics}
+    return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, **metrics}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,10 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-"):
         print("usage: python -m finetune.sft CONFIG.yaml [section.key=value ...]", file=sys.stderr)
         return 2
-    config = load_config(SFTConfig, argv[0], argv[1:])
-    print(format_config(config), end="")
-    result = run_sft(config)
-    print(f"done: {result['output']}")
+    from ivl.cli import KNOWN_ERRORS
+
+    try:
+        config = load_config(SFTConfig, argv[0], argv[1:])
+        result = run_sft(config)
+    except KNOWN_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if result["is_main_process"]:
+        print(f"done: {result['output']}")
     return 0
 
 

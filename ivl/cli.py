@@ -36,7 +36,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.show_config:
         print(format_config(config), end="")
     result = run_sft(config)
-    print(json.dumps(result, indent=2))
+    if result.pop("is_main_process"):
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -93,7 +93,14 @@ def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:
         mixed_precision=mixed_precision,
         log_with=loop.report_to or None,
         project_dir=loop.output_dir,
+        # Text-only micro-batches leave the ViT / projector without gradients on that process.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(
+            f"{accelerator.distributed_type.value} is not supported by this release's checkpointing and export; "
+            "launch with DDP (accelerate launch --multi_gpu) or on one GPU"
+        )
     set_seed(loop.seed, device_specific=False)
     return accelerator
 
@@ -129,7 +136,10 @@ def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optim
     kwargs = {"betas": tuple(optim.betas), "eps": optim.eps}
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
-    import bitsandbytes.optim as bnb_optim  # optional backend: imported only when asked for
+    try:
+        import bitsandbytes.optim as bnb_optim  # optional backend: imported only when asked for
+    except ImportError as error:
+        raise ConfigError(f"optim.optimizer={optim.optimizer} needs bitsandbytes (pip install bitsandbytes)") from error
 
     optimizer_class = {"adamw_8bit": bnb_optim.AdamW8bit, "paged_adamw_8bit": bnb_optim.PagedAdamW8bit}
     return optimizer_class[optim.optimizer](groups, **kwargs)

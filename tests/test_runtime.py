@@ -10,7 +10,7 @@ from PIL import Image
 from finetune.data.loader import StepBatchSampler
 from finetune.losses import token_cross_entropy
 from ivl.config import ConfigError
-from ivl.model.checkpoint import list_checkpoints, resolve_resume
+from ivl.model.checkpoint import CheckpointError, list_checkpoints, resolve_resume
 from ivl.runtime import LoopConfig, make_accelerator, plot_curves
 
 
@@ -32,7 +32,7 @@ def test_processes_split_each_global_batch_of_the_single_process_order():
 
 
 def test_too_little_data_for_one_global_batch_is_a_clear_error():
-    with pytest.raises(ValueError, match="fewer than one global micro-batch"):
+    with pytest.raises(ConfigError, match="fewer than one global micro-batch"):
         StepBatchSampler(3, batch_size=2, seed=0, world_size=2)
 
 
@@ -72,5 +72,5 @@ def test_only_finished_checkpoints_count_for_resume(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000010", "step-000020"]
     assert resolve_resume("auto", tmp_path).name == "step-000020"
     assert resolve_resume("never", tmp_path) is None
-    with pytest.raises(Exception, match="not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         resolve_resume(str(tmp_path / "checkpoints" / "notes"), tmp_path)

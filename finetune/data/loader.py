@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from ivl.config import ConfigError
+
 
 class StepBatchSampler(Sampler[list[int]]):
     """Endless micro-batches of dataset indices for process `rank`, starting after `start` consumed micro-batches.
@@ -28,7 +30,7 @@ class StepBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.start = start
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{num_samples} training samples are fewer than one global micro-batch "
                 f"({batch_size} per process x {world_size} processes): lower loop.batch_size or add data"
             )

@@ -20,10 +20,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from ivl.config import ConfigError, from_dict
+from ivl.config import ConfigError, from_dict, to_dict
 from ivl.model.checkpoint import read_training_info
 from ivl.model.load import ModelConfig, ModelLoadError, load_model, load_tokenizer, save_checkpoint
-from ivl.model.parts import PARTS, Part, lora_target_regex, model_parts, part_of
+from ivl.model.parts import PARTS, Part, lora_target_regex, model_parts, part_modules, part_of, vision_layer_module
 
 Mode = Literal["frozen", "lora", "full"]
 Stage = Literal["none", "stage1", "stage1.5", "stage2", "stage2-lora"]
@@ -37,12 +37,6 @@ STAGES: dict[str, dict[Part, Mode]] = {
 }
 # Without a stage: the official InternVL LoRA recipe (frozen ViT, trained projector, LoRA on the LLM).
 DEFAULT_MODES: dict[Part, Mode] = STAGES["stage2-lora"]
-# Module names PEFT's modules_to_save matches (by suffix) for a fully trained part.
-FULL_PART_MODULES: dict[Part, tuple[str, ...]] = {
-    "vision": ("model.vision_tower",),
-    "projector": ("model.multi_modal_projector",),
-    "llm": ("model.language_model", "lm_head"),
-}
 
 
 @dataclass
@@ -117,11 +111,11 @@ def validate_modes(modes: dict[Part, Mode], adapter: AdapterConfig, vision: Visi
 
 
 def _full_modules(model: nn.Module, modes: dict[Part, Mode], unfreeze_last_layers: int) -> list[str]:
-    names = [name for part in PARTS if modes[part] == "full" for name in FULL_PART_MODULES[part]]
+    names = [name for part in PARTS if modes[part] == "full" for name in part_modules(part)]
     num_layers = len(model_parts(model).vision_layers)
     if unfreeze_last_layers > num_layers:
         raise ConfigError(f"vision.unfreeze_last_layers={unfreeze_last_layers} but the ViT has {num_layers} layers")
-    names += [f"vision_tower.encoder.layer.{i}" for i in range(num_layers - unfreeze_last_layers, num_layers)]
+    names += [vision_layer_module(i) for i in range(num_layers - unfreeze_last_layers, num_layers)]
     return names
 
 
@@ -205,9 +199,9 @@ def load_trained(path: str | Path, base: ModelConfig | None = None, device=None)
     path = Path(path)
     info = read_training_info(path)
     if not (path / "adapter_config.json").is_file():
-        config = base or ModelConfig(name_or_path=str(path))
-        if base is None and "base_model" in info:
-            config = from_dict(ModelConfig, {**info["base_model"], "name_or_path": str(path), "tokenizer": None})
+        # A whole trained model: its own weights and tokenizer, with the base's loading options (dtype, attention).
+        options = to_dict(base) if base is not None else info.get("base_model", {})
+        config = from_dict(ModelConfig, {**options, "name_or_path": str(path), "tokenizer": None})
         model, tokenizer = load_model(config, device)
         return model, tokenizer, info
     if base is None:

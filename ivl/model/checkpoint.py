@@ -46,6 +46,12 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
             f"{source} does not match this run's trainable parameters (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}): was it written with another adapter / parts config?"
         )
+    mismatched = [name for name, p in parameters.items() if p.shape != state[name].shape]
+    if mismatched:
+        raise CheckpointError(
+            f"{source}: {mismatched[0]} has shape {tuple(state[mismatched[0]].shape)} there but "
+            f"{tuple(parameters[mismatched[0]].shape)} in this run (was adapter.r or the model changed?)"
+        )
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(state[name])
@@ -112,6 +118,18 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 def read_checkpoint_state(path: Path) -> dict[str, Any]:
     """The step, data position and recipe state saved with a checkpoint."""
     return json.loads((path / "state.json").read_text())
+
+
+def check_same_layout(path: Path, saved: dict[str, Any], layout: dict[str, Any]) -> None:
+    """The saved data position only means the same thing with the same processes, batch sizes, seed and data."""
+    changed = [
+        f"{key} {saved[key]} -> {value}" for key, value in layout.items() if key in saved and saved[key] != value
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{path} was written with a different run layout ({', '.join(changed)}); resume with the same settings, "
+            "or start afresh (loop.resume=never, another loop.output_dir)"
+        )
 
 
 def load_training_checkpoint(

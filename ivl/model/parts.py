@@ -13,14 +13,17 @@ from typing import Literal
 
 from torch import nn
 
+from ivl.config import ConfigError
+
 Part = Literal["vision", "projector", "llm"]
 PARTS: tuple[Part, ...] = ("vision", "projector", "llm")
 
+LM_HEAD_MODULE = "lm_head"
 # Parameter-name prefixes of each part, relative to InternVLForConditionalGeneration.
 PART_PREFIXES: dict[Part, tuple[str, ...]] = {
     "vision": ("model.vision_tower.",),
     "projector": ("model.multi_modal_projector.",),
-    "llm": ("model.language_model.", "lm_head."),
+    "llm": ("model.language_model.", LM_HEAD_MODULE + "."),
 }
 
 # Linear layers LoRA targets inside each part, by LLM family (SPEC 8). InternLM2 checkpoints are LLaMA-structured
@@ -83,6 +86,17 @@ def model_parts(model: nn.Module) -> ModelParts:
     )
 
 
+def part_modules(part: Part) -> tuple[str, ...]:
+    """The module names (from the model root) that make up `part`, e.g. for PEFT's modules_to_save or for keeping a
+    part out of quantisation."""
+    return tuple(prefix.rstrip(".") for prefix in PART_PREFIXES[part])
+
+
+def vision_layer_module(index: int) -> str:
+    """The module name of ViT encoder layer `index` (matched by suffix under PEFT's wrappers)."""
+    return f"vision_tower.encoder.layer.{index}"
+
+
 def _strip_wrappers(name: str) -> str:
     """`base_model.model.model.vision_tower.x` (PEFT) or `module.model...` (DDP) -> `model.vision_tower.x`."""
     for prefix in ("module.", "_orig_mod.", "base_model.model."):
@@ -114,7 +128,10 @@ def lora_target_regex(model: nn.Module, parts: tuple[Part, ...] = ("llm",)) -> s
     """A PEFT `target_modules` regex for the LoRA-able linear layers of `parts`, never leaking across parts."""
     family = llm_family(model)
     if "llm" in parts and family not in LLM_LORA_TARGETS:
-        raise ValueError(f"no LoRA targets known for LLM family {family!r}; known: {', '.join(LLM_LORA_TARGETS)}")
+        raise ConfigError(
+            f"no LoRA targets known for LLM family {family!r} (known: {', '.join(LLM_LORA_TARGETS)}); train the LLM "
+            "fully (llm.mode=full) or freeze it"
+        )
     alternatives = []
     for part in parts:
         names = {"vision": VISION_LORA_TARGETS, "projector": PROJECTOR_LORA_TARGETS}.get(part)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Module-name prefixes (from the model root) that are never quantised.
-UNQUANTISED_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+from ivl.model.parts import LM_HEAD_MODULE, part_modules
+
+# Never quantised: the ViT, the projector and the lm_head (module names from the model root).
+UNQUANTISED_MODULES = [*part_modules("vision"), *part_modules("projector"), LM_HEAD_MODULE]
 
 
 def nf4_config(compute_dtype: torch.dtype):
@@ -22,10 +24,6 @@ def nf4_config(compute_dtype: torch.dtype):
         bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=UNQUANTISED_MODULES,
     )
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False))
 
 
 def dequantize(model: nn.Module) -> nn.Module:
