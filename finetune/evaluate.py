@@ -202,7 +202,7 @@ def answer_question(
 def greedy_answers(model: nn.Module, builder: SampleBuilder, inputs: dict[str, Any], max_new_tokens: int) -> list[str]:
     """Greedy continuations of left-padded prompts, decoded, stopping at the template's end token or EOS."""
     tokenizer = builder.tokenize.tokenizer
-    end_ids = sorted({tokenizer.convert_tokens_to_ids(builder.tokenize.end_token), tokenizer.eos_token_id})
+    end_ids = sorted({tokenizer.convert_tokens_to_ids(builder.tokenize.end_token), tokenizer.eos_token_id} - {None})
     output = model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,

@@ -71,6 +71,8 @@ def test_only_finished_checkpoints_count_for_resume(tmp_path):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000010", "step-000020"]
     assert resolve_resume("auto", tmp_path).name == "step-000020"
-    assert resolve_resume("never", tmp_path) is None
+    assert resolve_resume("never", tmp_path / "fresh") is None
+    with pytest.raises(CheckpointError, match="earlier run"):
+        resolve_resume("never", tmp_path)
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         resolve_resume(str(tmp_path / "checkpoints" / "notes"), tmp_path)

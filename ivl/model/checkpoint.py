@@ -105,6 +105,12 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     """The checkpoint to resume from: `auto` -> the newest one if any, `never` -> None, else the given directory."""
     if resume == "never":
+        if list_checkpoints(output_dir):
+            # Keep-last-K pruning sorts by step, so an older run's later checkpoints would outlive this run's.
+            raise CheckpointError(
+                f"{Path(output_dir) / 'checkpoints'} holds checkpoints of an earlier run: use loop.resume=auto, "
+                "another loop.output_dir, or delete them"
+            )
         return None
     if resume == "auto":
         found = list_checkpoints(output_dir)
