@@ -33,22 +33,24 @@ def shapes(tmp_path_factory):
 
 
 def sft_config(shapes, out, *overrides):
-    base = [
+    base = [*tiny_run(shapes), f"data.validation={shapes / 'validation.jsonl'}", "loop.batch_size=4"]
+    return load_config(SFTConfig, None, [*base, f"loop.output_dir={out}", *overrides])
+
+
+def tiny_run(shapes):
+    """Overrides for a deterministic 4-step fp32 run on the shapes train split."""
+    return [
         f"data.train={shapes / 'train.jsonl'}",
-        f"data.validation={shapes / 'validation.jsonl'}",
         "data.max_tiles=1",
         "data.use_thumbnail=false",
         "model.dtype=float32",
         "adapter.dropout=0",
         "optim.lr=5e-3",
         "optim.warmup_ratio=0",
-        "loop.batch_size=4",
         "loop.max_steps=4",
         "loop.log_every=1",
         "loop.num_workers=0",
-        f"loop.output_dir={out}",
     ]
-    return load_config(SFTConfig, None, base + list(overrides))
 
 
 def base_state():
@@ -211,18 +213,7 @@ def _run_losses(out):
 
 def test_two_processes_match_one_process_with_the_same_global_batch(shapes, tmp_path):
     """2 CPU processes x batch 2 == 1 process x batch 4 == 1 process x batch 2 x 2 accumulation steps."""
-    common = [
-        f"data.train={shapes / 'train.jsonl'}",
-        "data.max_tiles=1",
-        "data.use_thumbnail=false",
-        "model.dtype=float32",
-        "adapter.dropout=0",
-        "optim.lr=5e-3",
-        "optim.warmup_ratio=0",
-        "loop.max_steps=4",
-        "loop.log_every=1",
-        "loop.num_workers=0",
-    ]
+    common = tiny_run(shapes)
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
