@@ -59,6 +59,7 @@ def evaluate_loss(
     model: nn.Module, dataset: Dataset, accelerator: Accelerator, batch_size: int, pad_token_id: int, dtype
 ) -> dict[str, float]:
     """{"loss": sum of token CE / number of supervised tokens over the whole set, "tokens": that number}."""
+    model = accelerator.unwrap_model(model)  # no DDP forward: a process may have no batches (uneven shards)
     was_training = model.training
     model.eval()
     shard = _Shard(dataset, accelerator.process_index, accelerator.num_processes)
@@ -171,14 +172,13 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     builder = SampleBuilder(tokenizer, unwrap(model).config, config.data)
     records = load_records(path, config.data.seed)
     dtype = unwrap(model).dtype
-    with accelerator.autocast():
-        result = {"data": str(path), **evaluate_loss(
-            model, SFTDataset(records, builder), accelerator, options.batch_size, tokenizer.pad_token_id, dtype
-        )}  # fmt: skip
-        if options.exact_match_samples:
-            subset = records if options.exact_match_samples < 0 else records[: options.exact_match_samples]
-            result.update(exact_match(model, builder, subset, accelerator, options.batch_size,
-                                      options.max_new_tokens, dtype))  # fmt: skip
+    dataset = SFTDataset(records, builder)
+    result = {"data": str(path), **evaluate_loss(model, dataset, accelerator, options.batch_size,
+                                                 tokenizer.pad_token_id, dtype)}  # fmt: skip
+    if options.exact_match_samples:
+        subset = records if options.exact_match_samples < 0 else records[: options.exact_match_samples]
+        result.update(exact_match(model, builder, subset, accelerator, options.batch_size,
+                                  options.max_new_tokens, dtype))  # fmt: skip
     return result
 
 
@@ -189,10 +189,7 @@ def answer_question(
     """One greedy answer to `question` about `images` (paths; none for a text-only question)."""
     row = {"image": images, "conversations": [{"from": "human", "value": question}]}
     record = Record("the question", row, DataSource("chat", "chat", Path.cwd()))
-    try:
-        prompt = builder.build_prompt(record)
-    except ImageError as error:
-        raise SampleError(str(error)) from error
+    prompt = builder.build_prompt(record)
     tokenizer = builder.tokenize.tokenizer
     base = unwrap(model)
     inputs = model_inputs(collate_prompts([prompt], tokenizer.pad_token_id), base.device, base.dtype)

@@ -175,7 +175,10 @@ def test_qlora_trains_and_merges_into_the_dequantised_base(shapes, tmp_path):
     reference = PeftModel.from_pretrained(quantized.dequantize(), result["output"])
     batch = _image_batch(merged)
     with torch.no_grad():
-        assert torch.allclose(merged(**batch).logits, reference(**batch).logits, atol=1e-4)
+        merged_logits = merged(**batch).logits
+        assert torch.allclose(merged_logits, reference(**batch).logits, atol=1e-4)
+        # And close to the trained QLoRA model itself (its CPU 4-bit matmul rounds slightly differently).
+        assert (merged_logits - adapter_model(**batch).logits).abs().max() < 1e-2  # measured: 2.9e-3
 
 
 def test_bad_rows_fail_before_training_or_are_skipped_and_counted(shapes, tmp_path):

@@ -60,11 +60,6 @@ class VisionPartConfig(PartConfig):
         super().validate()
         if self.unfreeze_last_layers < 0:
             raise ConfigError("vision.unfreeze_last_layers must be >= 0")
-        if self.unfreeze_last_layers and self.mode not in (None, "frozen"):
-            raise ConfigError(
-                f"vision.unfreeze_last_layers applies to a frozen ViT; vision.mode is {self.mode!r} "
-                "(set vision.mode=frozen, or drop unfreeze_last_layers)"
-            )
 
 
 @dataclass
@@ -104,10 +99,11 @@ def resolve_modes(stage: str, vision: PartConfig, projector: PartConfig, llm: Pa
 def validate_modes(modes: dict[Part, Mode], adapter: AdapterConfig, vision: VisionPartConfig) -> None:
     if adapter.qlora and modes["llm"] != "lora":
         raise ConfigError(f"adapter.qlora quantises the LLM, so llm.mode must be lora (got {modes['llm']})")
-    if modes["projector"] == "lora" and adapter.qlora:
-        raise ConfigError("projector LoRA with QLoRA is not supported: train the projector fully (projector.mode=full)")
     if vision.unfreeze_last_layers and modes["vision"] != "frozen":
-        raise ConfigError("vision.unfreeze_last_layers needs vision.mode=frozen")
+        raise ConfigError(
+            f"vision.unfreeze_last_layers applies to a frozen ViT, but vision is {modes['vision']} "
+            "(set vision.mode=frozen, or drop unfreeze_last_layers)"
+        )
 
 
 def _full_modules(model: nn.Module, modes: dict[Part, Mode], unfreeze_last_layers: int) -> list[str]:
@@ -204,13 +200,18 @@ def load_trained(path: str | Path, base: ModelConfig | None = None, device=None)
         config = from_dict(ModelConfig, {**options, "name_or_path": str(path), "tokenizer": None})
         model, tokenizer = load_model(config, device)
         return model, tokenizer, info
-    if base is None:
-        if "base_model" not in info:
-            raise ModelLoadError(f"{path} does not say which base it was trained on: pass the base model")
-        base = from_dict(ModelConfig, info["base_model"])
-    model, _ = load_model(base, device, quantize_llm=bool(info.get("qlora")))
+    model, _ = load_model(_recorded_base(path, info, base), device, quantize_llm=bool(info.get("qlora")))
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))
     return PeftModel.from_pretrained(model, path).eval(), tokenizer, info
+
+
+def _recorded_base(path: Path, info: dict, base: ModelConfig | None) -> ModelConfig:
+    """The base to put an adapter on: the one given, else the one recorded at training time."""
+    if base is not None:
+        return base
+    if "base_model" not in info:
+        raise ModelLoadError(f"{path} does not say which base it was trained on: pass the base model (--base)")
+    return from_dict(ModelConfig, info["base_model"])
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: ModelConfig | None = None) -> Path:
@@ -223,17 +224,9 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: ModelConfi
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
     info = read_training_info(adapter_dir)
-    if info.get("adapter") == "partial_lora":
-        raise ModelLoadError(f"{adapter_dir}: a partial-LoRA adapter is token-conditional and cannot be merged")
-    if base is None:
-        if "base_model" not in info:
-            raise ModelLoadError(f"{adapter_dir} does not say which base it was trained on: pass --base")
-        base = from_dict(ModelConfig, info["base_model"])
-    model, _ = load_model(base, quantize_llm=bool(info.get("qlora")))
+    model, _ = load_model(_recorded_base(adapter_dir, info, base), quantize_llm=bool(info.get("qlora")))
     if info.get("qlora"):
-        from ivl.model.quantize import dequantize
-
-        model = dequantize(model)
+        model = model.dequantize()  # transformers swaps each 4-bit linear for a plain one with the dequantised weight
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)))
     return save_checkpoint(merged, tokenizer, out_dir)

@@ -5,7 +5,6 @@ unquantised (SPEC 8: 4-bit ViTs lose accuracy badly). bitsandbytes is imported o
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ivl.model.parts import LM_HEAD_MODULE, part_modules
 
@@ -24,8 +23,3 @@ def nf4_config(compute_dtype: torch.dtype):
         bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=UNQUANTISED_MODULES,
     )
-
-
-def dequantize(model: nn.Module) -> nn.Module:
-    """Replace every 4-bit linear layer by an ordinary one holding its dequantised weight (for merging)."""
-    return model.dequantize()
