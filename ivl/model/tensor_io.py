@@ -39,65 +39,48 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 class TensorSource:
     """Named tensors, fetched one at a time: `meta(name)` (shape and dtype only) and `get(name)` (the values)."""
 
-    def __init__(
-        self, files: dict[str, Path], loader: Callable[[Path], object], stored: dict[str, str] | None = None
-    ) -> None:
-        self.files = files  # tensor name -> file holding it
-        self._stored = stored or {}  # tensor name -> its name in the file, where they differ
-        self._loader = loader
-        self._open: dict[Path, object] = {}
+    def __init__(self, metas: dict[str, Tensor], fetch: Callable[[str], Tensor]) -> None:
+        self._metas = metas  # name -> meta tensor
+        self._fetch = fetch
 
     def keys(self) -> list[str]:
-        return list(self.files)
+        return list(self._metas)
+
+    def meta(self, name: str) -> Tensor:
+        return self._metas[name]
+
+    def get(self, name: str) -> Tensor:
+        return self._fetch(name)
 
     def renamed(self, rename: Callable[[str], str]) -> TensorSource:
         """The same tensors under the names `rename` gives."""
-        names = {rename(name): name for name in self.files}
-        if len(names) != len(self.files):
+        names = {rename(name): name for name in self._metas}
+        if len(names) != len(self._metas):
             raise ModelLoadError("two checkpoint tensors map to the same name (a checkpoint in two layouts at once?)")
-        stored = {new: self._stored.get(old, old) for new, old in names.items()}
-        return TensorSource({new: self.files[old] for new, old in names.items()}, self._loader, stored)
-
-    def _handle(self, name: str):
-        path = self.files[name]
-        if path not in self._open:
-            self._open[path] = self._loader(path)
-        return self._open[path], self._stored.get(name, name)
-
-    def meta(self, name: str) -> Tensor:
-        handle, stored = self._handle(name)
-        if isinstance(handle, dict):
-            return handle[stored].to("meta")
-        piece = handle.get_slice(stored)
-        return torch.empty(piece.get_shape(), dtype=SAFETENSORS_DTYPES[piece.get_dtype()], device="meta")
-
-    def get(self, name: str) -> Tensor:
-        handle, stored = self._handle(name)
-        return handle[stored] if isinstance(handle, dict) else handle.get_tensor(stored)
+        metas = {new: self._metas[old] for new, old in names.items()}
+        return TensorSource(metas, lambda name: self._fetch(names[name]))
 
     def dtype(self) -> torch.dtype:
         """The checkpoint's floating-point dtype (the most common one, by tensor count)."""
         counts: dict[torch.dtype, int] = {}
-        for name in self.files:
-            dtype = self.meta(name).dtype
-            if dtype.is_floating_point:
-                counts[dtype] = counts.get(dtype, 0) + 1
+        for meta in self._metas.values():
+            if meta.dtype.is_floating_point:
+                counts[meta.dtype] = counts.get(meta.dtype, 0) + 1
         return max(counts, key=counts.__getitem__) if counts else torch.float32
 
 
 def tensors_in_memory(state: dict[str, Tensor]) -> TensorSource:
     """A source over tensors already in memory (a model's state dict)."""
-    return TensorSource(dict.fromkeys(state, Path("<memory>")), lambda _: state)
+    return TensorSource({name: tensor.to("meta") for name, tensor in state.items()}, state.__getitem__)
 
 
 def open_tensors(path: Path, allow_pickle: bool = False) -> TensorSource:
     """The weights of checkpoint directory `path`: sharded or single safetensors; pickle only when allowed."""
     if (path / SAFETENSORS_INDEX).is_file():
-        return TensorSource(_indexed_files(path, SAFETENSORS_INDEX), lambda file: safe_open(str(file), "pt"))
+        return _safetensors_source(_indexed_files(path, SAFETENSORS_INDEX))
     if (path / SAFETENSORS_SINGLE).is_file():
         with safe_open(str(path / SAFETENSORS_SINGLE), "pt") as handle:
-            names = list(handle.keys())
-        return TensorSource(dict.fromkeys(names, path / SAFETENSORS_SINGLE), lambda file: safe_open(str(file), "pt"))
+            return _safetensors_source(dict.fromkeys(handle.keys(), path / SAFETENSORS_SINGLE))
     pickled = path / (PICKLE_INDEX if (path / PICKLE_INDEX).is_file() else PICKLE_SINGLE)
     if not pickled.is_file():
         raise ModelLoadError(f"{path}: no weights found (neither {SAFETENSORS_INDEX} nor {SAFETENSORS_SINGLE})")
@@ -107,10 +90,44 @@ def open_tensors(path: Path, allow_pickle: bool = False) -> TensorSource:
             "with --allow-pickle (ivl convert) / allow_pickle=True"
         )
     if pickled.name == PICKLE_INDEX:
-        files = _indexed_files(path, PICKLE_INDEX)
-    else:
-        files = dict.fromkeys(_load_pickle(pickled), pickled)
-    return TensorSource(files, _load_pickle)
+        return _pickle_source(_indexed_files(path, PICKLE_INDEX))
+    return _pickle_source(dict.fromkeys(_load_pickle(pickled), pickled))
+
+
+def _safetensors_source(files: dict[str, Path]) -> TensorSource:
+    metas: dict[str, Tensor] = {}
+    for file in dict.fromkeys(files.values()):
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                dtype = SAFETENSORS_DTYPES[piece.get_dtype()]
+                metas[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+    missing = [name for name in files if name not in metas]
+    if missing:
+        raise ModelLoadError(f"the checkpoint index names {missing[:3]}, which its files do not hold")
+
+    def fetch(name: str) -> Tensor:
+        # A handle per tensor: safetensors maps the file, and a handle kept open keeps every page it has read mapped
+        # (resident). Closed, only the returned tensor's pages stay, until the tensor is freed.
+        with safe_open(str(files[name]), "pt") as handle:
+            return handle.get_tensor(name)
+
+    return TensorSource({name: metas[name] for name in files}, fetch)
+
+
+def _pickle_source(files: dict[str, Path]) -> TensorSource:
+    metas: dict[str, Tensor] = {}
+    for file in dict.fromkeys(files.values()):
+        metas.update({name: tensor.to("meta") for name, tensor in _load_pickle(file).items()})
+    last: dict[Path, dict[str, Tensor]] = {}  # the file read last; more would keep their mapped pages resident
+
+    def fetch(name: str) -> Tensor:
+        if files[name] not in last:
+            last.clear()
+            last[files[name]] = _load_pickle(files[name])
+        return last[files[name]][name]
+
+    return TensorSource({name: metas[name] for name in files}, fetch)
 
 
 def _load_pickle(file: Path) -> dict[str, Tensor]:
