@@ -558,3 +558,25 @@ def test_converted_original_trains_merges_and_converts_back(tmp_path, tokenizer)
         assert not torch.allclose(base(**batch).logits, expected, atol=1e-3)  # training did change the model
     assert convert_checkpoint(tmp_path / "merged", tmp_path / "merged-hf", to="hf") == []
     InternVLForConditionalGeneration.from_pretrained(tmp_path / "merged-hf")
+
+
+@pytest.mark.parametrize(
+    "preset, family, rope, expected",
+    [
+        ("tiny-llama", "internlm2", {"rope_type": "dynamic", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}),
+        ("tiny-phi3", "phi3", {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                               "original_max_position_embeddings": 4096, "partial_rotary_factor": 1.0},
+         {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+        ("tiny-112", "qwen2", {"rope_type": "default"}, None),
+    ],
+)  # fmt: skip
+def test_rope_scaling_is_written_as_the_original_code_reads_it(tokenizer, preset, family, rope, expected):
+    """InternLM2 and InternVL's Phi-3 read `rope_scaling["type"]` (Phi-3: `su`, transformers 5 says `longrope`)."""
+    from ivl.model.convert_config import original_config_from_hf
+    from ivl.model.presets import preset_config
+
+    config = preset_config(preset, tokenizer)
+    config.text_config.rope_parameters = {**rope, "rope_theta": 10000.0}
+    original = original_config_from_hf(config, family, {}, torch.bfloat16)
+    assert original["llm_config"]["rope_scaling"] == expected
+    assert original["llm_config"]["rope_theta"] == 10000.0
