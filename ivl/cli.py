@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--to original: the original's LLM (default: as converted from, else internlm2 for a LLaMA-structured "
         "LLM with InternLM2's image token id 92546)",
     )
-    convert.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (GB)")
+    convert.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (GiB)")
     convert.set_defaults(handler=cmd_convert)
 
     chat = commands.add_parser("chat", help="answer one question about an image")

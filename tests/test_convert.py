@@ -386,6 +386,9 @@ def test_loaders_take_original_checkpoints_directly(tmp_path, tokenizer):
         torch.testing.assert_close(on_the_fly(input_ids=input_ids, pixel_values=pixel_values).logits, expected)
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert load_model_config(ModelConfig(name_or_path=str(tmp_path / "orig"))).image_token_id == image_token
+    # QLoRA quantises while loading, so the original goes through a temporary HF-native copy.
+    quantized, _ = load_model(ModelConfig(name_or_path=str(tmp_path / "orig")), quantize_llm=True)
+    assert type(quantized.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     # A tokenizer without a chat template gets the one the original config names.
     config_file = tmp_path / "orig" / "tokenizer_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "chat_template": None}))
@@ -522,6 +525,10 @@ def test_without_sentencepiece_the_internlm2_tokenizer_is_copied_and_said_so(tmp
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["image_token_id"] == added["<IMG_CONTEXT>"]
     with pytest.raises(ModelLoadError, match="needs sentencepiece and protobuf"):
         load_model(ModelConfig(name_or_path=str(tmp_path / "orig")))
+    notes = convert_checkpoint(tmp_path / "hf", tmp_path / "back", to="original")
+    assert any("tokenizer copied as it is" in note for note in notes)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "orig" / name).read_bytes()
 
 
 @pytest.mark.slow

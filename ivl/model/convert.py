@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from accelerate import init_empty_weights
 from torch import Tensor
-from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
+from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from ivl.config import ConfigError
 from ivl.model.convert_config import (
@@ -42,6 +42,7 @@ from ivl.model.convert_tokenizer import (
     IMAGE_CONTEXT_TOKEN,
     save_hf_tokenizer,
     save_original_tokenizer,
+    save_original_tokenizer_from,
     token_id_from_files,
 )
 from ivl.model.load import ModelLoadError
@@ -322,11 +323,14 @@ def convert_checkpoint(
         write_json(dst / "preprocessor_config.json", image_processor_config(original))
         notes = save_hf_tokenizer(src, dst, original.get("template"))
     else:
-        config = InternVLConfig.from_pretrained(src)
+        try:
+            config = InternVLConfig.from_pretrained(src)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"{src}: not an HF-native InternVL checkpoint ({error})") from error
         source = open_tensors(src, allow_pickle).renamed(loaded_name)
-        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
-        save_original(source, config, tokenizer, dst, llm_arch, tiling_from_image_processor(src), max_shard_bytes)
-        notes = []
+        tiling = tiling_from_image_processor(src)
+        save_original(source, config, None, dst, llm_arch, tiling, max_shard_bytes)
+        notes = save_original_tokenizer_from(src, dst)
     _carry_files(src, dst)
     if to == "original" and not any(dst.glob("modeling_*.py")):
         notes.append(
@@ -345,13 +349,15 @@ def save_original(
     tiling: dict | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write HF-native weights (`source`) with their config as an original InternVLChatModel checkpoint."""
+    """Write HF-native weights (`source`) with their config (and `tokenizer`, if given) as an original
+    InternVLChatModel checkpoint."""
     family = hf_family(config, llm_arch)
     groups = _hf_groups(source, config, family, "original")
     dst.mkdir(parents=True, exist_ok=True)
     write_shards(dst, source, groups, max_shard_bytes)
     write_json(dst / "config.json", original_config_from_hf(config, family, tiling or {}, source.dtype()))
-    save_original_tokenizer(tokenizer, dst)
+    if tokenizer is not None:
+        save_original_tokenizer(tokenizer, dst)
     return dst
 
 

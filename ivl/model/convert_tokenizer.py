@@ -122,12 +122,28 @@ def save_hf_tokenizer(src: Path, dst: Path, template: str | None) -> list[str]:
     except ModelLoadError as error:
         if "sentencepiece" not in str(error):
             raise
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, dst / name)
+        _copy_tokenizer_files(src, dst)
         return [f"tokenizer copied as it is, not converted: {error}"]
     tokenizer.save_pretrained(dst)
     _edit_tokenizer_config(dst, drop=("auto_map",))  # the remote-code tokenizer it names is no longer needed
+    return []
+
+
+def _copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def save_original_tokenizer_from(src: Path, dst: Path) -> list[str]:
+    """Write the tokenizer of HF checkpoint `src` to original checkpoint `dst`; returns notes for the user. A tokenizer
+    transformers cannot load without remote code (one `ivl convert` copied as it was) is copied back as it is."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        _copy_tokenizer_files(src, dst)
+        return [f"tokenizer copied as it is (transformers cannot load it without remote code: {error})"]
+    save_original_tokenizer(tokenizer, dst)
     return []
 
 
