@@ -98,8 +98,8 @@ def llm_family(original: dict[str, Any]) -> str:
 
 
 def hf_family(config: InternVLConfig, llm_arch: str | None = None) -> str:
-    """The original LLM family of an HF config: the kept original's, else `llm_arch`, else from the text model type
-    (LLaMA-structured with InternLM2's image token id: InternLM2)."""
+    """The original LLM family for an HF config: `llm_arch` when given, else the kept original's, else from the text
+    model type (LLaMA-structured with InternLM2's image token id: InternLM2)."""
     kept = getattr(config, ORIGINAL_CONFIG_KEY, None)
     if llm_arch is not None:
         return llm_arch

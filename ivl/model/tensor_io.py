@@ -1,12 +1,13 @@
 """Checkpoint tensors read and written one at a time, so a 26B checkpoint converts in a few GB of RAM.
 
-    source = open_tensors(Path("InternVL2_5-8B"))           # safetensors shards (pickle only with allow_pickle)
-    write_shards(out_dir, groups, max_shard_bytes=5 * 2**30)  # model-0000k-of-0000n.safetensors + index
+    source = open_tensors(Path("InternVL2_5-8B"))                # safetensors shards (pickle only with allow_pickle)
+    write_shards(out_dir, source, groups, max_shard_bytes=5 * 2**30)  # model-0000k-of-0000n.safetensors + index
 
 A `TensorGroup` says how a few output tensors are computed from a few input tensors (a rename, a split, a join).
 The writer first runs every group on meta tensors to learn the output shapes, so each shard's safetensors header is
 written before its data; then it computes the groups in order and streams their bytes into the file. Peak memory is
-one group's inputs plus outputs (about 2x the largest tensor) plus the interpreter.
+one group's inputs plus outputs (at most about 2x the largest tensor) plus the interpreter; a source file is opened
+per tensor read, so its mapped pages do not pile up (`bench/convert_memory.py`).
 """
 
 from __future__ import annotations
