@@ -350,7 +350,10 @@ def test_original_to_hf_to_original_is_exact(tmp_path, tokenizer, family):
     assert processor.size["height"] == VIT["image"]
 
 
-@pytest.mark.parametrize("preset, llm_arch", [("tiny-112", None), ("tiny-llama", "internlm2"), ("tiny-phi3", None)])
+@pytest.mark.parametrize(
+    "preset, llm_arch",
+    [("tiny-112", None), ("tiny-llama", "internlm2"), ("tiny-phi3", None), ("tiny-6b-style", None)],  # 6B: QK-norm
+)
 def test_hf_to_original_to_hf_is_exact(tmp_path, tokenizer, preset, llm_arch):
     model = build_preset_model(preset, tokenizer, dtype=torch.bfloat16)
     save_checkpoint(model, tokenizer, tmp_path / "hf")
@@ -363,11 +366,14 @@ def test_hf_to_original_to_hf_is_exact(tmp_path, tokenizer, preset, llm_arch):
     after.pop(ORIGINAL_CONFIG_KEY)
     assert after == before
     original = json.loads((tmp_path / "orig" / "config.json").read_text())
-    llm = {"tiny-112": "Qwen2ForCausalLM", "tiny-llama": "InternLM2ForCausalLM", "tiny-phi3": "Phi3ForCausalLM"}[preset]
+    llm = {"tiny-llama": "InternLM2ForCausalLM", "tiny-phi3": "Phi3ForCausalLM"}.get(preset, "Qwen2ForCausalLM")
     assert original["llm_config"]["architectures"] == [llm]
     assert original["architectures"] == ["InternVLChatModel"] and original["ps_version"] == "v2"
     names = set(_files(tmp_path / "orig"))
     assert "vision_model.encoder.layers.0.attn.qkv.weight" in names and "mlp1.3.weight" in names
+    if preset == "tiny-6b-style":
+        assert "vision_model.encoder.layers.1.attn.k_norm.weight" in names
+        assert original["vision_config"]["qk_normalization"] and original["vision_config"]["norm_type"] == "rms_norm"
     if preset == "tiny-llama":
         assert {"language_model.model.layers.1.attention.wqkv.weight", "language_model.output.weight"} <= names
         assert json.loads((tmp_path / "orig" / "tokenizer_config.json").read_text())["chat_template"]
