@@ -3,7 +3,8 @@
     ivl demo                                   the built-in default job on the synthetic shapes task
     ivl sft CONFIG [section.key=value ...]     supervised fine-tuning (LoRA / QLoRA / full per part)
     ivl eval CONFIG [--adapter DIR] [--json]   validation loss and greedy exact-match
-    ivl merge --adapter DIR --out DIR [--base B]   fold a LoRA / QLoRA adapter into an HF-native checkpoint
+    ivl merge --adapter DIR --out DIR [--base B] [--format hf|original]   fold a LoRA / QLoRA adapter into its base
+    ivl convert SRC DST --to hf|original       original InternVLChatModel checkpoint <-> HF-native
     ivl chat [--base B] [--adapter DIR] --image IMG "question"
     ivl data check PATH [--config CFG] [section.key=value ...] [--json] [--show-config]
     ivl data demo OUT_DIR [--train N] [--validation N]
@@ -63,8 +64,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ivl.model.load import ModelConfig
 
     base = ModelConfig(name_or_path=args.base) if args.base else None
-    out = merge_adapter(args.adapter, args.out, base)
-    print(f"merged checkpoint written to {out} (loads with InternVLForConditionalGeneration.from_pretrained)")
+    out = merge_adapter(args.adapter, args.out, base, out_format=args.format)
+    loads_with = {"hf": "InternVLForConditionalGeneration.from_pretrained", "original": "InternVL's remote code"}
+    print(f"merged {args.format} checkpoint written to {out} (loads with {loads_with[args.format]})")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ivl.model.convert import convert_checkpoint
+
+    notes = convert_checkpoint(
+        args.src,
+        args.dst,
+        to=args.to,
+        allow_pickle=args.allow_pickle,
+        llm_arch=args.llm_arch,
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+    )
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{args.to} checkpoint written to {args.dst}")
     return 0
 
 
@@ -166,7 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="a run's adapter/ directory")
     merge.add_argument("--out", required=True, help="where to write the merged HF-native checkpoint")
     merge.add_argument("--base", help="the base model (default: the one recorded at training time)")
+    merge.add_argument("--format", choices=("hf", "original"), default="hf", help="checkpoint layout to write")
     merge.set_defaults(handler=cmd_merge)
+
+    convert = commands.add_parser("convert", help="convert original InternVLChatModel <-> HF-native checkpoints")
+    convert.add_argument("src", help="checkpoint directory to convert")
+    convert.add_argument("dst", help="new directory for the converted checkpoint")
+    convert.add_argument("--to", required=True, choices=("hf", "original"), help="layout to write")
+    convert.add_argument("--allow-pickle", action="store_true", help="read pytorch_model*.bin (trusted files only)")
+    convert.add_argument(
+        "--llm-arch",
+        choices=("qwen2", "llama", "phi3", "internlm2"),
+        help="--to original: the original's LLM (default: as converted from, else internlm2 for a LLaMA-structured "
+        "LLM with InternLM2's image token id 92546)",
+    )
+    convert.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (GiB)")
+    convert.set_defaults(handler=cmd_convert)
 
     chat = commands.add_parser("chat", help="answer one question about an image")
     chat.add_argument("--base", help="hub id, local path or preset:NAME (default: an adapter's recorded base)")

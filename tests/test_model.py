@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import InternVLForConditionalGeneration
 
+from ivl.demo.tokenizer import demo_tokenizer_path
 from ivl.model.load import ModelConfig, ModelLoadError, load_model, load_model_config, save_checkpoint, tokens_per_tile
 from ivl.model.parts import PARTS, lora_target_regex, model_parts, part_of, vision_layer_index
 from ivl.model.presets import ZOO, preset_config
@@ -48,12 +49,12 @@ def test_local_checkpoint_round_trip_gives_identical_logits(tiny, tmp_path):
     torch.testing.assert_close(loaded(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
 
 
-def test_original_format_checkpoints_and_bad_paths_get_clear_errors(tmp_path):
+def test_unconvertible_original_checkpoints_and_bad_paths_get_clear_errors(tmp_path):
     original = tmp_path / "orig"
     original.mkdir()
     (original / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"]}))
-    with pytest.raises(ModelLoadError, match="original-format"):
-        load_model(ModelConfig(name_or_path=str(original), tokenizer="preset-free"))
+    with pytest.raises(ModelLoadError, match=r"llm_config.architectures = \[None\]"):
+        load_model(ModelConfig(name_or_path=str(original), tokenizer=str(demo_tokenizer_path())))
     with pytest.raises(ModelLoadError, match="cannot load a tokenizer"):
         load_model(ModelConfig(name_or_path=str(tmp_path / "nowhere")))
 

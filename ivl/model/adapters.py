@@ -214,8 +214,14 @@ def _recorded_base(path: Path, info: dict, base: ModelConfig | None) -> ModelCon
     return from_dict(ModelConfig, info["base_model"])
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: ModelConfig | None = None) -> Path:
-    """Fold a LoRA adapter (and its modules_to_save) into its base and write an HF-native checkpoint.
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    base: ModelConfig | None = None,
+    out_format: Literal["hf", "original"] = "hf",
+) -> Path:
+    """Fold a LoRA adapter (and its modules_to_save) into its base and write an HF-native checkpoint, or an original
+    InternVLChatModel one (`out_format="original"`, see `ivl.model.convert`).
 
     A QLoRA adapter trained against the 4-bit base, so it is merged into that base's dequantised weights (the
     weights it actually saw), not into the original high-precision ones.
@@ -229,4 +235,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: ModelConfi
         model = model.dequantize()  # transformers swaps each 4-bit linear for a plain one with the dequantised weight
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)))
+    if out_format == "original":
+        from ivl.model.convert import save_model_as_original
+
+        return save_model_as_original(merged, tokenizer, out_dir)
     return save_checkpoint(merged, tokenizer, out_dir)

@@ -4,13 +4,13 @@
     model, tokenizer = load_model(ModelConfig(name_or_path="preset:tiny-112"))   # random weights, demo tokenizer
 
 Real checkpoints load through `InternVLForConditionalGeneration.from_pretrained` (safetensors only, remote code off
-unless asked for). Presets build random-weight models: tiny ones for tests and the demo, zoo ones at real size for
-GPU benchmarks and the memory planner.
+unless asked for). An original-format checkpoint (remote-code `InternVLChatModel`, `config.json` with `llm_config`)
+is converted to the HF-native layout while loading (`ivl.model.convert`). Presets build random-weight models: tiny
+ones for tests and the demo, zoo ones at real size for GPU benchmarks and the memory planner.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,10 +63,25 @@ def preset_name(name_or_path: str) -> str | None:
     return name_or_path[len(PRESET_PREFIX) :] if name_or_path.startswith(PRESET_PREFIX) else None
 
 
+def _original_checkpoint(name_or_path: str) -> Path | None:
+    """The directory, when `name_or_path` is a local original-format checkpoint."""
+    from ivl.model.convert import is_original_checkpoint
+
+    path = Path(name_or_path)
+    return path if not preset_name(name_or_path) and path.is_dir() and is_original_checkpoint(path) else None
+
+
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     source = config.tokenizer or (
         str(demo_tokenizer_path()) if preset_name(config.name_or_path) else config.name_or_path
     )
+    original = _original_checkpoint(source)
+    if original is not None:
+        from ivl.model.convert import read_checkpoint_config
+        from ivl.model.convert_tokenizer import load_original_tokenizer
+
+        template = read_checkpoint_config(original).get("template")
+        return load_original_tokenizer(original, template, config.trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as error:
@@ -85,34 +100,31 @@ def build_preset_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int 
     return model.to(dtype)
 
 
-def _check_checkpoint_format(path: Path) -> None:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        return
-    config = json.loads(config_file.read_text())
-    if config.get("model_type") == "internvl_chat" or "InternVLChatModel" in config.get("architectures", []):
-        raise ModelLoadError(
-            f"{path} is an original-format InternVLChatModel checkpoint (remote code). Load its HF-native `-hf` "
-            "version instead (e.g. OpenGVLab/InternVL3-1B-hf); in-kit conversion is not available yet."
-        )
-
-
 def load_model(config: ModelConfig, device: torch.device | str | None = None, quantize_llm: bool = False):
     """Load (model, tokenizer). The model is in eval mode; its dtype follows `config.dtype`.
 
     `quantize_llm`: the LLM in 4-bit NF4 for QLoRA (`ivl.model.quantize`); the rest keeps `config.dtype`.
     """
     name = preset_name(config.name_or_path)
-    if name is None and Path(config.name_or_path).exists():
-        _check_checkpoint_format(Path(config.name_or_path))
+    original = _original_checkpoint(config.name_or_path)
     tokenizer = load_tokenizer(config)
     dtype = resolve_dtype(config.dtype)
     if name is not None and not quantize_llm:
         model = build_preset_model(name, tokenizer, config.init_seed, dtype)
-    elif name is not None:
-        # bitsandbytes quantises while loading weights, so a preset goes through a (temporary) checkpoint.
-        with tempfile.TemporaryDirectory(prefix="ivl-preset-") as tmp:
-            build_preset_model(name, tokenizer, config.init_seed, dtype).save_pretrained(tmp)
+    elif original is not None and not quantize_llm:
+        from ivl.model.convert import load_original_model
+
+        model = load_original_model(original, dtype, config.attn_implementation)
+    elif name is not None or original is not None:
+        # bitsandbytes quantises while loading weights, so a preset or an original checkpoint goes through a
+        # (temporary) HF-native checkpoint.
+        with tempfile.TemporaryDirectory(prefix="ivl-load-") as tmp:
+            if original is not None:
+                from ivl.model.convert import convert_checkpoint
+
+                convert_checkpoint(original, tmp, to="hf")
+            else:
+                build_preset_model(name, tokenizer, config.init_seed, dtype).save_pretrained(tmp)
             model = _from_pretrained(tmp, config, dtype, quantize_llm, device)
     else:
         model = _from_pretrained(config.name_or_path, config, dtype, quantize_llm, device)
@@ -167,9 +179,11 @@ def load_model_config(config: ModelConfig):
     name = preset_name(config.name_or_path)
     if name is not None:
         return preset_config(name, load_tokenizer(config))
-    local = Path(config.name_or_path)
-    if local.exists():
-        _check_checkpoint_format(local)
+    original = _original_checkpoint(config.name_or_path)
+    if original is not None:
+        from ivl.model.convert import hf_model_config
+
+        return hf_model_config(original)
     from transformers import AutoConfig
 
     try:

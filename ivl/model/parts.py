@@ -37,6 +37,70 @@ LLM_LORA_TARGETS: dict[str, tuple[str, ...]] = {
 VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
 PROJECTOR_LORA_TARGETS = ("linear_1", "linear_2")
 
+# HF-native module (or bare parameter) names by role, `{i}` a layer index, for converting checkpoints written in other
+# layouts (`ivl.model.convert` holds the original InternVLChatModel names for the same roles). The LLM roles cover
+# LLaMA-structured families (Qwen2, LLaMA, InternLM2 once converted) and Phi-3's fused `qkv_proj` / `gate_up_proj`.
+_VISION_LAYER = "model.vision_tower.encoder.layer.{i}."
+_LLM_LAYER = "model.language_model.layers.{i}."
+HF_NAMES: dict[str, str] = {
+    "vision.cls": "model.vision_tower.embeddings.cls_token",
+    "vision.position": "model.vision_tower.embeddings.position_embeddings",
+    "vision.patch": "model.vision_tower.embeddings.patch_embeddings.projection",
+    "vision.q": _VISION_LAYER + "attention.q_proj",
+    "vision.k": _VISION_LAYER + "attention.k_proj",
+    "vision.v": _VISION_LAYER + "attention.v_proj",
+    "vision.q_norm": _VISION_LAYER + "attention.q_norm",
+    "vision.k_norm": _VISION_LAYER + "attention.k_norm",
+    "vision.out": _VISION_LAYER + "attention.projection_layer",
+    "vision.fc1": _VISION_LAYER + "mlp.fc1",
+    "vision.fc2": _VISION_LAYER + "mlp.fc2",
+    "vision.norm1": _VISION_LAYER + "layernorm_before",
+    "vision.norm2": _VISION_LAYER + "layernorm_after",
+    "vision.scale1": _VISION_LAYER + "lambda_1",
+    "vision.scale2": _VISION_LAYER + "lambda_2",
+    "projector.norm": "model.multi_modal_projector.layer_norm",
+    "projector.linear1": "model.multi_modal_projector.linear_1",
+    "projector.linear2": "model.multi_modal_projector.linear_2",
+    "llm.embed": "model.language_model.embed_tokens",
+    "llm.q": _LLM_LAYER + "self_attn.q_proj",
+    "llm.k": _LLM_LAYER + "self_attn.k_proj",
+    "llm.v": _LLM_LAYER + "self_attn.v_proj",
+    "llm.qkv": _LLM_LAYER + "self_attn.qkv_proj",
+    "llm.o": _LLM_LAYER + "self_attn.o_proj",
+    "llm.gate": _LLM_LAYER + "mlp.gate_proj",
+    "llm.up": _LLM_LAYER + "mlp.up_proj",
+    "llm.gate_up": _LLM_LAYER + "mlp.gate_up_proj",
+    "llm.down": _LLM_LAYER + "mlp.down_proj",
+    "llm.input_norm": _LLM_LAYER + "input_layernorm",
+    "llm.post_norm": _LLM_LAYER + "post_attention_layernorm",
+    "llm.norm": "model.language_model.norm",
+    "lm_head": LM_HEAD_MODULE,
+}
+# transformers writes InternVL checkpoints under these older prefixes (the layout of the `-hf` checkpoints on the hub)
+# and renames them back while loading; converted checkpoints are written the same way and read in either form.
+SAVED_PREFIXES = {
+    "model.language_model.": "language_model.model.",
+    "model.vision_tower.": "vision_tower.",
+    "model.multi_modal_projector.": "multi_modal_projector.",
+    LM_HEAD_MODULE + ".": "language_model.lm_head.",
+}
+
+
+def saved_name(name: str) -> str:
+    """The name transformers gives parameter `name` in a checkpoint file."""
+    for prefix, saved in SAVED_PREFIXES.items():
+        if name.startswith(prefix):
+            return saved + name[len(prefix) :]
+    return name
+
+
+def loaded_name(name: str) -> str:
+    """The model's parameter name for a name found in an HF-native checkpoint file (saved or model form)."""
+    for prefix, saved in SAVED_PREFIXES.items():
+        if name.startswith(saved):
+            return prefix + name[len(saved) :]
+    return name
+
 
 @dataclass(frozen=True)
 class ModelParts:
