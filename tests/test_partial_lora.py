@@ -114,7 +114,8 @@ def _gradients(gradient_checkpointing: bool) -> dict[str, torch.Tensor]:
     image_token = model.get_base_model().config.image_token_id
     first = mixed_batch(image_token)
     # A second pass with the image elsewhere before the single backward: each replay must use its own pass's mask.
-    second = {"input_ids": torch.tensor([[1, *[image_token] * 16, 5, 9, 33, 70, 8]]), "pixel_values": first["pixel_values"]}
+    second_ids = torch.tensor([[1, *[image_token] * 16, 5, 9, 33, 70, 8]])
+    second = {"input_ids": second_ids, "pixel_values": first["pixel_values"]}
     loss = model(**first).logits.square().mean() + 2 * model(**second).logits.square().mean()
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters() if "lora_" in n and part_of(n) == "llm"}
