@@ -280,3 +280,27 @@ def test_targets_and_layers_choose_the_adapted_linear_layers():
         handle.remove()
     is_image = batch["input_ids"] == model.get_base_model().config.image_token_id
     assert len(updates) == 2 and all(torch.equal(u[~is_image], torch.zeros_like(u[~is_image])) for _, u in updates)
+
+
+def test_ivl_eval_and_chat_load_a_partial_lora_adapter(shapes, tmp_path, capsys):
+    from accelerate import Accelerator
+
+    from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, load_records
+    from finetune.evaluate import answer_question, evaluate_loss
+
+    model, tokenizer = partial_model()
+    out_dir = _export(model, tokenizer, tmp_path / "adapter")
+    data = DataConfig(validation=str(shapes / "validation.jsonl"), max_tiles=1, use_thumbnail=False)
+    builder = SampleBuilder(tokenizer, model.get_base_model().config, data)
+    dataset = SFTDataset(load_records(data.validation), builder)
+    expected = evaluate_loss(model, dataset, Accelerator(), 8, tokenizer.pad_token_id, torch.float32)
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"data: {{validation: {data.validation}, max_tiles: 1, use_thumbnail: false}}\n")
+    capsys.readouterr()
+    assert cli_main(["eval", str(config), "--adapter", str(out_dir), "--json", "eval.exact_match_samples=0"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+    image = str(shapes / "images" / "validation" / "000000.png")
+    question = "What color is the circle?"
+    answer = answer_question(model, builder, question, [image], max_new_tokens=4)
+    assert cli_main(["chat", "--adapter", str(out_dir), "--image", image, "--max-new-tokens", "4", question]) == 0
+    assert answer and capsys.readouterr().out.strip() == answer
