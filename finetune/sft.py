@@ -1,6 +1,8 @@
-"""Supervised fine-tuning of an InternVL model: LoRA, QLoRA or full training per part (ViT, projector, LLM).
+"""Supervised fine-tuning of an InternVL model: LoRA, partial LoRA, QLoRA or full training per part (ViT, projector,
+LLM).
 
     ivl sft configs/sft/internvl3_1b_lora.yaml optim.lr=1e-4 loop.max_steps=500
+    ivl sft configs/sft/internvl3_2b_partial_lora.yaml --dry-run      # parameter groups, LRs, memory; no training
     accelerate launch -m finetune.sft configs/sft/internvl3_1b_lora.yaml        # DDP on several GPUs
 
 setup -> train -> save. The loop below is the whole algorithm: micro-batches of one optimizer step are fetched
@@ -41,6 +43,7 @@ from ivl.model.adapters import (
     is_peft,
     parameter_groups,
     resolve_modes,
+    save_trained,
     trainable_report,
     validate_modes,
 )
@@ -138,6 +141,11 @@ def enable_gradient_checkpointing(model: nn.Module, config: SFTConfig) -> None:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def optimizer_groups(model: nn.Module, config: SFTConfig) -> list[dict]:
+    part_lrs = {"vision": config.vision.lr, "projector": config.projector.lr, "llm": config.llm.lr}
+    return parameter_groups(model, config.optim.lr, config.optim.weight_decay, part_lrs, config.vision.lr_layer_decay)
+
+
 def setup(config: SFTConfig) -> Run:
     loop = config.loop
     modes = config.modes()
@@ -154,10 +162,7 @@ def setup(config: SFTConfig) -> Run:
     validation_set = None
     if config.data.validation:
         validation_set = _checked_dataset(config.data.validation, builder, accelerator, config.data.seed)
-    part_lrs = {"vision": config.vision.lr, "projector": config.projector.lr, "llm": config.llm.lr}
-    optimizer = build_optimizer(
-        parameter_groups(model, config.optim.lr, config.optim.weight_decay, part_lrs), config.optim
-    )
+    optimizer = build_optimizer(optimizer_groups(model, config), config.optim)
     batches_per_epoch = len(train_set) // (loop.batch_size * accelerator.num_processes)
     total_steps = loop.max_steps or max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
@@ -167,6 +172,7 @@ def setup(config: SFTConfig) -> Run:
         "recipe": "sft",
         "base_model": to_dict(config.model),
         "qlora": config.adapter.qlora,
+        "adapter_kind": config.adapter.kind,
         "modes": modes,
         "data": {k: v for k, v in to_dict(config.data).items() if k not in ("train", "validation")},
     }
@@ -229,7 +235,8 @@ def train(run: Run) -> dict[str, Any]:
     """The training loop; returns the last logged and evaluated metrics."""
     loop, accelerator = run.config.loop, run.accelerator
     layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
-              "seed": loop.seed, "train_samples": len(run.train_set)}  # fmt: skip
+              "seed": loop.seed, "train_samples": len(run.train_set),
+              "adapter_kind": run.config.adapter.kind}  # fmt: skip
     state = {"step": 0, "micro_batches": 0, "skipped_rows": run.train_set.num_left_out}
     resume_from = resolve_resume(loop.resume, loop.output_dir)
     if resume_from is not None:
@@ -290,9 +297,7 @@ def save(run: Run) -> Path:
     model = accelerator.unwrap_model(run.model)
     out_dir = output_dir / ("adapter" if is_peft(model) else "model")
     if accelerator.is_main_process:
-        export_final(
-            out_dir, model, run.tokenizer, run.info, lambda m, d: m.save_pretrained(d, safe_serialization=True)
-        )
+        export_final(out_dir, model, run.tokenizer, run.info, save_trained)
         plot_curves(output_dir / "metrics.jsonl", output_dir / "loss.png", f"SFT {run.config.model.name_or_path}")
     accelerator.wait_for_everyone()
     return out_dir

@@ -1,7 +1,8 @@
 """`ivl <command>`: the kit's command line.
 
     ivl demo                                   the built-in default job on the synthetic shapes task
-    ivl sft CONFIG [section.key=value ...]     supervised fine-tuning (LoRA / QLoRA / full per part)
+    ivl sft CONFIG [section.key=value ...]     supervised fine-tuning (LoRA / partial LoRA / QLoRA / full per part)
+    ivl sft CONFIG --dry-run [--json]          parameter groups, learning rates, adapter layout, memory; no training
     ivl eval CONFIG [--adapter DIR] [--json]   validation loss and greedy exact-match
     ivl merge --adapter DIR --out DIR [--base B] [--format hf|original]   fold a LoRA / QLoRA adapter into its base
     ivl convert SRC DST --to hf|original       original InternVLChatModel checkpoint <-> HF-native
@@ -26,8 +27,17 @@ from ivl.config import ConfigError, format_config, load_config
 from ivl.image import ImageError
 from ivl.model.checkpoint import CheckpointError
 from ivl.model.load import ModelLoadError
+from ivl.model.partial_lora import PartialLoraMergeError
 
-KNOWN_ERRORS = (ConfigError, DataSourceError, ModelLoadError, SampleError, ImageError, CheckpointError)
+KNOWN_ERRORS = (
+    ConfigError,
+    DataSourceError,
+    ModelLoadError,
+    SampleError,
+    ImageError,
+    CheckpointError,
+    PartialLoraMergeError,
+)
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
@@ -36,6 +46,12 @@ def cmd_sft(args: argparse.Namespace) -> int:
     config = load_config(SFTConfig, args.config, args.overrides)
     if args.show_config:
         print(format_config(config), end="")
+    if args.dry_run:
+        from finetune.dry_run import dry_run, format_dry_run
+
+        report = dry_run(config)
+        print(json.dumps(report, indent=2) if args.json else format_dry_run(report))
+        return 0
     result = run_sft(config)
     if result.pop("is_main_process"):
         print(json.dumps(result, indent=2))
@@ -171,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     sft = commands.add_parser("sft", help="supervised fine-tuning from a YAML config")
     sft.add_argument("config", help="YAML config (see configs/sft/)")
     sft.add_argument("--show-config", action="store_true", help="print the resolved config first")
+    sft.add_argument(
+        "--dry-run", action="store_true", help="show parameter groups, LRs, adapter layout and memory; do not train"
+    )
+    sft.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
     sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 loop.max_steps=100")
     sft.set_defaults(handler=cmd_sft)
 
@@ -181,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.exact_match_samples=100")
     evaluate.set_defaults(handler=cmd_eval)
 
-    merge = commands.add_parser("merge", help="merge a LoRA / QLoRA adapter into its base")
+    merge = commands.add_parser("merge", help="merge a LoRA / QLoRA adapter into its base (not partial LoRA)")
     merge.add_argument("--adapter", required=True, help="a run's adapter/ directory")
     merge.add_argument("--out", required=True, help="where to write the merged HF-native checkpoint")
     merge.add_argument("--base", help="the base model (default: the one recorded at training time)")

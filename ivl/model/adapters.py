@@ -3,7 +3,9 @@
     modes = resolve_modes(stage, vision, projector, llm)        # {"vision": "frozen", "projector": "full", ...}
     model = apply_trainability(model, modes, vision, adapter)   # a PeftModel when any part uses LoRA
 
-LoRA parts get PEFT LoRA layers on the linear layers `parts.lora_target_regex` names for that part and LLM family.
+LoRA parts get PEFT LoRA layers on the linear layers `parts.lora_target_regex` names for that part and LLM family
+(`adapter.llm_targets` / `adapter.llm_layers` narrow the LLM's). `adapter.kind: partial_lora` makes the LLM's LoRA
+update apply at image-token positions only (`ivl.model.partial_lora`); such an adapter cannot be merged.
 Fully trained parts (and `vision.unfreeze_last_layers`) become PEFT `modules_to_save` when any part uses LoRA, so
 `PeftModel.from_pretrained(base, adapter_dir)` restores everything that trained; without LoRA nothing is wrapped and
 the whole model is saved. Trainable parameters are kept in fp32 (master weights) even when the frozen base is bf16 or
@@ -12,7 +14,7 @@ the whole model is saved. Trainable parameters are kept in fp32 (master weights)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -23,9 +25,28 @@ from torch import nn
 from ivl.config import ConfigError, from_dict, to_dict
 from ivl.model.checkpoint import read_training_info
 from ivl.model.load import ModelConfig, ModelLoadError, load_model, load_tokenizer, save_checkpoint
-from ivl.model.parts import PARTS, Part, lora_target_regex, model_parts, part_modules, part_of, vision_layer_module
+from ivl.model.partial_lora import (
+    NOT_MERGEABLE,
+    PartialLoraMergeError,
+    attach_partial_lora,
+    partial_lora_of,
+    read_marker,
+    write_marker,
+)
+from ivl.model.parts import (
+    PARTS,
+    Part,
+    lora_target_regex,
+    model_parts,
+    part_modules,
+    part_of,
+    unwrap,
+    vision_depth,
+    vision_layer_module,
+)
 
 Mode = Literal["frozen", "lora", "full"]
+AdapterKind = Literal["lora", "partial_lora"]
 Stage = Literal["none", "stage1", "stage1.5", "stage2", "stage2-lora"]
 
 # SPEC 8: stage 1 aligns the projector, stage 1.5 adds the ViT, stage 2 trains everything (or LoRA on the LLM).
@@ -55,29 +76,46 @@ class PartConfig:
 @dataclass
 class VisionPartConfig(PartConfig):
     unfreeze_last_layers: int = 0  # with mode frozen: train the last N ViT layers fully
+    # Layer-wise LR decay (InternLM-XComposer2): ViT layer i of L (1-based) trains at lr * decay^(L - i), the
+    # embeddings at lr * decay^L, anything after the last layer at lr. 1.0: off; XComposer2 used 0.9.
+    lr_layer_decay: float = 1.0
 
     def validate(self) -> None:
         super().validate()
         if self.unfreeze_last_layers < 0:
             raise ConfigError("vision.unfreeze_last_layers must be >= 0")
+        if not 0 < self.lr_layer_decay <= 1:
+            raise ConfigError(f"vision.lr_layer_decay must be in (0, 1] (1 turns it off), got {self.lr_layer_decay}")
 
 
 @dataclass
 class AdapterConfig:
-    """LoRA settings shared by every LoRA part (SPEC 8: r 16 for domain SFT up to 128, alpha = 2r)."""
+    """LoRA settings shared by every LoRA part (SPEC 8: r 16 for domain SFT up to 128, alpha = 2r).
 
+    `kind: partial_lora` (InternLM-XComposer2, which used r 256): the LLM's LoRA update only at image-token
+    positions, so text goes through the frozen LLM unchanged; ViT / projector LoRA stays ordinary.
+    """
+
+    kind: AdapterKind = "lora"
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     use_dora: bool = False
     use_rslora: bool = False
     qlora: bool = False  # the LLM in 4-bit NF4 (double quantisation) via bitsandbytes; ViT and projector unquantised
+    llm_targets: list[str] = field(default_factory=list)  # LLM linear layers to adapt; empty: the family's full set
+    llm_layers: list[int] = field(default_factory=list)  # LLM decoder layers (0-based) to adapt; empty: all
 
     def validate(self) -> None:
         if self.r < 1 or self.alpha < 1:
             raise ConfigError(f"adapter.r and adapter.alpha must be >= 1, got {self.r} and {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        if self.kind == "partial_lora" and self.use_dora:
+            raise ConfigError(
+                "adapter.use_dora: DoRA rescales the whole weight matrix, so it cannot be limited to image tokens; "
+                "drop use_dora or use adapter.kind=lora"
+            )
 
 
 def resolve_modes(stage: str, vision: PartConfig, projector: PartConfig, llm: PartConfig) -> dict[Part, Mode]:
@@ -99,10 +137,22 @@ def resolve_modes(stage: str, vision: PartConfig, projector: PartConfig, llm: Pa
 def validate_modes(modes: dict[Part, Mode], adapter: AdapterConfig, vision: VisionPartConfig) -> None:
     if adapter.qlora and modes["llm"] != "lora":
         raise ConfigError(f"adapter.qlora quantises the LLM, so llm.mode must be lora (got {modes['llm']})")
+    if adapter.kind == "partial_lora" and modes["llm"] != "lora":
+        raise ConfigError(
+            f"adapter.kind=partial_lora puts a LoRA update on the LLM's image tokens, so llm.mode must be lora "
+            f"(got {modes['llm']}); or use adapter.kind=lora"
+        )
+    if (adapter.llm_targets or adapter.llm_layers) and modes["llm"] != "lora":
+        raise ConfigError(f"adapter.llm_targets / llm_layers choose LLM LoRA layers, but llm.mode is {modes['llm']}")
     if vision.unfreeze_last_layers and modes["vision"] != "frozen":
         raise ConfigError(
             f"vision.unfreeze_last_layers applies to a frozen ViT, but vision is {modes['vision']} "
             "(set vision.mode=frozen, or drop unfreeze_last_layers)"
+        )
+    if vision.lr_layer_decay != 1 and modes["vision"] == "frozen" and not vision.unfreeze_last_layers:
+        raise ConfigError(
+            "vision.lr_layer_decay: the ViT is frozen, so there is nothing to decay (set vision.mode=lora|full or "
+            "vision.unfreeze_last_layers, or drop lr_layer_decay)"
         )
 
 
@@ -130,10 +180,12 @@ def apply_trainability(
             lora_dropout=adapter.dropout,
             use_dora=adapter.use_dora,
             use_rslora=adapter.use_rslora,
-            target_modules=lora_target_regex(model, lora_parts),
+            target_modules=lora_target_regex(model, lora_parts, tuple(adapter.llm_targets), tuple(adapter.llm_layers)),
             modules_to_save=full_modules or None,
         )
         model = get_peft_model(model, config)
+        if adapter.kind == "partial_lora":
+            attach_partial_lora(model, unwrap(model).config.image_token_id)
     else:
         for name, module in model.named_modules():
             if any(name == full or name.endswith("." + full) for full in full_modules):
@@ -170,21 +222,47 @@ def format_report(rows: list[dict]) -> str:
 
 
 def parameter_groups(
-    model: nn.Module, base_lr: float, weight_decay: float, part_lrs: dict[Part, float | None]
+    model: nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    part_lrs: dict[Part, float | None],
+    vision_lr_layer_decay: float = 1.0,
 ) -> list[dict]:
-    """Optimizer groups: one per (part, decayed or not). Biases, norms and layer scales get no weight decay."""
-    groups: dict[tuple[Part, bool], dict] = {}
+    """Optimizer groups: one per (part, decayed or not); with layer-wise LR decay also one per ViT depth (0 the
+    embeddings, i for layer i of L (1-based), L after the last layer) at lr * decay^(L - depth). Biases, norms and
+    layer scales get no weight decay. Each group also says its `part`, `depth` (None without LR decay) and whether it is
+    the `no_weight_decay` one."""
+    num_layers = len(model_parts(model).vision_layers)
+    groups: dict[tuple[Part, int | None, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        part = part_of(name.replace(".modules_to_save.default.", "."))
+        name = name.replace(".modules_to_save.default.", ".")
+        part = part_of(name)
         decay = parameter.ndim >= 2 and "lora_magnitude" not in name
-        key = (part, decay)
+        depth = vision_depth(name, num_layers) if part == "vision" and vision_lr_layer_decay != 1 else None
+        key = (part, depth, decay)
         if key not in groups:
             lr = part_lrs.get(part) or base_lr
-            groups[key] = {"params": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0, "part": part}
+            if depth is not None:
+                lr *= vision_lr_layer_decay ** (num_layers - depth)
+            groups[key] = {
+                "params": [],
+                "lr": lr,
+                "weight_decay": weight_decay if decay else 0.0,
+                "part": part,
+                "depth": depth,
+                "no_weight_decay": not decay,
+            }
         groups[key]["params"].append(parameter)
     return list(groups.values())
+
+
+def save_trained(model: nn.Module, out_dir: Path) -> None:
+    """Write a trained PEFT model (adapter files, plus the partial-LoRA marker) or a whole model to `out_dir`."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if partial_lora_of(model) is not None:
+        write_marker(model, out_dir)
 
 
 def load_trained(path: str | Path, base: ModelConfig | None = None, device=None):
@@ -202,7 +280,16 @@ def load_trained(path: str | Path, base: ModelConfig | None = None, device=None)
         return model, tokenizer, info
     model, _ = load_model(_recorded_base(path, info, base), device, quantize_llm=bool(info.get("qlora")))
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))
-    return PeftModel.from_pretrained(model, path).eval(), tokenizer, info
+    peft_model = PeftModel.from_pretrained(model, path).eval()
+    marker = read_marker(path)
+    if marker is not None:
+        if marker["image_token_id"] != model.config.image_token_id:
+            raise ModelLoadError(
+                f"{path} is a partial-LoRA adapter for image token id {marker['image_token_id']}, but this base uses "
+                f"{model.config.image_token_id}: load it on the base it was trained on"
+            )
+        attach_partial_lora(peft_model, marker["image_token_id"])
+    return peft_model, tokenizer, info
 
 
 def _recorded_base(path: Path, info: dict, base: ModelConfig | None) -> ModelConfig:
@@ -224,11 +311,14 @@ def merge_adapter(
     InternVLChatModel one (`out_format="original"`, see `ivl.model.convert`).
 
     A QLoRA adapter trained against the 4-bit base, so it is merged into that base's dequantised weights (the
-    weights it actually saw), not into the original high-precision ones.
+    weights it actually saw), not into the original high-precision ones. A partial-LoRA adapter is refused
+    (`PartialLoraMergeError`): its update is token-conditional, no weight matrix equals it.
     """
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    if read_marker(adapter_dir) is not None:
+        raise PartialLoraMergeError(f"{adapter_dir}: {NOT_MERGEABLE}")
     info = read_training_info(adapter_dir)
     model, _ = load_model(_recorded_base(adapter_dir, info, base), quantize_llm=bool(info.get("qlora")))
     if info.get("qlora"):

@@ -106,6 +106,7 @@ def loaded_name(name: str) -> str:
 class ModelParts:
     """Handles on the parts of one InternVL model (the modules themselves, not copies)."""
 
+    multimodal: nn.Module  # InternVLModel: embeds the text, puts the image features in place, runs the LLM
     vision: nn.Module
     vision_embeddings: nn.Module
     vision_layers: nn.ModuleList
@@ -139,6 +140,7 @@ def model_parts(model: nn.Module) -> ModelParts:
         )
     vision, llm = inner.vision_tower, inner.language_model
     return ModelParts(
+        multimodal=inner,
         vision=vision,
         vision_embeddings=vision.embeddings,
         vision_layers=vision.encoder.layer,
@@ -148,6 +150,12 @@ def model_parts(model: nn.Module) -> ModelParts:
         llm_layers=llm.layers,
         lm_head=base.lm_head,
     )
+
+
+def llm_attention(layer: nn.Module) -> nn.Module:
+    """The attention block of LLM decoder layer `layer`: the first of its blocks to run, and the only one the decoder
+    layer passes its keyword arguments on to (every LLM family the kit supports)."""
+    return layer.self_attn
 
 
 def part_modules(part: Part) -> tuple[str, ...]:
@@ -184,23 +192,70 @@ def vision_layer_index(parameter_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def llm_layer_index(name: str) -> int | None:
+    """Index of the LLM decoder layer a parameter or module lives in; None outside the decoder layers."""
+    match = re.search(r"language_model\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def vision_depth(parameter_name: str, num_layers: int) -> int:
+    """Depth of a ViT parameter for layer-wise LR decay: 0 for the embeddings (patch, position, CLS), i + 1 for encoder
+    layer i (0-based), `num_layers` for anything after the last layer (a final norm)."""
+    index = vision_layer_index(parameter_name)
+    if index is not None:
+        return index + 1
+    return 0 if "vision_tower.embeddings." in parameter_name else num_layers
+
+
 def llm_family(model: nn.Module) -> str:
     return unwrap(model).config.text_config.model_type
 
 
-def lora_target_regex(model: nn.Module, parts: tuple[Part, ...] = ("llm",)) -> str:
-    """A PEFT `target_modules` regex for the LoRA-able linear layers of `parts`, never leaking across parts."""
+def llm_lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """The LoRA-able linear layers of the model's LLM family (SPEC 8)."""
     family = llm_family(model)
-    if "llm" in parts and family not in LLM_LORA_TARGETS:
+    if family not in LLM_LORA_TARGETS:
         raise ConfigError(
             f"no LoRA targets known for LLM family {family!r} (known: {', '.join(LLM_LORA_TARGETS)}); train the LLM "
             "fully (llm.mode=full) or freeze it"
         )
+    return LLM_LORA_TARGETS[family]
+
+
+def _llm_alternative(model: nn.Module, targets: tuple[str, ...], layers: tuple[int, ...]) -> str:
+    """The LLM's part of a target regex: `targets` (default: the family's) in decoder `layers` (default: all)."""
+    known = llm_lora_targets(model)
+    unknown = sorted(set(targets) - set(known))
+    if unknown:
+        raise ConfigError(f"adapter.llm_targets: {unknown} are not LoRA targets of this LLM; choose from {list(known)}")
+    num_layers = unwrap(model).config.text_config.num_hidden_layers
+    outside = sorted(index for index in layers if not 0 <= index < num_layers)
+    if outside:
+        raise ConfigError(f"adapter.llm_layers: {outside} outside this LLM's layers 0..{num_layers - 1}")
+    names = "|".join(targets or known)
+    if not layers:
+        return rf"{re.escape(PART_PREFIXES['llm'][0])}(?:.*\.)?(?:{names})"
+    indices = "|".join(str(index) for index in sorted(set(layers)))
+    head, tail = _LLM_LAYER.split("{i}")
+    return rf"{re.escape(head)}(?:{indices}){re.escape(tail)}(?:.*\.)?(?:{names})"
+
+
+def lora_target_regex(
+    model: nn.Module,
+    parts: tuple[Part, ...] = ("llm",),
+    llm_targets: tuple[str, ...] = (),
+    llm_layers: tuple[int, ...] = (),
+) -> str:
+    """A PEFT `target_modules` regex for the LoRA-able linear layers of `parts`, never leaking across parts.
+
+    `llm_targets` narrows the LLM's linear layers (default: its family's full set), `llm_layers` its decoder layers
+    (indices, default: all). The lm_head is never a target: only modules under the first prefix of each part.
+    """
     alternatives = []
     for part in parts:
-        names = {"vision": VISION_LORA_TARGETS, "projector": PROJECTOR_LORA_TARGETS}.get(part)
-        names = names if names is not None else LLM_LORA_TARGETS[family]
-        # The lm_head is never a LoRA target: only modules under the first prefix of each part.
-        prefix = re.escape(PART_PREFIXES[part][0])
-        alternatives.append(rf"{prefix}(?:.*\.)?(?:{'|'.join(names)})")
+        if part == "llm":
+            alternatives.append(_llm_alternative(model, tuple(llm_targets), tuple(llm_layers)))
+            continue
+        names = {"vision": VISION_LORA_TARGETS, "projector": PROJECTOR_LORA_TARGETS}[part]
+        alternatives.append(rf"{re.escape(PART_PREFIXES[part][0])}(?:.*\.)?(?:{'|'.join(names)})")
     return rf"^(?:{'|'.join(alternatives)})$"
