@@ -57,6 +57,7 @@ from ivl.model.checkpoint import (
 )
 from ivl.model.load import ModelConfig, load_model, resolve_dtype
 from ivl.model.parts import model_parts
+from ivl.model.quantize import keep_training_layout
 from ivl.runtime import (
     LoopConfig,
     MetricsLog,
@@ -153,6 +154,8 @@ def setup(config: SFTConfig) -> Run:
     dtype = resolve_dtype(config.model.dtype)
     accelerator = make_accelerator(loop, dtype)
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=config.adapter.qlora)
+    if config.adapter.qlora:
+        keep_training_layout(model)  # mid-run evaluation must not repack the 4-bit weights for CPU inference
     enable_gradient_checkpointing(model, config)
     model = apply_trainability(model, modes, config.vision, config.adapter)
     accelerator.print(format_report(trainable_report(model, modes)))

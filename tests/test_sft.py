@@ -159,7 +159,11 @@ def test_merged_model_equals_adapter_model_and_reloads_with_plain_transformers(s
 
 
 def test_qlora_trains_and_merges_into_the_dequantised_base(shapes, tmp_path):
-    result = run_sft(sft_config(shapes, tmp_path / "run", "adapter.qlora=true", "loop.max_steps=2"))
+    # An evaluation between the steps: on CPUs with AVX512-BF16, bitsandbytes would repack the 4-bit weights for
+    # inference there and the next backward would fail (ivl.model.quantize.keep_training_layout).
+    result = run_sft(
+        sft_config(shapes, tmp_path / "run", "adapter.qlora=true", "loop.max_steps=2", "loop.eval_every=1")
+    )
     adapter_model, _, info = load_trained(result["output"])
     assert info["qlora"] is True
     assert type(adapter_model.get_base_model().model.language_model.layers[0].mlp.up_proj.base_layer).__name__ == (
@@ -268,15 +272,3 @@ def test_gradient_checkpointing_gives_the_same_losses(shapes, tmp_path):
 def test_shipped_sft_configs_are_valid(path):
     config = load_config(SFTConfig, path)
     assert config.model.name_or_path.startswith("OpenGVLab/") and config.model.name_or_path.endswith("-hf")
-
-
-def test_demo_runs_end_to_end_and_reports_before_and_after(tmp_path, capsys):
-    from ivl.demo.run import run_demo
-
-    result = run_demo(tmp_path, num_train=32, num_validation=8, overrides=["loop.max_steps=3", "loop.num_workers=0"])
-    out = capsys.readouterr().out
-    assert "validation exact-match after SFT" in out and "ivl chat --adapter" in out
-    assert result["loss_after"] < result["loss_before"]
-    assert result["exact_match_before"] == 0.0  # a random base never produces a valid short answer
-    for name in ("run/model/model.safetensors", "run/metrics.jsonl", "run/loss.png"):
-        assert (tmp_path / name).is_file(), name

@@ -23,3 +23,17 @@ def nf4_config(compute_dtype: torch.dtype):
         bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=UNQUANTISED_MODULES,
     )
+
+
+def keep_training_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference while the model is being trained.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a `Linear4bit` weight into an inference-only layout on its first
+    no-grad forward in eval mode, and never packs it back before training: the next backward fails ("a view of a
+    leaf Variable that requires grad is being used in an in-place operation"). The loop evaluates mid-run, so a
+    model that trains keeps the training layout (inference speed on CPU is not what a training run needs)."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
