@@ -4,6 +4,9 @@
     CACHE/train/pca.safetensors          per layer: mean [D] and components [D, d] (only with pca_dims)
     CACHE/train/shard-00000.safetensors  tiles [i0, i0 + shard_tiles):
         pixels        uint8 [n, 3, S, S]     the exact tile the teacher saw, so the student sees the same one
+                                             (with store_pixels: false the tiles are cut again from the same images,
+                                             which tiling does deterministically; the manifest's data hash checks
+                                             that the image list is the same, not that the files are unchanged)
         token_index   int32 [n, T']          the patch tokens kept (only with patch_tokens)
         layer{L}.patch [n, T', d]            teacher layer L's patch tokens (PCA codes with pca_dims), in `dtype`
         layer{L}.cls   [n, d]
@@ -11,7 +14,8 @@
     CACHE/validation/...                 the same for data.validation
 
 One InternViT-6B layer map is 1025 x 3200 x 2 B = 6.6 MB per tile in bf16 (SPEC 10): `pca_dims`, `patch_tokens` and
-`float8_e4m3fn` shrink it. Shards are written atomically (temp file + rename) in item order, and a rerun with the same
+`float8_e4m3fn` shrink it; a stored 448 px tile is another 0.6 MB (`store_pixels: false` leaves it out).
+Shards are written atomically (temp file + rename) in item order, and a rerun with the same
 settings skips the finished ones, so an interrupted cache run resumes; different settings are refused.
 """
 
@@ -57,6 +61,7 @@ class CacheConfig:
     shard_tiles: int = 256
     batch_size: int = 8  # tiles per teacher forward pass
     seed: int = 0  # token subsampling
+    store_pixels: bool = True  # false: offline training re-cuts the tiles from data.train / data.validation
 
     def validate(self) -> None:
         for name in ("pca_dims", "patch_tokens"):
@@ -141,7 +146,7 @@ def shard_tensors(teacher, dataset: TileDataset, items: range, layers: list[int]
         indices = range(start, min(start + cache.batch_size, items.stop))
         pixels = torch.stack([dataset[i]["pixels"] for i in indices])
         states = hidden_states(teacher, normalize(pixels.to(device)), layers)
-        out = {"pixels": pixels}
+        out = {"pixels": pixels} if cache.store_pixels else {}
         num_patches = next(iter(states.values())).shape[1] - 1
         index = None
         if cache.patch_tokens and cache.patch_tokens < num_patches:
@@ -222,10 +227,12 @@ def feature_bytes_per_tile(root: Path) -> float:
 
 class CachedTiles(Dataset):
     """Item i of a cache: {"pixels", "index", "stored": {name: tensor}} (fp8 already scaled back to fp32; PCA codes
-    are decoded on the device by `CachedTargets`)."""
+    are decoded on the device by `CachedTargets`). `tiles`: the dataset the cache was written from, needed when it
+    holds no pixels."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, tiles: TileDataset | None = None):
         self.root = Path(root)
+        self.tiles = tiles
         if not (self.root / MANIFEST).is_file():
             raise ConfigError(f"{self.root}: no {MANIFEST}; write the cache first (ivl distill cache CONFIG)")
         self.manifest = json.loads((self.root / MANIFEST).read_text())
@@ -235,6 +242,10 @@ class CachedTiles(Dataset):
         if missing:
             raise ConfigError(f"{self.root}: shard {missing[0]} is missing; finish the cache (rerun ivl distill cache)")
         self.pca = load_file(self.root / PCA_FILE) if self.manifest["pca_dims"] else {}
+        if not self.manifest["store_pixels"]:
+            if tiles is None or data_fingerprint(tiles) != self.manifest["data"]:
+                raise ConfigError(f"{self.root} holds no tiles (cache.store_pixels=false) and the data config does not "
+                                  "give the images it was written from: use the same data settings")  # fmt: skip
 
     def __len__(self) -> int:
         return self.manifest["num_items"]
@@ -243,7 +254,7 @@ class CachedTiles(Dataset):
         shard, row = divmod(index, self.manifest["shard_tiles"])
         with safe_open(str(shard_path(self.root, shard)), "pt") as handle:
             stored = {name: handle.get_slice(name)[row] for name in handle.keys()}
-        pixels = stored.pop("pixels")
+        pixels = stored.pop("pixels") if "pixels" in stored else self.tiles[index]["pixels"]
         names = [name for name in stored if not name.endswith("_scale")]
         return {"pixels": pixels, "index": torch.tensor(index), "stored": {n: decode(stored, n) for n in names}}
 

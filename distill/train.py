@@ -106,21 +106,27 @@ class TeacherSide:
     validation_set: TileDataset | CachedTiles | None
 
 
+def tile_datasets(data: DistillDataConfig, tile_size: int) -> tuple[TileDataset, TileDataset | None]:
+    """The training and (if any) held-out tiles, in their fixed order."""
+    train_set = TileDataset(list_images(data.train, data.max_images), tile_size, data)
+    if not data.validation:
+        return train_set, None
+    return train_set, TileDataset(list_images(data.validation, data.validation_images), tile_size, data)
+
+
 def teacher_side(config: DistillConfig, device: torch.device, tile_size: int) -> TeacherSide:
-    data = config.data
     if config.mode == "offline":
         root = Path(config.cache.dir)
-        train_set = CachedTiles(root / "train")
-        validation_set = CachedTiles(root / "validation") if data.validation else None
+        # A cache without stored tiles cuts them again from the same images (checked against its data hash).
+        tiles = (None, None) if config.cache.store_pixels else tile_datasets(config.data, tile_size)
+        train_set = CachedTiles(root / "train", tiles[0])
+        validation_set = CachedTiles(root / "validation", tiles[1]) if config.data.validation else None
         manifest = train_set.manifest
         return TeacherSide(manifest["teacher_num_layers"], manifest["teacher_width"], manifest["image_size"],
                            lambda layers, dataset: CachedTargets(dataset.pca, layers, device),
                            train_set, validation_set)  # fmt: skip
     teacher = load_teacher(config.teacher, device)
-    train_set = TileDataset(list_images(data.train, data.max_images), tile_size, data)
-    validation_set = None
-    if data.validation:
-        validation_set = TileDataset(list_images(data.validation, data.validation_images), tile_size, data)
+    train_set, validation_set = tile_datasets(config.data, tile_size)
     return TeacherSide(teacher.config.num_hidden_layers, teacher.config.hidden_size, image_size_of(teacher.config),
                        lambda layers, dataset: TeacherTargets(teacher, layers), train_set, validation_set)  # fmt: skip
 

@@ -210,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(handler=cmd_convert)
 
     # Everything after `distill` goes to distill.cli, which has its own sub-commands (and its own --help).
+    # prefix_chars: options such as --help or --json are not this parser's, they are passed on as they are.
     distill = commands.add_parser(
-        "distill", add_help=False, help="vision-encoder distillation: train | cache | eval | export"
+        "distill", add_help=False, prefix_chars="+", help="vision-encoder distillation: train | cache | eval | export"
     )
     distill.add_argument("args", nargs=argparse.REMAINDER)
     distill.set_defaults(handler=cmd_distill)

@@ -160,9 +160,28 @@ def test_loss_is_zero_on_a_match_and_weights_patch_and_cls_separately():
     index = torch.tensor([[0, 3], [1, 2]])  # subsampled targets hold only these patch tokens
     picked = [{"patch": student[:, 1:].gather(1, index.unsqueeze(-1).expand(-1, -1, 8)), "cls": student[:, 0]}]
     assert torch.allclose(distill_loss([student], picked, index, LossConfig()), torch.zeros(2), atol=1e-6)
+    smooth_l1 = load_config(LossConfig, None, ["cosine_weight=0", "smooth_l1_weight=1"])
+    scaled = [{"patch": 2 * student[:, 1:], "cls": 2 * student[:, 0]}]  # same direction: cosine 0, smooth-L1 not
+    assert torch.allclose(distill_loss([student], scaled, None, LossConfig()), torch.zeros(2), atol=1e-6)
+    assert (distill_loss([student], scaled, None, smooth_l1) > 0.1).all()
     assert LossConfig(last_k=2).layer_pairs(2, 4) == [(0, 2), (1, 3)]
     with pytest.raises(ConfigError, match="layer 5"):
         LossConfig(pairs=[[0, 5]]).layer_pairs(2, 4)
+
+
+def test_data_comes_from_a_folder_a_jsonl_or_the_shapes_generator(tmp_path):
+    write_dataset(tmp_path, num_train=3, num_validation=2, width=2 * TILE, height=TILE)
+    folder = list_images(str(tmp_path / "images"), 0)
+    assert len(folder) == 5 and all(path.endswith(".png") for path in folder)
+    annotated = list_images(str(tmp_path / "train.jsonl"), 0)
+    assert annotated == sorted(str(tmp_path / "images" / "train" / f"{i:06d}.png") for i in range(3))
+    data = load_config(DistillDataConfig, None, [f"train={tmp_path / 'train.jsonl'}", "max_tiles=4"])
+    dataset = TileDataset(annotated, TILE, data)
+    assert len(dataset) == 3 * 3  # a 2:1 image -> 2 x 1 grid + thumbnail
+    assert dataset[4]["pixels"].shape == (3, TILE, TILE) and dataset[4]["pixels"].dtype == torch.uint8
+    assert list_images("shapes:validation", 4) == [("validation", i) for i in range(4)]
+    with pytest.raises(ConfigError, match="max_images=N"):
+        load_config(DistillDataConfig, None, ["train=shapes:train"])
 
 
 # --- the recipe -------------------------------------------------------------------------------------------------------
@@ -273,13 +292,18 @@ def test_cache_resumes_refuses_other_settings_and_compresses(tmp_path):
     assert torch.equal(first["pixels"], tiles(24))  # the exact tiles the teacher saw
     with pytest.raises(ConfigError, match="dtype"):
         run_cache(distill_config(tmp_path, "data.validation=", "cache.dtype=bfloat16"))
-    # PCA to d < width, 16 of 64 patch tokens, fp8: a much smaller cache that still targets the right tokens.
+    # PCA to d < width, 16 of 64 patch tokens, fp8, no stored tiles: a far smaller cache, still the right targets.
     small = distill_config(tmp_path, "data.validation=", f"cache.dir={tmp_path / 'small'}", "cache.pca_dims=16",
-                           "cache.patch_tokens=16", "cache.dtype=float8_e4m3fn", "cache.pca_fit_tiles=32")  # fmt: skip
+                           "cache.patch_tokens=16", "cache.dtype=float8_e4m3fn", "cache.pca_fit_tiles=32",
+                           "cache.store_pixels=false")  # fmt: skip
     summary = run_cache(small)
     # full: 2 layers x 65 tokens x 64 wide x 4 B; small: 2 x 17 x 16 x 1 B + fp32 scales + token indices
     assert summary["train"]["feature_bytes_per_tile"] < run_cache(config)["train"]["feature_bytes_per_tile"] / 20
-    item = CachedTiles(tmp_path / "small" / "train")[5]
+    assert "pixels" not in load_file(tmp_path / "small" / "train" / "shard-00000.safetensors")
+    with pytest.raises(ConfigError, match="holds no tiles"):
+        CachedTiles(tmp_path / "small" / "train")
+    item = CachedTiles(tmp_path / "small" / "train", TileDataset(list_images("shapes:train", 64), TILE, small.data))[5]
+    assert torch.equal(item["pixels"], tiles(6)[5])  # cut again from the same image
     assert torch.equal(item["stored"]["token_index"], kept_tokens(5, 64, 16, 0).int())
     assert item["stored"]["layer3.patch"].shape == (16, 16)
     small.mode, small.loop.output_dir = "offline", str(tmp_path / "small-run")
@@ -336,6 +360,9 @@ def test_export_places_the_student_into_internvl_ready_for_stage1(tmp_path):
 def test_cli_trains_and_reports_config_errors_in_one_line(tmp_path, capsys):
     from ivl.cli import main as ivl_main
 
+    with pytest.raises(SystemExit) as help_exit:  # options after `distill` reach distill's own parser
+        ivl_main(["distill", "--help"])
+    assert help_exit.value.code == 0 and "cache" in capsys.readouterr().out
     assert ivl_main(["distill", "eval", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert ivl_main(["distill", "configs/distill/tiny.yaml", "mode=offline", "cache.dir="]) == 2
