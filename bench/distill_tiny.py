@@ -10,7 +10,7 @@
 - offline training from an fp32 cache (no PCA, no subsampling) against the online loss curve; cache sizes per tile for
   the compression options;
 - CLIP initialisation: the student's cosine to a (random, tiny) CLIP with CLIP's pre-LayerNorm folded or dropped;
-- the int8 teacher's fidelity to the fp32 one (bitsandbytes on CPU).
+- the int8 teacher's (bitsandbytes, on CPU) and the bf16 teacher's distance to the fp32 one.
 
     python bench/distill_tiny.py [--steps 600] [--out bench/results_distill_tiny.json]
 
@@ -146,14 +146,19 @@ def clip_init(config: DistillConfig) -> dict[str, float]:
     return results
 
 
-def int8_fidelity(config: DistillConfig) -> dict[int, float]:
-    """1 - per-token cosine between the int8 and the fp32 teacher's hidden states, per layer."""
+def precision_fidelity(config: DistillConfig) -> dict[str, dict[int, float]]:
+    """1 - per-token cosine to the fp32 teacher's hidden states, per layer, of the int8 and the bf16 teacher (so the
+    int8 teacher's distance to a bf16 one is bounded by the two)."""
     pixels = normalize(torch.stack([TileDataset(list_images("shapes:validation", 16), 112, config.data)[i]["pixels"]
                                     for i in range(16)]))  # fmt: skip
     reference = load_teacher(config.teacher, "cpu")
-    quantized = load_teacher(TeacherConfig(name_or_path=config.teacher.name_or_path, dtype="float32",
-                                           quantize="int8"), "cpu")  # fmt: skip
-    return {layer: 1 - cosine for layer, cosine in teacher_fidelity(reference, quantized, pixels, [0, 1, 2, 3]).items()}
+    results = {}
+    for name, dtype, quantize in (("int8", "float32", "int8"), ("bfloat16", "bfloat16", "none")):
+        other = load_teacher(TeacherConfig(name_or_path=config.teacher.name_or_path, dtype=dtype,
+                                           quantize=quantize), "cpu")  # fmt: skip
+        fidelity = teacher_fidelity(reference, other, pixels, [0, 1, 2, 3])
+        results[name] = {layer: 1 - cosine for layer, cosine in fidelity.items()}
+    return results
 
 
 def main() -> None:
@@ -178,10 +183,10 @@ def main() -> None:
             "offline": offline_against_online(config, out, args.steps),
             "cache_feature_bytes_per_tile": cache_sizes(out, teacher),
             "clip_init_cosine": clip_init(config),
-            "int8_teacher_cosine_per_layer": int8_fidelity(config),
+            "teacher_one_minus_cosine_to_fp32": precision_fidelity(config),
         }
-    print_table(report)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
     print(f"\nwritten to {args.out}")
 
 
@@ -204,11 +209,9 @@ def print_table(report: dict) -> None:
     sizes = {"float32": offline["fp32_feature_bytes_per_tile"], **report["cache_feature_bytes_per_tile"]}
     print("cache bytes per tile: " + ", ".join(f"{name} {size:.0f}" for name, size in sizes.items()))
     print("cosine to CLIP at init: " + ", ".join(f"{k} {v:.4f}" for k, v in report["clip_init_cosine"].items()))
-    fidelity = report["int8_teacher_cosine_per_layer"]
-    print(
-        "int8 teacher vs fp32, 1 - per-token cosine by layer: "
-        + ", ".join(f"{k}: {v:.1e}" for k, v in fidelity.items())
-    )
+    for name, fidelity in report["teacher_one_minus_cosine_to_fp32"].items():
+        values = ", ".join(f"{k}: {v:.1e}" for k, v in fidelity.items())
+        print(f"{name} teacher vs fp32, 1 - per-token cosine by layer: {values}")
 
 
 if __name__ == "__main__":

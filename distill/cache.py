@@ -122,10 +122,10 @@ def fit_pca(teacher, dataset: TileDataset, layers: list[int], cache: CacheConfig
         pixels = torch.stack([dataset[i]["pixels"] for i in range(start, stop)]).to(device)
         states = hidden_states(teacher, normalize(pixels), layers)
         for layer, state in states.items():
-            tokens = state.reshape(-1, state.shape[-1]).double()
+            tokens = state.reshape(-1, state.shape[-1]).double()  # [tiles * (1 + patches), D]
             sums[layer] = sums.get(layer, 0) + tokens.sum(0)
             products[layer] = products.get(layer, 0) + tokens.T @ tokens
-        count += tokens.shape[0]
+        count += len(pixels) * next(iter(states.values())).shape[1]
     pca = {}
     for layer in layers:
         mean = sums[layer] / count
