@@ -1,2 +1,2 @@
-"""Vision-encoder distillation (InternViT-6B -> InternViT-300M-style student): SPEC 10. Built on `ivl.image`,
-`ivl.model` and `ivl.config`; the recipe arrives with the distillation issue."""
+"""Vision-encoder distillation (SPEC 10): an InternViT teacher (e.g. InternViT-6B) into an InternViT-300M-shaped
+student. The recipe is `distill/train.py` (`ivl distill CONFIG`); `distill/cli.py` adds `cache`, `eval` and `export`."""

@@ -6,6 +6,7 @@
     ivl eval CONFIG [--adapter DIR] [--json]   validation loss and greedy exact-match
     ivl merge --adapter DIR --out DIR [--base B] [--format hf|original]   fold a LoRA / QLoRA adapter into its base
     ivl convert SRC DST --to hf|original       original InternVLChatModel checkpoint <-> HF-native
+    ivl distill [cache|eval|export] ...        vision-encoder distillation (see distill/cli.py)
     ivl chat [--base B] [--adapter DIR] --image IMG "question"
     ivl data check PATH [--config CFG] [section.key=value ...] [--json] [--show-config]
     ivl data demo OUT_DIR [--train N] [--validation N]
@@ -101,6 +102,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"{args.to} checkpoint written to {args.dst}")
     return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from distill.cli import main as distill_main
+
+    return distill_main(args.args)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -221,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (GiB)")
     convert.set_defaults(handler=cmd_convert)
+
+    # Everything after `distill` goes to distill.cli, which has its own sub-commands (and its own --help).
+    # prefix_chars: options such as --help or --json are not this parser's, they are passed on as they are.
+    distill = commands.add_parser(
+        "distill", add_help=False, prefix_chars="+", help="vision-encoder distillation: train | cache | eval | export"
+    )
+    distill.add_argument("args", nargs=argparse.REMAINDER)
+    distill.set_defaults(handler=cmd_distill)
 
     chat = commands.add_parser("chat", help="answer one question about an image")
     chat.add_argument("--base", help="hub id, local path or preset:NAME (default: an adapter's recorded base)")
