@@ -1,8 +1,11 @@
 """The synthetic shapes VQA task: the kit's built-in data for the demo, the tests and the benchmarks.
 
 Images of coloured shapes, one object per quadrant at most, with short-answer questions about colour, shape, count and
-position. Every sample is a pure function of (split, index): train and validation use disjoint seeds, and sample i is
-the same whatever the number of samples asked for. Answers are balanced, so chance accuracy is at most 1/4.
+position (task `vqa`). Every sample is a pure function of (split, index): train and validation use disjoint seeds, and
+sample i is the same whatever the number of samples asked for. Answers are balanced, so chance accuracy is at most 1/4.
+
+Task `describe` is what the shipped demo base model was pre-trained on (`ivl.demo.pretrain`): descriptions of the whole
+scene or of one object named by its colour or shape, on other images than the `vqa` task's.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "diamond")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_KINDS = ("color", "shape", "count", "position")
+TASKS = ("vqa", "describe")
 ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 SPLIT_SEEDS = {"train": 0, "validation": 1}
 
@@ -110,18 +114,64 @@ def make_sample(split: str, index: int, width: int = 448, height: int = 448) -> 
     return ShapesSample(render(objects, width, height, rng), question + ANSWER_SUFFIX, answer, kind, objects)
 
 
-def generate(split: str, num_samples: int, width: int = 448, height: int = 448) -> Iterator[ShapesSample]:
+def describe(objects: list[ShapeObject]) -> str:
+    """The scene in words, objects in quadrant order: "a red circle at the top left, an orange square at the ..."."""
+    return ", ".join(
+        f"{_article(o.color)} {o.color} {o.shape} at the {QUADRANTS[o.quadrant]}"
+        for o in sorted(objects, key=_quadrant)
+    )
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _quadrant(obj: ShapeObject) -> int:
+    return obj.quadrant
+
+
+def make_description_sample(split: str, index: int, width: int = 448, height: int = 448) -> ShapesSample:
+    """Sample `index` of the `describe` task: "Describe the image." or a description of the objects named by one
+    colour or one shape ("Describe the circles." where shapes repeat). Its own random stream: other images than
+    `make_sample`'s."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index, 1])
+    scene_kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
+    objects, _, _ = _scene_and_question(rng, scene_kind)
+    image = render(objects, width, height, rng)
+    target = int(rng.integers(2 if scene_kind == "count" else 3))
+    if target == 0:
+        return ShapesSample(image, "Describe the image.", describe(objects), "describe", objects)
+    subject = objects[int(rng.integers(len(objects)))]
+    if scene_kind == "count":  # shapes repeat here: all objects of the subject's shape
+        named = [o for o in objects if o.shape == subject.shape]
+        name = f"{subject.shape}s" if len(named) > 1 else subject.shape
+    else:  # colours and shapes are distinct: exactly the subject
+        named = [subject]
+        name = f"{subject.color} object" if target == 1 else subject.shape
+    return ShapesSample(image, f"Describe the {name}.", describe(named), "describe", objects)
+
+
+def generate(
+    split: str, num_samples: int, width: int = 448, height: int = 448, task: str = "vqa"
+) -> Iterator[ShapesSample]:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    make = make_sample if task == "vqa" else make_description_sample
     for index in range(num_samples):
-        yield make_sample(split, index, width, height)
+        yield make(split, index, width, height)
 
 
-def write_split(out_dir: str | Path, split: str, num_samples: int, width: int = 448, height: int = 448) -> Path:
+def write_split(
+    out_dir: str | Path, split: str, num_samples: int, width: int = 448, height: int = 448, task: str = "vqa"
+) -> Path:
     """Write images and an InternVL jsonl (`{split}.jsonl`, image paths relative to `out_dir`); returns the jsonl."""
     out_dir = Path(out_dir)
     (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
     annotation = out_dir / f"{split}.jsonl"
     with annotation.open("w") as handle:
-        for index, sample in enumerate(generate(split, num_samples, width, height)):
+        for index, sample in enumerate(generate(split, num_samples, width, height, task)):
             relative = f"images/{split}/{index:06d}.png"
             sample.image.save(out_dir / relative)
             row = {
@@ -137,13 +187,18 @@ def write_split(out_dir: str | Path, split: str, num_samples: int, width: int = 
 
 
 def write_dataset(
-    out_dir: str | Path, num_train: int = 512, num_validation: int = 128, width: int = 448, height: int = 448
+    out_dir: str | Path,
+    num_train: int = 512,
+    num_validation: int = 128,
+    width: int = 448,
+    height: int = 448,
+    task: str = "vqa",
 ) -> Path:
     """Write train / validation jsonl files and an InternVL meta file for both; returns the meta file's path."""
     out_dir = Path(out_dir)
     meta = {}
     for split, count in (("train", num_train), ("validation", num_validation)):
-        write_split(out_dir, split, count, width, height)
+        write_split(out_dir, split, count, width, height, task)
         meta[f"shapes_{split}"] = {
             "root": str(out_dir.resolve()),
             "annotation": str((out_dir / f"{split}.jsonl").resolve()),

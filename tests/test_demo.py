@@ -1,0 +1,56 @@
+"""The demo job and its shipped base model (`ivl/assets/demo_base`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune.data.samples import DataConfig, SampleBuilder
+from finetune.evaluate import answer_question
+from ivl.demo.pretrain import IMAGE_SIZE, demo_base_path
+from ivl.demo.shapes import make_description_sample, make_sample
+from ivl.model.load import ModelConfig, load_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_description_samples_name_what_is_in_the_scene():
+    for index in range(40):
+        sample = make_description_sample("validation", index, 64, 64)
+        assert sample.question.startswith("Describe the ")
+        described = sample.answer.split(", ")
+        if sample.question == "Describe the image.":
+            assert len(described) == len(sample.objects)
+        for phrase in described:  # "a red circle at the top left": one object of the scene, article included
+            article, color, shape, _, _, *quadrant = phrase.split(" ")
+            assert article == ("an" if color == "orange" else "a")
+            assert any(o.color == color and o.shape == shape for o in sample.objects), (sample.question, phrase)
+    # Other images than the question task's: the two tasks' scenes come from different random streams.
+    assert make_description_sample("train", 0, 64, 64).objects != make_sample("train", 0, 64, 64).objects
+
+
+def test_shipped_base_describes_scenes_but_does_not_give_short_answers(tmp_path):
+    model, tokenizer = load_model(ModelConfig(name_or_path=str(demo_base_path()), dtype="float32"))
+    builder = SampleBuilder(tokenizer, model.config, DataConfig(max_tiles=4, use_thumbnail=False))
+    described, short = 0, 0
+    for index in range(8):
+        sample = make_description_sample("validation", index, IMAGE_SIZE, IMAGE_SIZE)
+        image = tmp_path / f"describe-{index}.png"
+        sample.image.save(image)
+        described += answer_question(model, builder, f"<image>\n{sample.question}", [str(image)], 64) == sample.answer
+        sample = make_sample("validation", index, IMAGE_SIZE, IMAGE_SIZE)
+        sample.image.save(image)
+        short += answer_question(model, builder, f"<image>\n{sample.question}", [str(image)], 16) == sample.answer
+    assert described >= 7  # pre-trained: it sees the scene (a random-weight model describes none)
+    assert short == 0  # never trained on the demo's questions: it answers with a description, not a word
+
+
+def test_demo_runs_end_to_end_and_reports_before_and_after(tmp_path, capsys):
+    from ivl.demo.run import run_demo
+
+    result = run_demo(tmp_path, num_train=32, num_validation=8, overrides=["loop.max_steps=3", "loop.num_workers=0"])
+    out = capsys.readouterr().out
+    assert "validation exact-match after SFT" in out and "ivl chat --adapter" in out
+    assert result["loss_after"] < result["loss_before"]
+    assert result["exact_match_before"] == 0.0  # the base describes scenes; it has never given a short answer
+    for name in ("run/model/model.safetensors", "run/metrics.jsonl", "run/loss.png"):
+        assert (tmp_path / name).is_file(), name
