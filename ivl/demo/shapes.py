@@ -5,7 +5,7 @@ position (task `vqa`). Every sample is a pure function of (split, index): train 
 sample i is the same whatever the number of samples asked for. Answers are balanced, so chance accuracy is at most 1/4.
 
 Task `describe` is what the shipped demo base model was pre-trained on (`ivl.demo.pretrain`): descriptions of the whole
-scene or of one object named by its colour or shape, on other images than the `vqa` task's.
+scene, of the object of one colour or of the objects of one shape, on other images than the `vqa` task's.
 """
 
 from __future__ import annotations
