@@ -1,6 +1,6 @@
 """Partial LoRA against ordinary LoRA on the shapes task, same budget: image accuracy and the LLM's text-only drift.
 
-    python bench/partial_lora.py [--steps 600] [--r 16] [--model preset:tiny-112] [--json out.json]
+    python bench/partial_lora.py [--steps 600] [--r 16] [--model ivl/assets/demo_base] [--json out.json]
 
 Both runs use the official LoRA recipe's parts (ViT frozen, projector trained fully, LoRA on the LLM) with the same
 data, seed, steps, batch, learning rate and rank; only `adapter.kind` differs. Measured on the validation split:
@@ -25,13 +25,14 @@ from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, load_re
 from finetune.evaluate import evaluate_loss
 from finetune.sft import SFTConfig, run_sft
 from ivl.config import load_config
+from ivl.demo.pretrain import IMAGE_SIZE, demo_base_path
 from ivl.demo.shapes import write_dataset
 from ivl.model.adapters import load_trained
 from ivl.model.load import ModelConfig, load_model
 from ivl.model.parts import unwrap
 
-IMAGE_SIZE = 224  # as the demo: one 112 px tile per image (data.max_tiles 1, no thumbnail)
-DATA = {"max_tiles": 1, "use_thumbnail": False, "max_length": 256}
+# As the demo: 224 px images as 2x2 tiles of 112 px, no thumbnail.
+DATA = {"max_tiles": 4, "use_thumbnail": False, "max_length": 256}
 
 
 def write_text_only(validation: Path, out: Path) -> Path:
@@ -91,7 +92,7 @@ def train(kind: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="preset:tiny-112", help="the base (a preset, a local checkpoint)")
+    parser.add_argument("--model", default=str(demo_base_path()), help="the base (default: the demo's pre-trained one)")
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--validation", type=int, default=128)
     parser.add_argument("--steps", type=int, default=600)
