@@ -9,11 +9,11 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
+from test_sft import tiny_run
 
 from finetune.sft import SFTConfig, run_sft
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config, to_dict
-from ivl.demo.shapes import write_dataset
 from ivl.model.adapters import (
     DEFAULT_MODES,
     AdapterConfig,
@@ -197,28 +197,9 @@ def test_saved_adapter_reloads_as_partial_lora_with_identical_outputs_and_refuse
         model.merge_and_unload()  # PEFT's own merge reaches the variant, which refuses too
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    write_dataset(root, num_train=24, num_validation=8, width=112, height=112)
-    return root
-
-
 def sft_config(shapes, out, *overrides):
-    tiny_run = [
-        f"data.train={shapes / 'train.jsonl'}",
-        "data.max_tiles=1",
-        "data.use_thumbnail=false",
-        "model.dtype=float32",
-        "adapter.kind=partial_lora",
-        "adapter.dropout=0",
-        "optim.lr=5e-3",
-        "optim.warmup_ratio=0",
-        "loop.batch_size=4",
-        "loop.log_every=1",
-        "loop.num_workers=0",
-    ]
-    return load_config(SFTConfig, None, [*tiny_run, f"loop.output_dir={out}", *overrides])
+    partial = [*tiny_run(shapes), "adapter.kind=partial_lora", "loop.batch_size=4"]
+    return load_config(SFTConfig, None, [*partial, f"loop.output_dir={out}", *overrides])
 
 
 def _losses(out):

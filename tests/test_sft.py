@@ -16,20 +16,12 @@ from finetune.data.chat import SampleError
 from finetune.sft import SFTConfig, enable_gradient_checkpointing, run_sft
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config
-from ivl.demo.shapes import write_dataset
 from ivl.model.adapters import load_trained, merge_adapter
 from ivl.model.checkpoint import CheckpointError
 from ivl.model.load import ModelConfig, load_model
 from ivl.model.parts import model_parts, part_of
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    write_dataset(root, num_train=24, num_validation=8, width=112, height=112)
-    return root
 
 
 def sft_config(shapes, out, *overrides):
