@@ -75,23 +75,13 @@ ORIGINAL_NAMES: dict[str, str] = {
     "projector.linear1": "mlp1.1",
     "projector.linear2": "mlp1.3",
 }
-# Qwen2 / LLaMA / Phi-3 originals hold transformers' own CausalLM as `language_model`.
+# Qwen2 / LLaMA / Phi-3 originals hold transformers' own CausalLM as `language_model`: the HF-native LLM names under
+# that CausalLM's prefixes.
 _TRANSFORMERS_LLM = {
-    "llm.embed": "language_model.model.embed_tokens",
-    "llm.q": _LLM_LAYER + "self_attn.q_proj",
-    "llm.k": _LLM_LAYER + "self_attn.k_proj",
-    "llm.v": _LLM_LAYER + "self_attn.v_proj",
-    "llm.qkv": _LLM_LAYER + "self_attn.qkv_proj",
-    "llm.o": _LLM_LAYER + "self_attn.o_proj",
-    "llm.gate": _LLM_LAYER + "mlp.gate_proj",
-    "llm.up": _LLM_LAYER + "mlp.up_proj",
-    "llm.gate_up": _LLM_LAYER + "mlp.gate_up_proj",
-    "llm.down": _LLM_LAYER + "mlp.down_proj",
-    "llm.input_norm": _LLM_LAYER + "input_layernorm",
-    "llm.post_norm": _LLM_LAYER + "post_attention_layernorm",
-    "llm.norm": "language_model.model.norm",
-    "lm_head": "language_model.lm_head",
-}
+    role: name.replace("model.language_model.", "language_model.model.")
+    for role, name in HF_NAMES.items()
+    if role.startswith("llm.")
+} | {"lm_head": "language_model.lm_head"}
 _INTERNLM2_LLM = {
     "llm.embed": "language_model.model.tok_embeddings",
     "llm.wqkv": _LLM_LAYER + "attention.wqkv",
