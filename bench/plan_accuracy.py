@@ -82,6 +82,7 @@ def write_model(out_dir: Path, hidden: int, inter: int, layers: int, vision: int
     config = preset_config("tiny-112", tokenizer)
     text, vit = config.text_config, config.vision_config
     text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, inter, layers
+    text.layer_types = ["full_attention"] * layers
     text.num_attention_heads, text.num_key_value_heads, text.head_dim = hidden // 64, 2, 64
     text.vocab_size = VOCAB_SIZE
     vit.hidden_size, vit.intermediate_size, vit.num_attention_heads = vision, 4 * vision, max(2, vision // 32)
