@@ -1,8 +1,9 @@
 """`ivl data check`: validate every row of a data file before any training, and report.
 
-Each bad row is reported as `file:line: reason` (SFT and preference rows alike: bad JSON, no assistant turn, placeholder/image mismatch, empty text,
+Each bad row is reported as `file:line: reason` (bad JSON, no assistant turn, placeholder/image mismatch, empty text,
 missing / unreadable / oversized image, over max_length after image expansion, ...). Repetition flags (SPEC 7) are
-counted but do not make a row bad. Tile and token-length histograms show what training will see.
+counted but do not make a row bad. Preference rows (chosen / rejected) are checked as both of their sides. Tile and
+token-length histograms show what training will see.
 """
 
 from __future__ import annotations

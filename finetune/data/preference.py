@@ -1,7 +1,7 @@
 """Preference pairs (SPEC 4, 9): InternVL MPO jsonl and TRL's preference layout -> chosen / rejected samples.
 
     InternVL MPO line:  {"image": "a.jpg" | [...] | absent, "question": "...", "chosen": "...", "rejected": "..."}
-    TRL preference row: {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages, "images": [...]}
+    TRL preference row: {"prompt": str | messages, "chosen": str | messages, "rejected": ..., "images": [...]}
 
 Each side of a pair is rewritten as an ordinary SFT row (InternVL `conversations` or TRL `messages` layout) with the
 same location and source, so `SampleBuilder` does everything it does for SFT: placeholder checks, tiling, the chat
