@@ -1,13 +1,26 @@
 """MPO: the loss against TRL and the SPEC formula, the reward shift, the reference policy, the shared-image forward,
 preference data, and the recipe end to end on a tiny model."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 from trl.trainer.dpo_trainer import DPOTrainer
 
+from finetune.data.checks import check_data
+from finetune.data.preference import PairDataset, build_pair, collate_pairs
+from finetune.data.samples import SampleBuilder, load_records, model_inputs
 from finetune.losses import mpo_loss
+from finetune.mpo import MPOConfig
+from finetune.preference import ReferencePolicy, pair_logps
+from ivl.cli import main as cli_main
+from ivl.config import load_config
+from ivl.demo.preference import write_preference_split
+from ivl.demo.shapes import write_split
+from ivl.model.adapters import AdapterConfig, PartConfig, VisionPartConfig, apply_trainability, resolve_modes
+from ivl.model.load import ModelConfig, load_model, load_model_config, load_tokenizer
+from ivl.model.parts import model_parts
 
 
 def _trl_mpo_loss(policy_tokens, ref_chosen, ref_rejected, completion_mask, beta):
@@ -79,3 +92,134 @@ def test_mpo_loss_with_shift_equals_the_spec_formula():
     assert loss.item() == pytest.approx((total + 0.7).item(), rel=1e-6)
     unshifted, _ = mpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, sft_loss, beta=beta)
     assert unshifted.item() != pytest.approx(loss.item(), rel=1e-4)  # the shift matters
+
+
+# --- data, pair forward and reference policy on a tiny model ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """16 train / 8 validation preference pairs of the shapes task at 112 px, and the SFT-format validation split."""
+    root = tmp_path_factory.mktemp("pairs")
+    write_preference_split(root, "train", 16, 112, 112)
+    write_preference_split(root, "validation", 8, 112, 112)
+    write_split(root, "validation", 8, 112, 112)
+    return root
+
+
+def tiny_mpo(pairs, out, *overrides):
+    return load_config(MPOConfig, None, [
+        f"data.train={pairs / 'train_preference.jsonl'}", "data.max_tiles=1", "data.use_thumbnail=false",
+        "model.dtype=float32", "adapter.dropout=0", "optim.lr=5e-3", "optim.warmup_ratio=0", "loop.max_steps=2",
+        "loop.log_every=1", "loop.num_workers=0", "loop.batch_size=4", f"loop.output_dir={out}", *overrides,
+    ])  # fmt: skip
+
+
+def _pair_batch(model, pairs, count=3):
+    config = tiny_mpo(pairs, "unused")
+    builder = SampleBuilder(load_tokenizer(config.model), model.config, config.data)
+    dataset = PairDataset(load_records(pairs / "train_preference.jsonl"), builder)
+    batch = collate_pairs([dataset[i] for i in range(count)], builder.tokenize.tokenizer.pad_token_id)
+    inputs = model_inputs(batch)
+    return inputs, inputs.pop("labels"), batch
+
+
+def _lora_model(kind="lora"):
+    model, _ = load_model(ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
+    adapter = AdapterConfig(kind=kind, dropout=0.0)
+    return apply_trainability(model, resolve_modes("none", VisionPartConfig(), PartConfig(), PartConfig()),
+                              VisionPartConfig(), adapter)  # fmt: skip
+
+
+def _separate_logps(model, inputs, labels, rows):
+    """Answer log-probs of `rows` from the plain forward with full logits (the reference implementation)."""
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"][rows], attention_mask=inputs["attention_mask"][rows],
+                       pixel_values=inputs["pixel_values"]).logits  # fmt: skip
+    targets = labels[rows][:, 1:]
+    logps = logits[:, :-1].float().log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+    return (logps * (targets != -100)).sum(1)
+
+
+def test_a_pair_runs_the_vit_once_and_matches_two_separate_forwards(pairs):
+    torch.manual_seed(0)
+    model = _lora_model()
+    with torch.no_grad():  # a non-trivial adapter, so the policy is not the base
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    inputs, labels, _ = _pair_batch(model, pairs)
+    vision_calls = []
+    model_parts(model).vision.register_forward_hook(lambda *args: vision_calls.append(1))
+    policy = pair_logps(model, inputs, labels)
+    assert len(vision_calls) == 1
+    policy.sums.sum().backward()  # differentiable through the shared features
+    assert model_parts(model).projector.modules_to_save.default.linear_1.weight.grad is not None
+    vision_calls.clear()
+    chosen, rejected = (
+        _separate_logps(model, inputs, labels, slice(0, 3)),
+        _separate_logps(model, inputs, labels, slice(3, 6)),
+    )
+    assert len(vision_calls) == 2  # the plain way: once per side
+    assert torch.allclose(policy.sums.detach(), torch.cat([chosen, rejected]), atol=1e-4)
+    assert not torch.allclose(chosen, rejected)
+
+
+@pytest.mark.parametrize("kind", ["lora", "partial_lora"])
+def test_reference_with_disabled_adapters_equals_the_untouched_base(pairs, kind):
+    torch.manual_seed(0)
+    model = _lora_model(kind)
+    with torch.no_grad():  # trained LoRA and projector (modules_to_save) weights
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    base, _ = load_model(ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
+    inputs, labels, _ = _pair_batch(model, pairs)
+    reference = ReferencePolicy(model)(inputs, labels)
+    with torch.no_grad():
+        expected = pair_logps(base, inputs, labels).sums
+        policy = pair_logps(model, inputs, labels).sums
+    assert torch.allclose(reference, expected, atol=1e-5)
+    assert not torch.allclose(policy, expected, atol=1e-3)  # the adapter does change the policy
+
+
+def test_preference_data_layouts_and_bad_rows(pairs, tmp_path):
+    from datasets import Dataset
+
+    image = str(pairs / "images/train_preference/000000.png")
+
+    def text(role, words):
+        return [{"role": role, "content": [{"type": "text", "text": words}]}]
+
+    image_prompt = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Color?"}]}]
+    rows = [
+        {"prompt": image_prompt, "chosen": text("assistant", "red"), "rejected": text("assistant", "blue"),
+         "images": [image]},
+        {"prompt": text("user", "Two words?"), "chosen": text("assistant", "yes please"),
+         "rejected": text("assistant", "no thanks"), "images": []},
+    ]  # fmt: skip
+    Dataset.from_list(rows).save_to_disk(tmp_path / "trl")
+    config = tiny_mpo(pairs, tmp_path)
+    builder = SampleBuilder(load_tokenizer(config.model), load_model_config(config.model), config.data)
+    built = [build_pair(builder, record) for record in load_records(tmp_path / "trl")]
+    assert built[0]["chosen"]["num_tiles"] == [1] and built[1]["chosen"]["tiles"] is None
+    for pair in built:  # same prompt, labels only on the answers
+        chosen, rejected = pair["chosen"], pair["rejected"]
+        prompt = int((chosen["labels"] == -100).long().argmin())
+        assert torch.equal(chosen["input_ids"][:prompt], rejected["input_ids"][:prompt])
+        assert (rejected["labels"][:prompt] == -100).all() and (rejected["labels"][prompt:] != -100).any()
+    jsonl = tmp_path / "mpo.jsonl"
+    lines = [
+        {"image": [image, image], "question": "<image>\n<image>\nSame?", "chosen": "yes", "rejected": "no"},
+        {"question": "No image?", "chosen": "fine", "rejected": "bad"},
+        {"prompt": "TRL strings?", "chosen": "fine", "rejected": "bad"},
+        {"image": image, "question": "Q?", "chosen": "same", "rejected": "same"},
+        {"image": image, "question": "<image>\n<image>\nQ?", "chosen": "a", "rejected": "b"},
+    ]
+    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert build_pair(builder, load_records(jsonl)[0])["chosen"]["num_tiles"] == [1, 1]
+    report = check_data(jsonl, builder, progress=False)
+    assert report.rows_ok == 3
+    assert [(loc.rsplit(":", 1)[1], reason) for loc, reason in report.bad_rows] == [
+        ("4", "'chosen' and 'rejected' are the same answer: nothing to prefer"),
+        ("5", "2 <image> placeholder(s) but 1 image(s)"),
+    ]
+    assert cli_main(["data", "check", str(jsonl), "data.max_tiles=1"]) == 1
