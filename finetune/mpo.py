@@ -187,7 +187,10 @@ def setup(config: MPOConfig) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     # Adapters disabled give the starting policy; only a model without adapters needs a copy of its weights.
     policy = accelerator.unwrap_model(model)
-    reference = ReferencePolicy(policy, None if is_peft(policy) else frozen_copy(policy))
+    if config.mpo.init_adapter:  # the reference is the SFT policy itself, before any update
+        reference = ReferencePolicy(policy, disable_adapters=False)
+    else:
+        reference = ReferencePolicy(policy, None if is_peft(policy) else frozen_copy(policy))
     reference_logps = None
     if config.mpo.precompute_reference:
         parts = {"accelerator": accelerator, "train_set": train_set, "tokenizer": tokenizer, "dtype": dtype}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -69,20 +70,28 @@ def pair_logps(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -
 class ReferencePolicy:
     """log pi_ref of pair batches: the trained model with its adapters disabled (PEFT's `disable_adapter`, which also
     switches `modules_to_save` parts back to their original weights and skips partial LoRA), so LoRA / QLoRA /
-    partial LoRA need no second model; or `frozen_copy`, the starting weights of a fully trained model."""
+    partial LoRA need no second model; or `frozen_copy`, the starting weights of a fully trained model; or, with
+    `disable_adapters=False`, the model as it is now (a continued SFT adapter, whose log-probs are precomputed before
+    the first update). Always in eval mode: the reference must not see dropout."""
 
-    def __init__(self, model: nn.Module, frozen_copy: nn.Module | None = None):
-        if frozen_copy is None and not isinstance(model, PeftModel):
+    def __init__(self, model: nn.Module, frozen_copy: nn.Module | None = None, disable_adapters: bool = True):
+        if frozen_copy is None and disable_adapters and not isinstance(model, PeftModel):
             raise ValueError("a model without adapters needs a frozen copy as its reference")
         self.model = model
         self.frozen_copy = frozen_copy
+        self.disable_adapters = disable_adapters
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
         if self.frozen_copy is not None:
             return pair_logps(self.frozen_copy, inputs, labels).sums
-        with self.model.disable_adapter():
-            return pair_logps(self.model, inputs, labels).sums
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter() if self.disable_adapters else nullcontext():
+                return pair_logps(self.model, inputs, labels).sums
+        finally:
+            self.model.train(was_training)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -119,7 +128,12 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 @torch.no_grad()
 def compute_reference_logps(
-    reference: ReferencePolicy, dataset: PairDataset, accelerator: Accelerator, batch_size: int, pad_token_id: int, dtype
+    reference: ReferencePolicy,
+    dataset: PairDataset,
+    accelerator: Accelerator,
+    batch_size: int,
+    pad_token_id: int,
+    dtype,
 ) -> torch.Tensor:
     """Reference log-probs [num_pairs, 2] (chosen, rejected) of every pair, in one pass split over the processes.
     Pairs a process skips (bad rows under on_error=skip) stay 0; training never reads them."""
@@ -134,7 +148,9 @@ def compute_reference_logps(
         with accelerator.autocast():
             sums = reference(inputs, labels)
         pairs = len(batch["indices"])
-        table[torch.tensor(batch["indices"], device=table.device)] = torch.stack([sums[:pairs], sums[pairs:]], 1).double()
+        table[torch.tensor(batch["indices"], device=table.device)] = torch.stack(
+            [sums[:pairs], sums[pairs:]], 1
+        ).double()
     return accelerator.reduce(table, "sum").float()
 
 

@@ -2,6 +2,7 @@
 preference data, and the recipe end to end on a tiny model."""
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -12,10 +13,10 @@ from finetune.data.checks import check_data
 from finetune.data.preference import PairDataset, build_pair, collate_pairs
 from finetune.data.samples import SampleBuilder, load_records, model_inputs
 from finetune.losses import mpo_loss
-from finetune.mpo import MPOConfig
+from finetune.mpo import MPOConfig, run_mpo
 from finetune.preference import ReferencePolicy, pair_logps
 from ivl.cli import main as cli_main
-from ivl.config import load_config
+from ivl.config import ConfigError, load_config
 from ivl.demo.preference import write_preference_split
 from ivl.demo.shapes import write_split
 from ivl.model.adapters import AdapterConfig, PartConfig, VisionPartConfig, apply_trainability, resolve_modes
@@ -223,3 +224,91 @@ def test_preference_data_layouts_and_bad_rows(pairs, tmp_path):
         ("5", "2 <image> placeholder(s) but 1 image(s)"),
     ]
     assert cli_main(["data", "check", str(jsonl), "data.max_tiles=1"]) == 1
+
+
+# --- the recipe end to end --------------------------------------------------------------------------------------------
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _shift(checkpoint):
+    return json.loads((checkpoint / "state.json").read_text())["reward_shift"]
+
+
+def test_recipe_trains_logs_checkpoints_and_resumes_with_the_same_reward_shift(pairs, tmp_path):
+    overrides = ("loop.max_steps=4", "loop.save_every=2", "loop.keep_last=5", "loop.exact_match_samples=4",
+                 f"data.validation={pairs / 'validation.jsonl'}")  # fmt: skip
+    result = run_mpo(tiny_mpo(pairs, tmp_path, *overrides))
+    steps = [r for r in _records(tmp_path) if "rewards_accuracy" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert steps[0]["rewards_margin"] == 0 and steps[0]["reward_shift"] == 0  # policy == reference before any update
+    assert steps[-1]["rewards_margin"] != 0 and steps[-1]["reward_shift"] != 0
+    assert "eval_exact_match" in result and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "loss.png").is_file()
+    shift_at_4 = _shift(tmp_path / "checkpoints" / "step-000004")
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000004")  # a crash after step 2
+    shutil.rmtree(tmp_path / "adapter")
+    run_mpo(tiny_mpo(pairs, tmp_path, *overrides))
+    assert _shift(tmp_path / "checkpoints" / "step-000004") == pytest.approx(shift_at_4, rel=1e-6)
+    resumed = [r for r in _records(tmp_path) if "rewards_accuracy" in r]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in steps], abs=1e-6)
+
+
+def test_reward_shift_is_the_same_whatever_the_micro_batch_split(pairs, tmp_path):
+    shifts = []
+    for batch_size, grad_accum in ((8, 1), (2, 4), (1, 8)):
+        out = tmp_path / f"{batch_size}x{grad_accum}"
+        run_mpo(tiny_mpo(pairs, out, f"loop.batch_size={batch_size}", f"loop.grad_accum={grad_accum}",
+                         "loop.save_every=2"))  # fmt: skip
+        shifts.append(_shift(out / "checkpoints" / "step-000002"))
+    assert shifts[0] != 0
+    assert shifts[1] == pytest.approx(shifts[0], rel=1e-5) and shifts[2] == pytest.approx(shifts[0], rel=1e-5)
+
+
+def test_precomputed_reference_equals_on_the_fly_and_a_stale_cache_is_refused(pairs, tmp_path):
+    config = tmp_path / "mpo.yaml"
+    config.write_text("mpo: {beta: 0.5}\n")
+    cache = tmp_path / "reference.pt"
+    assert cli_main(["mpo", str(config), *_overrides(pairs, tmp_path / "fly")]) == 0
+    run_mpo(tiny_mpo(pairs, tmp_path / "pre", "mpo.beta=0.5", "mpo.precompute_reference=true",
+                     f"mpo.reference_cache={cache}"))  # fmt: skip
+    assert cache.is_file()
+    on_the_fly, precomputed = (_records(tmp_path / name) for name in ("fly", "pre"))
+    assert [r["loss"] for r in precomputed] == pytest.approx([r["loss"] for r in on_the_fly], abs=1e-5)
+    assert [r["rewards_margin"] for r in precomputed] == pytest.approx(
+        [r["rewards_margin"] for r in on_the_fly], abs=1e-6
+    )
+    with pytest.raises(ConfigError, match="key mismatch"):
+        run_mpo(tiny_mpo(pairs, tmp_path / "stale", "mpo.precompute_reference=true", f"mpo.reference_cache={cache}",
+                         "data.max_length=200"))  # fmt: skip
+
+
+def _overrides(pairs, out):
+    config = tiny_mpo(pairs, out)
+    return [f"data.train={config.data.train}", "data.max_tiles=1", "data.use_thumbnail=false", "model.dtype=float32",
+            "adapter.dropout=0", "optim.lr=5e-3", "optim.warmup_ratio=0", "loop.max_steps=2", "loop.log_every=1",
+            "loop.num_workers=0", "loop.batch_size=4", f"loop.output_dir={out}"]  # fmt: skip
+
+
+def test_continuing_an_sft_adapter_uses_it_as_the_reference(pairs, shapes, tmp_path):
+    from finetune.sft import SFTConfig, run_sft
+
+    sft = run_sft(load_config(SFTConfig, None, [*_overrides(pairs, tmp_path / "sft"), "loop.max_steps=1",
+                                               f"data.train={shapes / 'train.jsonl'}"]))  # fmt: skip
+    with pytest.raises(ConfigError, match="precompute_reference=true"):
+        tiny_mpo(pairs, tmp_path / "mpo", f"mpo.init_adapter={sft['output']}")
+    run_mpo(tiny_mpo(pairs, tmp_path / "mpo", f"mpo.init_adapter={sft['output']}", "mpo.precompute_reference=true"))
+    steps = [r for r in _records(tmp_path / "mpo") if "rewards_accuracy" in r]
+    assert steps[0]["rewards_chosen"] == pytest.approx(0, abs=1e-6)  # the SFT policy is the reference
+    assert steps[1]["rewards_margin"] != 0
+    info = json.loads((tmp_path / "mpo" / "adapter" / "ivl_training.json").read_text())
+    assert info["recipe"] == "mpo" and info["modes"]["llm"] == "lora"
+
+
+def test_full_training_uses_a_frozen_copy_as_reference(pairs, tmp_path):
+    run_mpo(tiny_mpo(pairs, tmp_path, "stage=stage1", "optim.lr=1e-2"))
+    steps = [r for r in _records(tmp_path) if "rewards_accuracy" in r]
+    assert steps[0]["rewards_margin"] == 0 and steps[1]["rewards_margin"] != 0
+    assert (tmp_path / "model" / "config.json").is_file()
