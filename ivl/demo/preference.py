@@ -47,3 +47,21 @@ def write_preference_split(
             image.save(out_dir / relative)
             handle.write(json.dumps({"id": f"{split}-{index}", "image": relative, **row}) + "\n")
     return annotation
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m ivl.demo.preference OUT_DIR [NUM_PAIRS]`: the MPO demo's data (train pairs, and the short-answer
+    validation split for exact-match), at the demo's image size."""
+    import sys
+
+    from ivl.demo.pretrain import IMAGE_SIZE
+    from ivl.demo.shapes import write_split
+
+    argv = sys.argv[1:] if argv is None else argv
+    out_dir, num_pairs = Path(argv[0]), int(argv[1]) if len(argv) > 1 else 1000
+    print(write_preference_split(out_dir, "train", num_pairs, IMAGE_SIZE, IMAGE_SIZE))
+    print(write_split(out_dir, "validation", 128, IMAGE_SIZE, IMAGE_SIZE))
+
+
+if __name__ == "__main__":
+    main()
