@@ -2,9 +2,9 @@
 
     OMP_NUM_THREADS=1 python bench/mpo_memory.py [--preset tiny] [--length 1024] [--batch 2]
 
-Each mode runs in its own process: load the model, apply LoRA (the kit's default: LoRA LLM, trained projector), run
-one step untimed (so one-off allocations settle), then measure the RSS peak of a second step above the RSS just
-before it (a sampling thread reads /proc/self/statm every millisecond). Both modes take log-probs through
+Each mode runs in its own fresh process: load the model, apply LoRA (the kit's default: LoRA LLM, trained projector),
+then measure the RSS peak of the first step above the RSS just before it (a sampling thread reads /proc/self/statm
+every millisecond; a first step, because the allocator keeps freed pages and a second step would reuse them). Both modes take log-probs through
 `token_logps` (no full logits). SFT: B sequences. MPO: B pairs = 2B rows sharing one ViT pass, plus the reference
 pass (adapters disabled, no_grad). Weight memory is reported too: MPO holds no copy of the model.
 """
@@ -89,7 +89,6 @@ def _step(mode: str, preset: str, length: int, batch: int, queue) -> None:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    step()
     with PeakRSS() as peak:
         step()
     queue.put({"mode": mode, "rows": rows, "weights_mib": weights / 2**20,
