@@ -1,12 +1,13 @@
 """Peak CPU memory (RSS) of one MPO training step against one SFT step at the same sequence length, with LoRA.
 
-    OMP_NUM_THREADS=1 python bench/mpo_memory.py [--preset tiny] [--length 1024] [--batch 2]
+    OMP_NUM_THREADS=1 python bench/mpo_memory.py [--preset tiny] [--length 2048] [--batch 2]
 
 Each mode runs in its own fresh process: load the model, apply LoRA (the kit's default: LoRA LLM, trained projector),
 then measure the RSS peak of the first step above the RSS just before it (a sampling thread reads /proc/self/statm
-every millisecond; a first step, because the allocator keeps freed pages and a second step would reuse them). Both modes take log-probs through
-`token_logps` (no full logits). SFT: B sequences. MPO: B pairs = 2B rows sharing one ViT pass, plus the reference
-pass (adapters disabled, no_grad). Weight memory is reported too: MPO holds no copy of the model.
+every millisecond; a first step, because the allocator keeps freed pages and a second step would reuse them). Both
+modes take log-probs through `token_logps` (no full logits). SFT: B sequences. MPO: B pairs = 2B rows sharing one
+ViT pass, plus the reference pass (adapters disabled, no_grad). Weight memory is reported too: MPO holds no copy of
+the model.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _step(mode: str, preset: str, length: int, batch: int, queue) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")
