@@ -26,6 +26,7 @@ from finetune.data.loader import StepBatchSampler
 from finetune.data.packing import PackBudget, Packer, PackItem, collate_packs
 from finetune.data.records import Record, iter_records, sources_for
 from finetune.data.samples import SampleBuilder
+from ivl.config import ConfigError
 
 Sample = dict[str, Any] | None  # None: a bad row skipped under data.on_error=skip
 
@@ -84,7 +85,15 @@ def _first(items: list[tuple[int, Sample]]) -> tuple[int, Sample]:
 
 
 def make_packer(builder: SampleBuilder) -> Packer:
+    """The packer for `builder`'s data config; ConfigError if its token budget cannot hold the largest image."""
     data, tokenizer = builder.data, builder.tokenize.tokenizer
+    image_tiles = data.max_tiles + (1 if data.use_thumbnail and data.max_tiles > 1 else 0)
+    image_tokens = image_tiles * builder.tokens_per_tile + 2  # <img> + <IMG_CONTEXT> x tiles x tokens_per_tile + </img>
+    if data.pack_max_tokens < image_tokens:
+        raise ConfigError(
+            f"data.pack_max_tokens: {data.pack_max_tokens} cannot hold one image of data.max_tiles {data.max_tiles} "
+            f"({image_tokens} tokens with this model): raise it or lower data.max_tiles"
+        )
     budget = PackBudget(data.pack_max_tokens, data.pack_max_tiles, data.pack_buffer_size)
     return Packer(budget, tokenizer.convert_tokens_to_ids(IMG_START), tokenizer.convert_tokens_to_ids(IMG_END))
 
