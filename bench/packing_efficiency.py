@@ -41,12 +41,14 @@ def sample_mix(count: int, seed: int) -> list[dict]:
             ids += [IMG_START] + [IMG_CONTEXT] * (count_tiles * TOKENS_PER_TILE) + [IMG_END]
         ids += [TEXT] * (text - prompt)
         input_ids = torch.tensor(ids, dtype=torch.int32)
-        samples.append({
-            "input_ids": input_ids,
-            "labels": torch.where(input_ids == TEXT, input_ids, IGNORE_INDEX),
-            "tiles": torch.zeros(sum(tiles), 1, 1, 1, dtype=torch.uint8) if tiles else None,
-            "num_tiles": tiles,
-        })
+        samples.append(
+            {
+                "input_ids": input_ids,
+                "labels": torch.where(input_ids == TEXT, input_ids, IGNORE_INDEX),
+                "tiles": torch.zeros(sum(tiles), 1, 1, 1, dtype=torch.uint8) if tiles else None,
+                "num_tiles": tiles,
+            }
+        )
     return samples
 
 
@@ -91,16 +93,17 @@ def main() -> None:
     args = parser.parse_args()
     samples = sample_mix(args.samples, args.seed)
     lengths = sorted(len(s["input_ids"]) for s in samples)
+    median, p90 = lengths[len(lengths) // 2], lengths[int(0.9 * len(lengths))]
     rows = [packed(samples, args.max_tokens, args.max_tiles, size) for size in (20, 64, 256)]
     rows.append(padding_only(samples, args.max_tokens, args.batch_size))
-    print(f"{args.samples} samples, tokens median {lengths[len(lengths) // 2]}, p90 {lengths[int(0.9 * len(lengths))]}, "
-          f"max {lengths[-1]}; L_max {args.max_tokens}, T_max {args.max_tiles}")  # fmt: skip
+    print(f"{args.samples} samples, tokens median {median}, p90 {p90}, max {lengths[-1]}; "
+          f"L_max {args.max_tokens}, T_max {args.max_tiles}")  # fmt: skip
     print(f"{'method':<28}{'sequences':>10}{'real/total':>12}{'samples/seq':>13}{'max tiles':>11}")
     for row in rows:
         print(f"{row['method']:<28}{row['sequences']:>10}{row['efficiency']:>12.3f}"
               f"{row['samples_per_sequence']:>13.2f}{row['max_tiles_in_a_sequence']:>11}")  # fmt: skip
-    mix = {"samples": args.samples, "seed": args.seed, "median_tokens": lengths[len(lengths) // 2],
-           "p90_tokens": lengths[int(0.9 * len(lengths))], "max_tokens": lengths[-1]}  # fmt: skip
+    mix = {"samples": args.samples, "seed": args.seed, "median_tokens": median, "p90_tokens": p90,
+           "max_tokens": lengths[-1]}  # fmt: skip
     result = {"max_tokens": args.max_tokens, "max_tiles": args.max_tiles, "mix": mix, "rows": rows}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
