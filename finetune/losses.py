@@ -8,6 +8,7 @@ step (all micro-batches, all ranks), so the gradient does not depend on how the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,39 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, denominator:
     targets = shift_labels(labels)
     total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return total / denominator
+
+
+# SPEC 5: a (sub-)sample with x supervised targets weighs each of them 1/x^p. token (p = 0) lets long samples dominate,
+# sample (p = 1) short ones; square (p = 0.5) is InternVL 2.5's default between the two.
+REDUCTION_EXPONENTS: dict[str, float] = {"token": 0.0, "sample": 1.0, "square": 0.5}
+Reduction = Literal["token", "sample", "square"]
+
+
+@dataclass
+class LossConfig:
+    """How the supervised tokens of a step are averaged (SPEC 5)."""
+
+    # token: every supervised token counts the same (the kit's default: it keeps the plain token-averaged loss, whose
+    # numbers `ivl eval` reports too); sample / square: InternVL 2.5's per-sample reweighting, square its default.
+    reduction: Reduction = "token"
+
+
+def target_weights(labels: torch.Tensor, sample_tokens: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """The loss weight [B, T] fp32 of the next-token target at each position (0 where it is unsupervised).
+
+    labels [B, T] unshifted (IGNORE_INDEX on unsupervised positions); sample_tokens [B, T] the supervised-target count
+    x of the (sub-)sample each token belongs to (packed rows hold several). A target at position t + 1 weighs
+    1 / x^p of its own sub-sample, p = REDUCTION_EXPONENTS[reduction]."""
+    targets, counts = shift_labels(labels), F.pad(sample_tokens[:, 1:], (0, 1), value=1)
+    weights = counts.clamp(min=1).float().pow(-REDUCTION_EXPONENTS[reduction])
+    return torch.where(targets != IGNORE_INDEX, weights, torch.zeros_like(weights))
+
+
+def weighted_nll(logps: torch.Tensor, weights: torch.Tensor, denominator: float | torch.Tensor) -> torch.Tensor:
+    """sum(weights * -logps) / denominator: logps, weights [N] of the supervised targets. With the denominator = the
+    sum of the weights over the whole optimizer step (all micro-batches and processes) this is SPEC 5's
+    sum(w * CE) / sum(w), whatever the split of the step."""
+    return -(weights * logps).sum() / denominator
 
 
 @dataclass
