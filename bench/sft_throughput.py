@@ -2,7 +2,7 @@
 
     python bench/sft_throughput.py --tile-size 224 --json bench/results_sft_throughput.json       # CPU, small model
     python bench/sft_throughput.py --device cuda --preset internvl3-2b --tile-size 448 --batch-size 4
-    python bench/sft_throughput.py --ours data.packing=true            # extra overrides for our loop's SFT config
+    python bench/sft_throughput.py --ours loss.reduction=square        # extra overrides for our loops' SFT config
 
 Same model (random weights from a config: by default ViT 64 x 2 layers, LLM 256 x 2 layers with the real Qwen2.5
 vocabulary of 151,674 entries; `--preset` gives a zoo size), same trainable layout (the official LoRA recipe: ViT
@@ -13,7 +13,10 @@ machine noise hits all of them; the first round is a warm-up and is not counted.
 so only forward + backward + optimizer step are timed. Tokens are counted the same way for all: real (non-pad)
 tokens, i.e. the attention mask's sum.
 
-- ours: `finetune.sft.setup` + `optimizer_step` on batches from our data path (`--ours` adds config overrides);
+- ours: `finetune.sft.setup` + `optimizer_step` on the same padded batches (the kit's memory-lean loss: hidden
+  states, vocabulary projection only at supervised positions, chunked);
+- ours+packing: the same with `data.packing=true`: the round's samples packed (SPEC 6) into sequences of at most
+  `--pack-tokens` tokens, `--batch-size` packs per step (so fewer, fuller steps over the same samples);
 - padded: HF model forward with `labels` on right-padded batches, the model's own loss, `accelerator.backward`;
 - trl: TRL's `SFTTrainer` (its default loss: the fused LM head, plus its entropy / accuracy metrics) on the same
   padded batches through a data collator, `skip_prepare_dataset`; step time from callbacks.
@@ -49,7 +52,7 @@ from ivl.model.presets import QWEN_VOCAB, preset_config
 # (image width, height) in tiles -> tiles cut with a thumbnail (max_tiles 6): 1x1 -> 1, 2x1 -> 3, 2x2 -> 5, 3x2 -> 7.
 TILE_MIX = {(1, 1): 0.3, (2, 1): 0.3, (2, 2): 0.25, (3, 2): 0.15}
 ANSWER_TOKENS_MEDIAN, ANSWER_TOKENS_MAX = 80, 600  # log-normal answer lengths (sigma 0.9), clipped
-LOOPS = ("ours", "padded", "trl")
+LOOPS = ("ours", "ours+packing", "padded", "trl")
 
 
 def write_data(out: Path, num_samples: int, tile_size: int, seed: int) -> Path:
@@ -162,9 +165,19 @@ class Ours:
         self.run = setup(load_config(SFTConfig, None, overrides))
         self.run.model.train()
 
-    def batches(self, indices: list[list[int]]) -> list[dict[str, Any]]:
+    def padded_batches(self, indices: list[list[int]]) -> list[dict[str, Any]]:
         pad = self.run.tokenizer.pad_token_id
         return [collate([self.run.train_set[i] for i in rows], pad) for rows in indices]
+
+    def batches(self, indices: list[list[int]]) -> list[dict[str, Any]]:
+        """The round's samples as this loop trains them: packed when the config says so, else padded."""
+        if not self.run.config.data.packing:
+            return self.padded_batches(indices)
+        from finetune.data.packed_loader import packed_batches_of
+
+        samples = [self.run.train_set[i] for rows in indices for i in rows]
+        pad, batch_size = self.run.tokenizer.pad_token_id, self.run.config.loop.batch_size
+        return list(packed_batches_of(samples, self.run.builder, batch_size, pad))
 
     def train(self, batches: list[dict[str, Any]]) -> float:
         from finetune.sft import optimizer_step
@@ -272,16 +285,24 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     data = write_data(work / "data", args.rounds * args.steps * args.batch_size, args.tile_size, args.seed)
     shared = sft_overrides(args, work / "model", data, work / "ours")
     ours = Ours([*shared, *args.ours])
-    loops = {"ours": ours, "padded": Padded(shared, args.device), "trl": TRL(shared, args.device, work / "trl")}
+    packing = [
+        "data.packing=true",
+        f"data.pack_max_tokens={args.pack_tokens}",
+        f"data.pack_max_tiles={args.pack_tiles}",
+    ]
+    loops = {"ours": ours, "ours+packing": Ours([*shared, *packing, *args.ours]), "padded": Padded(shared, args.device),
+             "trl": TRL(shared, args.device, work / "trl")}  # fmt: skip
     results = {name: Measure() for name in LOOPS}
     schedule = step_indices(len(ours.run.train_set), args.batch_size, args.steps, args.rounds, args.seed)
     for round_index, indices in enumerate(schedule):
-        batches = ours.batches(indices)  # the same samples, collated once, for all three
-        tokens, samples = sum(map(real_tokens, batches)), sum(len(b["num_tiles"]) for b in batches)
-        order = LOOPS[round_index % 3 :] + LOOPS[: round_index % 3]
-        for name in order:
+        padded = ours.padded_batches(indices)  # the same samples, collated once, for the padded loops
+        batches = {name: padded for name in LOOPS} | {"ours+packing": loops["ours+packing"].batches(indices)}
+        tokens, samples = sum(map(real_tokens, padded)), sum(len(b["num_tiles"]) for b in padded)
+        shift = round_index % len(LOOPS)
+        for name in LOOPS[shift:] + LOOPS[:shift]:
+            assert sum(map(real_tokens, batches[name])) == tokens  # every loop trains exactly these tokens
             with MemoryPeak(args.device) as memory:
-                seconds = loops[name].train(batches)
+                seconds = loops[name].train(batches[name])
             measure = results[name]
             measure.peak_memory_gib = max(measure.peak_memory_gib, memory.peak / 2**30)
             print(f"round {round_index} {name:<7} {tokens / seconds:10.1f} tokens/s ({seconds:.2f} s)", flush=True)
@@ -290,7 +311,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             measure.seconds += seconds
             measure.tokens += tokens
             measure.samples += samples
-            measure.steps += len(batches)
+            measure.steps += len(batches[name])
             measure.per_round_tokens_per_second.append(tokens / seconds)
     rows = {
         name: {"tokens_per_second": m.tokens / m.seconds, "samples_per_second": m.samples / m.seconds,
@@ -298,8 +319,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                "per_round_tokens_per_second": m.per_round_tokens_per_second}
         for name, m in results.items()
     }  # fmt: skip
-    for name in ("padded", "trl"):
-        rows["ours"][f"speedup_vs_{name}"] = rows["ours"]["tokens_per_second"] / rows[name]["tokens_per_second"]
+    for ours_name in ("ours", "ours+packing"):
+        for name in ("padded", "trl"):
+            speedup = rows[ours_name]["tokens_per_second"] / rows[name]["tokens_per_second"]
+            rows[ours_name][f"speedup_vs_{name}"] = speedup
     text = model_config.text_config
     counted = sum(m.samples for m in results.values())
     return {
@@ -321,11 +344,16 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['device']}, {result['model']}, vocab {result['vocab_size']:,}, "
           f"{result['tokens_per_tile']} tokens per tile, batch {result['batch_size']}")  # fmt: skip
-    print(f"{'loop':<8} {'tokens/s':>10} {'samples/s':>10} {'peak GiB':>9}  ours is")
-    for name, row in result["loops"].items():
-        ratio = "" if name == "ours" else f"{result['loops']['ours'][f'speedup_vs_{name}']:.2f}x"
-        print(f"{name:<8} {row['tokens_per_second']:>10.1f} {row['samples_per_second']:>10.3f} "
-              f"{row['peak_memory_gib']:>9.2f}  {ratio}")  # fmt: skip
+    loops = result["loops"]
+    print(
+        f"{'loop':<13} {'tokens/s':>10} {'samples/s':>10} {'steps':>6} {'peak GiB':>9}  {'vs padded':>9}  {'vs trl':>7}"
+    )
+    for name, row in loops.items():
+        ratios = [
+            f"{row[f'speedup_vs_{other}']:.2f}x" if name.startswith("ours") else "" for other in ("padded", "trl")
+        ]
+        print(f"{name:<13} {row['tokens_per_second']:>10.1f} {row['samples_per_second']:>10.3f} {row['steps']:>6} "
+              f"{row['peak_memory_gib']:>9.2f}  {ratios[0]:>9}  {ratios[1]:>7}")  # fmt: skip
 
 
 def main() -> None:
@@ -338,7 +366,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per loop per round")
     parser.add_argument("--rounds", type=int, default=4, help="rounds; the first is a warm-up")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ours", nargs="*", default=[], help="extra SFT config overrides for our loop")
+    parser.add_argument("--pack-tokens", type=int, default=8192, help="ours+packing: data.pack_max_tokens")
+    parser.add_argument("--pack-tiles", type=int, default=48, help="ours+packing: data.pack_max_tiles")
+    parser.add_argument("--ours", nargs="*", default=[], help="extra SFT config overrides for our loops")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ivl-sft-bench-") as tmp:

@@ -334,8 +334,9 @@ def train(run: Run) -> dict[str, Any]:
     return last
 
 
-def save(run: Run) -> Path:
-    """The final adapter (PEFT format, `OUTPUT/adapter`) or full model (`OUTPUT/model`), with the tokenizer."""
+def save(run: Run, recipe: str = "SFT") -> Path:
+    """The final adapter (PEFT format, `OUTPUT/adapter`) or full model (`OUTPUT/model`), with the tokenizer; `recipe`
+    titles the loss plot. The MPO recipe saves through here too."""
     accelerator, output_dir = run.accelerator, Path(run.config.loop.output_dir)
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(run.model)
@@ -344,7 +345,7 @@ def save(run: Run) -> Path:
     out_dir = output_dir / ("adapter" if is_peft(model) else "model")
     if accelerator.is_main_process:
         export_final(out_dir, model, run.tokenizer, run.info, partial(save_trained, state_dict=state_dict))
-        plot_curves(output_dir / "metrics.jsonl", output_dir / "loss.png", f"SFT {run.config.model.name_or_path}")
+        plot_curves(output_dir / "metrics.jsonl", output_dir / "loss.png", f"{recipe} {run.config.model.name_or_path}")
     accelerator.wait_for_everyone()
     return out_dir
 
