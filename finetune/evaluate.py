@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from finetune.data.chat import SampleError
+from finetune.data.packed_loader import packed_batches_of
 from finetune.data.records import DataSource, Record
 from finetune.data.samples import (
     DataConfig,
@@ -28,11 +29,13 @@ from finetune.data.samples import (
     load_records,
     model_inputs,
 )
-from finetune.losses import num_supervised_tokens, token_cross_entropy
+from finetune.losses import SupervisedTokens, supervised_tokens, token_logps
 from ivl.config import ConfigError
 from ivl.image import ImageError
 from ivl.model.adapters import load_trained
+from ivl.model.forward import final_hidden_states, output_layer
 from ivl.model.load import ModelConfig, load_model
+from ivl.model.packed_attention import check_packing_support, packed_forward_inputs
 from ivl.model.parts import unwrap
 
 
@@ -54,26 +57,52 @@ def _progress(accelerator: Accelerator, iterable, description: str, total: int):
     return tqdm(iterable, desc=description, total=total, leave=False, disable=not accelerator.is_main_process)
 
 
+def batch_logps(
+    model: nn.Module, batch: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> tuple[SupervisedTokens, torch.Tensor, torch.Tensor]:
+    """(the supervised positions, their log p(target) [N] fp32, labels [B, T] on the device) of a collated batch,
+    padded or packed, without ever building [B, T, V] logits (`final_hidden_states` + chunked `token_logps`)."""
+    inputs = model_inputs(batch, device, dtype)
+    labels = inputs.pop("labels")
+    if "position_ids" in batch:
+        inputs = packed_forward_inputs(inputs, batch["position_ids"])
+    supervised = supervised_tokens(final_hidden_states(model, inputs), labels)
+    return supervised, token_logps(output_layer(model), supervised.hidden, supervised.targets), labels
+
+
+def _eval_batches(shard: Dataset, batch_size: int, pad_token_id: int, packing: bool):
+    if not packing:
+        return DataLoader(shard, batch_size=batch_size, collate_fn=partial(collate, pad_token_id=pad_token_id))
+    check_packing_support()
+    samples = [sample for sample in (shard[i] for i in range(len(shard))) if sample is not None]
+    return list(packed_batches_of(samples, shard.dataset.builder, batch_size, pad_token_id))
+
+
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, dataset: Dataset, accelerator: Accelerator, batch_size: int, pad_token_id: int, dtype
+    model: nn.Module,
+    dataset: Dataset,
+    accelerator: Accelerator,
+    batch_size: int,
+    pad_token_id: int,
+    dtype: torch.dtype,
+    packing: bool = False,
 ) -> dict[str, float]:
-    """{"loss": sum of token CE / number of supervised tokens over the whole set, "tokens": that number}."""
+    """{"loss": sum of token CE / number of supervised tokens over the whole set, "tokens": that number}, always
+    token-averaged whatever the training `loss.reduction`. `packing`: `batch_size` packs per batch (the same loss)."""
     model = accelerator.unwrap_model(model)  # no DDP forward: a process may have no batches (uneven shards)
     was_training = model.training
     model.eval()
     shard = _Shard(dataset, accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(shard, batch_size=batch_size, collate_fn=partial(collate, pad_token_id=pad_token_id))
+    batches = _eval_batches(shard, batch_size, pad_token_id, packing)
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (CE sum, tokens)
-    for batch in _progress(accelerator, loader, "eval loss", len(loader)):
+    for batch in _progress(accelerator, batches, "eval loss", len(batches)):
         if batch["input_ids"] is None:
             continue
-        inputs = model_inputs(batch, accelerator.device, dtype)
-        labels = inputs.pop("labels")
         with accelerator.autocast():
-            logits = model(**inputs).logits
-        totals[0] += token_cross_entropy(logits, labels, 1.0).double()
-        totals[1] += num_supervised_tokens(labels)
+            _, logps, _ = batch_logps(model, batch, accelerator.device, dtype)
+        totals[0] -= logps.double().sum()
+        totals[1] += logps.numel()
     totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
     return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "tokens": int(totals[1].item())}
@@ -174,7 +203,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     dtype = unwrap(model).dtype
     dataset = SFTDataset(records, builder)
     result = {"data": str(path), **evaluate_loss(model, dataset, accelerator, options.batch_size,
-                                                 tokenizer.pad_token_id, dtype)}  # fmt: skip
+                                                 tokenizer.pad_token_id, dtype, config.data.packing)}  # fmt: skip
     if options.exact_match_samples:
         subset = records if options.exact_match_samples < 0 else records[: options.exact_match_samples]
         result.update(exact_match(model, builder, subset, accelerator, options.batch_size,

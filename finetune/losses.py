@@ -8,6 +8,7 @@ step (all micro-batches, all ranks), so the gradient does not depend on how the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,39 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, denominator:
     targets = shift_labels(labels)
     total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return total / denominator
+
+
+# SPEC 5: a (sub-)sample with x supervised targets weighs each of them 1/x^p. token (p = 0) lets long samples dominate,
+# sample (p = 1) short ones; square (p = 0.5) is InternVL 2.5's default between the two.
+REDUCTION_EXPONENTS: dict[str, float] = {"token": 0.0, "sample": 1.0, "square": 0.5}
+Reduction = Literal["token", "sample", "square"]
+
+
+@dataclass
+class LossConfig:
+    """How the supervised tokens of a step are averaged (SPEC 5)."""
+
+    # token: every supervised token counts the same (the kit's default: it keeps the plain token-averaged loss, whose
+    # numbers `ivl eval` reports too); sample / square: InternVL 2.5's per-sample reweighting, square its default.
+    reduction: Reduction = "token"
+
+
+def target_weights(labels: torch.Tensor, sample_tokens: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """The loss weight [B, T] fp32 of the next-token target at each position (0 where it is unsupervised).
+
+    labels [B, T] unshifted (IGNORE_INDEX on unsupervised positions); sample_tokens [B, T] the supervised-target count
+    x of the (sub-)sample each token belongs to (packed rows hold several). A target at position t + 1 weighs
+    1 / x^p of its own sub-sample, p = REDUCTION_EXPONENTS[reduction]."""
+    targets, counts = shift_labels(labels), F.pad(sample_tokens[:, 1:], (0, 1), value=1)
+    weights = counts.clamp(min=1).float().pow(-REDUCTION_EXPONENTS[reduction])
+    return torch.where(targets != IGNORE_INDEX, weights, torch.zeros_like(weights))
+
+
+def weighted_nll(logps: torch.Tensor, weights: torch.Tensor, denominator: float | torch.Tensor) -> torch.Tensor:
+    """sum(weights * -logps) / denominator: logps, weights [N] of the supervised targets. With the denominator = the
+    sum of the weights over the whole optimizer step (all micro-batches and processes) this is SPEC 5's
+    sum(w * CE) / sum(w), whatever the split of the step."""
+    return -(weights * logps).sum() / denominator
 
 
 @dataclass
@@ -90,3 +124,61 @@ def token_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
         else:
             pieces.append(_chunk_logps(lm_head, piece_hidden, piece_targets))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+# --- MPO: Mixed Preference Optimization (SPEC 9) ----------------------------------------------------------------------
+# Inputs are per-sequence sums of token log-probs, shape [B], for the chosen and rejected answer of each pair, under
+# the policy and the reference. Rewards are r = beta * (log pi - log pi_ref); every loss below is per pair, [B].
+
+
+def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """[B], [B] -> r [B] = beta * (log pi(y|x) - log pi_ref(y|x))."""
+    return beta * (policy_logps - ref_logps)
+
+
+def dpo_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """L_pref [B] = -log sigmoid(r_c - r_r) (DPO's sigmoid loss)."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)
+
+
+def bco_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, reward_shift: float) -> torch.Tensor:
+    """L_qual [B] = -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta)) (BCO with the reward shift delta; TRL's
+    `bco_pair` is this with delta = 0)."""
+    return -F.logsigmoid(chosen_rewards - reward_shift) - F.logsigmoid(-(rejected_rewards - reward_shift))
+
+
+def mpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    sft_loss: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    weights: tuple[float, float, float] = (0.8, 0.2, 1.0),
+    reward_shift: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L = w_p * mean(L_pref) + w_q * mean(L_qual) + w_g * sft_loss; the log-prob tensors are [B] sequence sums,
+    `sft_loss` the already-reduced generation loss on the chosen answers (a scalar).
+
+    Returns (loss, metrics): detached per-batch means of the chosen / rejected rewards, their margin, the reward
+    accuracy (r_c > r_r), and `reward_sum` / `reward_count` over all 2B rewards, from which the caller updates the
+    reward shift once per optimizer step (over every micro-batch and process)."""
+    chosen = implicit_rewards(policy_chosen_logps, ref_chosen_logps, beta)
+    rejected = implicit_rewards(policy_rejected_logps, ref_rejected_logps, beta)
+    preference_weight, quality_weight, generation_weight = weights
+    loss = (
+        preference_weight * dpo_loss(chosen, rejected).mean()
+        + quality_weight * bco_loss(chosen, rejected, reward_shift).mean()
+        + generation_weight * sft_loss
+    )
+    chosen, rejected = chosen.detach(), rejected.detach()
+    metrics = {
+        "rewards_chosen": chosen.mean(),
+        "rewards_rejected": rejected.mean(),
+        "rewards_margin": (chosen - rejected).mean(),
+        "rewards_accuracy": (chosen > rejected).float().mean(),
+        "reward_sum": chosen.sum() + rejected.sum(),
+        "reward_count": torch.tensor(2.0 * chosen.numel(), device=chosen.device),
+    }
+    return loss, metrics

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,15 +24,17 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.data.chat import SampleError
 from finetune.data.checks import check_data
 from finetune.data.loader import StepBatchSampler
-from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records, model_inputs
-from finetune.evaluate import evaluate_loss, exact_match
-from finetune.losses import num_supervised_tokens, token_cross_entropy
+from finetune.data.packed_loader import PackedBatches, StreamingSource
+from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records
+from finetune.evaluate import batch_logps, evaluate_loss, exact_match
+from finetune.losses import LossConfig, target_weights, weighted_nll
 from ivl.config import ConfigError, load_config, to_dict
 from ivl.model.adapters import (
     AdapterConfig,
@@ -56,8 +59,10 @@ from ivl.model.checkpoint import (
     save_training_checkpoint,
 )
 from ivl.model.load import ModelConfig, load_model, resolve_dtype
-from ivl.model.parts import model_parts
+from ivl.model.packed_attention import check_packing_support
+from ivl.model.parts import layer_class_names, model_parts
 from ivl.model.quantize import keep_training_layout
+from ivl.model.sharded import full_state_dict, is_sharded
 from ivl.runtime import (
     LoopConfig,
     MetricsLog,
@@ -67,6 +72,7 @@ from ivl.runtime import (
     make_accelerator,
     plot_curves,
     progress_bar,
+    shard_per_layer,
     start_trackers,
 )
 
@@ -80,14 +86,22 @@ class SFTConfig:
     llm: PartConfig = field(default_factory=PartConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def validate(self) -> None:
         if not self.data.train:
             raise ConfigError("data.train: give the training data (InternVL jsonl, meta .json or HF dataset)")
-        if self.data.streaming:
-            raise ConfigError("data.streaming: SFT reads map-style data (resumable order); drop data.streaming")
+        if self.data.streaming and not self.data.packing:
+            raise ConfigError(
+                "data.streaming: SFT streams through the packer (its position in the stream is what resumes); "
+                "set data.packing=true too, or drop data.streaming"
+            )
+        if self.data.packing and not self.loop.max_steps:
+            raise ConfigError(
+                "data.packing: the number of packs per epoch is known only while packing; set loop.max_steps"
+            )
         # Stage / mode conflicts and adapter constraints are config errors, reported before anything loads.
         validate_modes(self.modes(), self.adapter, self.vision)
 
@@ -104,7 +118,7 @@ class Run:
     model: nn.Module
     tokenizer: Any
     builder: SampleBuilder
-    train_set: SFTDataset
+    train_set: SFTDataset | StreamingSource
     validation_set: SFTDataset | None
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -153,6 +167,11 @@ def setup(config: SFTConfig) -> Run:
     Path(loop.output_dir).mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(config.model.dtype)
     accelerator = make_accelerator(loop, dtype)
+    if accelerator.is_fsdp2 and config.data.validation:
+        raise ConfigError(
+            "data.validation: evaluation inside an FSDP2 run is not supported (processes would run different numbers "
+            "of forward passes over the sharded model); drop it and run `ivl eval CONFIG --adapter OUTPUT/adapter`"
+        )
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=config.adapter.qlora)
     if config.adapter.qlora:
         keep_training_layout(model)  # mid-run evaluation must not repack the 4-bit weights for CPU inference
@@ -161,14 +180,22 @@ def setup(config: SFTConfig) -> Run:
     accelerator.print(format_report(trainable_report(model, modes)))
 
     builder = SampleBuilder(tokenizer, model.config, config.data)
-    train_set = _checked_dataset(config.data.train, builder, accelerator, config.data.seed)
+    if config.data.packing:
+        check_packing_support()
+    if config.data.streaming:  # rows are checked as they are built (data.on_error): no full pass over the stream
+        train_set = StreamingSource(config.data.train, builder)
+    else:
+        train_set = _checked_dataset(config.data.train, builder, accelerator, config.data.seed)
     validation_set = None
     if config.data.validation:
         validation_set = _checked_dataset(config.data.validation, builder, accelerator, config.data.seed)
     optimizer = build_optimizer(optimizer_groups(model, config), config.optim)
-    batches_per_epoch = len(train_set) // (loop.batch_size * accelerator.num_processes)
-    total_steps = loop.max_steps or max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
+    total_steps = loop.max_steps  # set whenever packing (validated): a stream has no length, packs no fixed count
+    if not total_steps:
+        batches_per_epoch = len(train_set) // (loop.batch_size * accelerator.num_processes)
+        total_steps = max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
+    shard_per_layer(accelerator, layer_class_names(model))
     # The scheduler stays outside `prepare`: Accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     info = {
@@ -186,22 +213,22 @@ def setup(config: SFTConfig) -> Run:
 
 
 def forward_loss(run: Run, batch: dict[str, Any], denominator: torch.Tensor) -> torch.Tensor:
-    """This micro-batch's share of the step loss: its token CE sum / the step's global token count."""
+    """This micro-batch's share of the step loss: its weighted CE sum / the step's global weight sum (SPEC 5)."""
     if batch["input_ids"] is None:  # every row skipped: a zero loss that still touches every trainable weight (DDP)
         return sum(p.sum() for p in run.model.parameters() if p.requires_grad) * 0.0
-    inputs = model_inputs(batch, run.accelerator.device, run.dtype)
-    labels = inputs.pop("labels")
-    logits = run.model(**inputs).logits
-    return token_cross_entropy(logits, labels, denominator)
+    supervised, logps, labels = batch_logps(run.model, batch, run.accelerator.device, run.dtype)
+    weights = target_weights(labels, batch["sample_tokens"].to(labels.device), run.config.loss.reduction)
+    return weighted_nll(logps, weights[supervised.rows, supervised.cols], denominator)
 
 
 def optimizer_step(run: Run, window: list[dict[str, Any]]) -> torch.Tensor:
     """Forward + backward over the step's micro-batches and one optimizer update; returns the step's loss."""
-    accelerator, model = run.accelerator, run.model
-    local_tokens = sum(num_supervised_tokens(b["labels"]) for b in window if b["input_ids"] is not None)
-    global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum")
-    # DDP averages gradients over processes, so each process divides by global_tokens / num_processes.
-    denominator = global_tokens.clamp(min=1) / accelerator.num_processes
+    accelerator, model, reduction = run.accelerator, run.model, run.config.loss.reduction
+    batches = [b for b in window if b["input_ids"] is not None]
+    local_weight = sum(float(target_weights(b["labels"], b["sample_tokens"], reduction).sum()) for b in batches)
+    global_weight = accelerator.reduce(torch.tensor(local_weight, device=accelerator.device), "sum")
+    # DDP averages gradients over processes, so each process divides by global_weight / num_processes.
+    denominator = global_weight.clamp(min=1e-12) / accelerator.num_processes
     step_loss = torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(window):
         last = index == len(window) - 1
@@ -234,22 +261,34 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     return results
 
 
+def training_batches(run: Run, state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Endless micro-batches from where `state` says the run is: packs (the packer's saved state, per process) or
+    padded samples (the sampler's position)."""
+    loop, accelerator, pad = run.config.loop, run.accelerator, run.tokenizer.pad_token_id
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    if run.config.data.packing:
+        packing_state = state.get("packing_state")  # one per process, in process order
+        return PackedBatches(run.train_set, run.builder, loop.batch_size, pad, loop.seed, loop.num_workers, rank,
+                             world_size, packing_state[rank] if packing_state else None)  # fmt: skip
+    sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, rank, world_size,
+                               start=state["micro_batches"])  # fmt: skip
+    loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
+                        collate_fn=partial(collate, pad_token_id=pad))  # fmt: skip
+    return iter(loader)
+
+
 def train(run: Run) -> dict[str, Any]:
     """The training loop; returns the last logged and evaluated metrics."""
     loop, accelerator = run.config.loop, run.accelerator
     layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
-              "seed": loop.seed, "train_samples": len(run.train_set),
-              "adapter_kind": run.config.adapter.kind}  # fmt: skip
-    state = {"step": 0, "micro_batches": 0, "skipped_rows": run.train_set.num_left_out}
+              "seed": loop.seed, "adapter_kind": run.config.adapter.kind, "packing": run.config.data.packing,
+              "train_samples": None if run.config.data.streaming else len(run.train_set)}  # fmt: skip
+    state = {"step": 0, "micro_batches": 0, "skipped_rows": getattr(run.train_set, "num_left_out", 0)}
     resume_from = resolve_resume(loop.resume, loop.output_dir)
     if resume_from is not None:
         state.update(read_checkpoint_state(resume_from))
         check_same_layout(resume_from, state, layout)
-    sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
-                               accelerator.num_processes, start=state["micro_batches"])  # fmt: skip
-    loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
-                        collate_fn=partial(collate, pad_token_id=run.tokenizer.pad_token_id))  # fmt: skip
-    batches = iter(loader)  # draws the workers' base seed from the global RNG: before restoring the saved RNG state
+    batches = training_batches(run, state)  # draws the workers' base seed from the global RNG: before restoring it
     if resume_from is not None:
         load_training_checkpoint(resume_from, accelerator, run.model, run.optimizer, run.scheduler)
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
@@ -284,6 +323,8 @@ def train(run: Run) -> dict[str, Any]:
         if loop.eval_every and step % loop.eval_every == 0 and step < run.total_steps:
             last.update(evaluate(run, step))
         if saving:
+            if isinstance(batches, PackedBatches):  # each process packs its own samples: keep every one's state
+                state["packing_state"] = gather_object([batches.state()])
             save_training_checkpoint(loop.output_dir, step, accelerator, run.model, run.optimizer, run.scheduler,
                                      {**layout, **{k: v for k, v in state.items() if k != "step"}},
                                      loop.keep_last)  # fmt: skip
@@ -293,15 +334,18 @@ def train(run: Run) -> dict[str, Any]:
     return last
 
 
-def save(run: Run) -> Path:
-    """The final adapter (PEFT format, `OUTPUT/adapter`) or full model (`OUTPUT/model`), with the tokenizer."""
+def save(run: Run, recipe: str = "SFT") -> Path:
+    """The final adapter (PEFT format, `OUTPUT/adapter`) or full model (`OUTPUT/model`), with the tokenizer; `recipe`
+    titles the loss plot. The MPO recipe saves through here too."""
     accelerator, output_dir = run.accelerator, Path(run.config.loop.output_dir)
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(run.model)
+    # FSDP2: the weights are gathered whole on every process first (a collective); else the model's own state dict.
+    state_dict = full_state_dict(model, trainable_only=is_peft(model)) if is_sharded(model) else None
     out_dir = output_dir / ("adapter" if is_peft(model) else "model")
     if accelerator.is_main_process:
-        export_final(out_dir, model, run.tokenizer, run.info, save_trained)
-        plot_curves(output_dir / "metrics.jsonl", output_dir / "loss.png", f"SFT {run.config.model.name_or_path}")
+        export_final(out_dir, model, run.tokenizer, run.info, partial(save_trained, state_dict=state_dict))
+        plot_curves(output_dir / "metrics.jsonl", output_dir / "loss.png", f"{recipe} {run.config.model.name_or_path}")
     accelerator.wait_for_everyone()
     return out_dir
 

@@ -3,6 +3,7 @@
     ivl demo                                   the built-in default job on the synthetic shapes task
     ivl sft CONFIG [section.key=value ...]     supervised fine-tuning (LoRA / partial LoRA / QLoRA / full per part)
     ivl sft CONFIG --dry-run [--json]          parameter groups, learning rates, adapter layout, memory; no training
+    ivl mpo CONFIG [section.key=value ...]     preference tuning (MPO: DPO + BCO with reward shift + SFT)
     ivl eval CONFIG [--adapter DIR] [--json]   validation loss and greedy exact-match
     ivl plan CONFIG [--device cuda|cpu] [--memory-gib 24] [--json]   predicted peak memory, itemised; fixes if too big
     ivl merge --adapter DIR --out DIR [--base B] [--format hf|original]   fold a LoRA / QLoRA adapter into its base
@@ -55,6 +56,18 @@ def cmd_sft(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2) if args.json else format_dry_run(report))
         return 0
     result = run_sft(config)
+    if result.pop("is_main_process"):
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_mpo(args: argparse.Namespace) -> int:
+    from finetune.mpo import MPOConfig, run_mpo
+
+    config = load_config(MPOConfig, args.config, args.overrides)
+    if args.show_config:
+        print(format_config(config), end="")
+    result = run_mpo(config)
     if result.pop("is_main_process"):
         print(json.dumps(result, indent=2))
     return 0
@@ -210,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
     sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 loop.max_steps=100")
     sft.set_defaults(handler=cmd_sft)
+
+    mpo = commands.add_parser("mpo", help="preference tuning (MPO) on chosen / rejected pairs from a YAML config")
+    mpo.add_argument("config", help="YAML config (see configs/mpo/)")
+    mpo.add_argument("--show-config", action="store_true", help="print the resolved config first")
+    mpo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mpo.beta=0.1 loop.max_steps=100")
+    mpo.set_defaults(handler=cmd_mpo)
 
     evaluate = commands.add_parser("eval", help="validation loss and greedy exact-match of a model or adapter")
     evaluate.add_argument("config", help="YAML config with model / data / eval sections (an SFT config works)")

@@ -210,9 +210,11 @@ def _run_losses(out):
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(shapes, tmp_path):
-    """2 CPU processes x batch 2 == 1 process x batch 4 == 1 process x batch 2 x 2 accumulation steps."""
-    common = tiny_run(shapes)
+@pytest.mark.parametrize("reduction", ["token", "square"])
+def test_two_processes_match_one_process_with_the_same_global_batch(shapes, tmp_path, reduction):
+    """2 CPU processes x batch 2 == 1 process x batch 4 == 1 process x batch 2 x 2 accumulation steps, for the token
+    and the square loss reduction (global weight denominators)."""
+    common = [*tiny_run(shapes), f"loss.reduction={reduction}"]
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}

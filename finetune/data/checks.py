@@ -2,7 +2,8 @@
 
 Each bad row is reported as `file:line: reason` (bad JSON, no assistant turn, placeholder/image mismatch, empty text,
 missing / unreadable / oversized image, over max_length after image expansion, ...). Repetition flags (SPEC 7) are
-counted but do not make a row bad. Tile and token-length histograms show what training will see.
+counted but do not make a row bad. Preference rows (chosen / rejected) are checked as both of their sides. Tile and
+token-length histograms show what training will see.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from finetune.data.chat import SampleError
 from finetune.data.filters import repetition_flags
+from finetune.data.preference import is_preference_row, measure_pair
 from finetune.data.records import DataSourceError, iter_records, sources_for
 from finetune.data.samples import DataConfig, SampleBuilder
 from ivl.image import ImageError
@@ -104,8 +106,8 @@ def check_data(path: str | Path, builder: SampleBuilder, progress: bool = True) 
 
 
 def _check_record(record, builder: SampleBuilder, report: CheckReport) -> None:
-    try:
-        measured = builder.measure(record)
+    try:  # a preference row (chosen / rejected) is checked as both of its sides
+        measured = measure_pair(builder, record) if is_preference_row(record.row) else builder.measure(record)
     except (SampleError, ImageError) as error:
         report.bad_rows.append((record.location, str(error)))
         return

@@ -65,8 +65,13 @@ class DataConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     on_error: Literal["fail", "skip"] = "fail"
     drop_repetitive: bool = False  # treat samples flagged by the repetition filters (SPEC 7) as bad rows
-    streaming: bool = False  # read HF datasets as streams (no full download); see StreamingSFTDataset
+    streaming: bool = False  # read the data as a stream (no full download; needs packing); see StreamingSource
     seed: int = 0
+    # Packing (SPEC 6, finetune/data/packing.py): several samples per sequence, each attending only to itself.
+    packing: bool = False
+    pack_max_tokens: int = 8192  # L_max: tokens per packed sequence (a longer sample is split between images)
+    pack_max_tiles: int = 48  # T_max: image tiles per packed sequence (not data.max_tiles, which is per image)
+    pack_buffer_size: int = 64  # unfinished packs kept while searching for the longest sample that fits
 
     def validate(self) -> None:
         if self.template not in TEMPLATE_CHOICES:
@@ -77,6 +82,20 @@ class DataConfig:
             raise ConfigError(f"max_length: {self.max_length} is too short for any chat sample")
         if not 1 <= self.num_video_frames <= 64:
             raise ConfigError("num_video_frames: use 8-32 frames as InternVL does")
+        if self.packing:
+            self._validate_packing()
+
+    def _validate_packing(self) -> None:
+        image_tiles = self.max_tiles + (1 if self.use_thumbnail and self.max_tiles > 1 else 0)
+        if self.pack_max_tiles < image_tiles:
+            raise ConfigError(
+                f"pack_max_tiles: {self.pack_max_tiles} cannot hold one image of max_tiles {self.max_tiles}"
+                f"{' + thumbnail' if image_tiles > self.max_tiles else ''} ({image_tiles} tiles): raise it"
+            )
+        if self.pack_max_tokens < 16:
+            raise ConfigError(f"pack_max_tokens: {self.pack_max_tokens} is too short for any chat sample")
+        if self.pack_buffer_size < 1:
+            raise ConfigError(f"pack_buffer_size: {self.pack_buffer_size} must be >= 1")
 
 
 class SampleBuilder:
@@ -241,7 +260,8 @@ class StreamingSFTDataset(IterableDataset):
 
 
 def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad a batch: input_ids / labels / attention_mask [B, T]; tiles uint8 [sum of tiles, 3, S, S] or None."""
+    """Right-pad a batch: input_ids / labels / attention_mask [B, T]; sample_tokens [B, T] each row's supervised-target
+    count (0 on padding; the loss weights 1/x^p read it); tiles uint8 [sum of tiles, 3, S, S] or None."""
     kept = [sample for sample in samples if sample is not None]
     if not kept:
         return {"num_skipped": len(samples), "input_ids": None}
@@ -249,16 +269,19 @@ def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str
     input_ids = torch.full((len(kept), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(kept), length), dtype=torch.long)
+    sample_tokens = torch.zeros((len(kept), length), dtype=torch.long)
     for row, sample in enumerate(kept):
         n = len(sample["input_ids"])
         input_ids[row, :n] = sample["input_ids"]
         labels[row, :n] = sample["labels"]
         attention_mask[row, :n] = 1
+        sample_tokens[row, :n] = int((sample["labels"][1:] != IGNORE_INDEX).sum())
     tiles = [sample["tiles"] for sample in kept if sample["tiles"] is not None]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
+        "sample_tokens": sample_tokens,
         "tiles": torch.cat(tiles) if tiles else None,
         "num_tiles": [sample["num_tiles"] for sample in kept],
         "num_skipped": len(samples) - len(kept),

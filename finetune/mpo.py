@@ -1,0 +1,350 @@
+"""Mixed Preference Optimization of an InternVL model (SPEC 9): L = w_p * DPO + w_q * BCO (reward shift) + w_g * SFT.
+
+    ivl mpo configs/mpo/demo.yaml loop.max_steps=200
+    ivl mpo configs/mpo/internvl3_1b_lora.yaml mpo.precompute_reference=true      # reference log-probs cached first
+    accelerate launch -m finetune.mpo configs/mpo/internvl3_1b_lora.yaml          # DDP on several GPUs
+
+setup -> train -> save, with SFT's conventions (progress bar, metrics.jsonl, atomic checkpoints, resume, final
+adapter / model export); the model setup, evaluation and checkpointing are SFT's own pieces. What differs:
+- data are preference pairs; both answers of a pair share one ViT pass (`finetune.preference.pair_logps`);
+- the reference policy is the trained model with its adapters disabled (LoRA / QLoRA / partial LoRA), a frozen copy
+  only for full fine-tuning, or log-probs precomputed once and cached on disk (required when continuing an SFT
+  adapter: the reference is then the SFT policy, which disabling the adapter would not give);
+- the reward shift delta is the running mean of all past rewards, updated once per optimizer step over the global
+  batch and saved with every checkpoint.
+Losses of a step are normalised globally: the preference terms by the step's pair count, the SFT term by its
+chosen-answer token count (all micro-batches, all processes), so a step's update does not depend on how it is split.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune.data.chat import SampleError
+from finetune.data.checks import check_data
+from finetune.data.loader import StepBatchSampler
+from finetune.data.preference import PairDataset, collate_pairs
+from finetune.data.samples import SampleBuilder, SFTDataset, load_records, model_inputs
+from finetune.losses import mpo_loss, num_supervised_tokens
+from finetune.preference import (
+    ReferencePolicy,
+    RewardShift,
+    compute_reference_logps,
+    continue_adapter,
+    frozen_copy,
+    load_or_compute_reference,
+    pair_logps,
+    reference_cache_key,
+)
+from finetune.sft import SFTConfig, _checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
+from ivl.config import ConfigError, load_config, to_dict
+from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
+from ivl.model.checkpoint import (
+    check_same_layout,
+    load_training_checkpoint,
+    read_checkpoint_state,
+    read_training_info,
+    resolve_resume,
+    save_training_checkpoint,
+)
+from ivl.model.load import load_model, resolve_dtype
+from ivl.model.quantize import keep_training_layout
+from ivl.runtime import (
+    MetricsLog,
+    build_optimizer,
+    build_scheduler,
+    make_accelerator,
+    progress_bar,
+    start_trackers,
+)
+
+METRICS = ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
+
+
+@dataclass
+class MPOOptions:
+    """The MPO loss (SPEC 9) and its reference policy."""
+
+    beta: float = 0.1
+    preference_weight: float = 0.8  # w_p, DPO
+    quality_weight: float = 0.2  # w_q, BCO
+    generation_weight: float = 1.0  # w_g, SFT on the chosen answer
+    reward_shift: bool = True  # BCO's delta = running mean of past rewards; false: delta = 0 (TRL's bco_pair)
+    init_adapter: str | None = None  # continue training an SFT run's adapter/ (on the same base model)
+    precompute_reference: bool = False  # reference log-probs in one pass before training, cached on disk
+    reference_cache: str | None = None  # default: OUTPUT/reference_logps.pt
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"mpo.beta must be positive, got {self.beta}")
+        if min(self.preference_weight, self.quality_weight, self.generation_weight) < 0:
+            raise ConfigError("mpo.*_weight must be >= 0")
+        if self.init_adapter and not self.precompute_reference:
+            raise ConfigError(
+                "mpo.init_adapter: the reference policy is the SFT adapter you start from, which disabling the "
+                "adapter would not give; set mpo.precompute_reference=true"
+            )
+
+
+@dataclass
+class MPOConfig(SFTConfig):
+    mpo: MPOOptions = field(default_factory=MPOOptions)
+
+
+@dataclass
+class Run:
+    """Everything `setup` builds for the loop (the fields `finetune.sft.evaluate` reads included)."""
+
+    config: MPOConfig
+    accelerator: Accelerator
+    model: nn.Module
+    tokenizer: Any
+    builder: SampleBuilder
+    train_set: PairDataset
+    validation_set: SFTDataset | None
+    reference: ReferencePolicy | None  # None: precomputed
+    reference_logps: torch.Tensor | None  # [num_pairs, 2] (chosen, rejected) when precomputed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_steps: int
+    dtype: torch.dtype
+    metrics: MetricsLog
+    info: dict[str, Any]
+
+
+def _checked_pairs(path: str, builder: SampleBuilder, accelerator: Accelerator, seed: int) -> PairDataset:
+    """Every pair checked before training (both sides): bad rows fail the run with the report, or are left out."""
+    report = check_data(path, builder, progress=accelerator.is_main_process and sys.stderr.isatty())
+    if not report.clean and builder.data.on_error == "fail":
+        raise SampleError(f"the data check failed; fix these rows or set data.on_error=skip\n{report.format()}")
+    bad = {location for location, _ in report.bad_rows}
+    dataset = PairDataset([r for r in load_records(path, seed) if r.location not in bad], builder)
+    dataset.num_left_out = len(report.bad_rows)
+    return dataset
+
+
+def _build_model(config: MPOConfig, accelerator: Accelerator) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The policy to train: a fresh adapter / trainable parts as the config says, or an SFT run's adapter continued."""
+    info = {"recipe": "mpo", "base_model": to_dict(config.model), "qlora": config.adapter.qlora,
+            "adapter_kind": config.adapter.kind, "modes": config.modes()}  # fmt: skip
+    if config.mpo.init_adapter:
+        info.update({k: v for k, v in read_training_info(config.mpo.init_adapter).items() if k != "base_model"})
+        info["recipe"] = "mpo"
+    model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=bool(info["qlora"]))
+    if info["qlora"]:
+        keep_training_layout(model)
+    enable_gradient_checkpointing(model, config)
+    if config.mpo.init_adapter:
+        model = continue_adapter(model, config.mpo.init_adapter)
+    else:
+        model = apply_trainability(model, config.modes(), config.vision, config.adapter)
+    accelerator.print(format_report(trainable_report(model, info["modes"])))
+    return model, tokenizer, info
+
+
+def _reference_logps(config: MPOConfig, run_parts: dict[str, Any], reference: ReferencePolicy) -> torch.Tensor:
+    accelerator, dataset = run_parts["accelerator"], run_parts["train_set"]
+    path = Path(config.mpo.reference_cache or Path(config.loop.output_dir) / "reference_logps.pt")
+    key_parts = {"data": to_dict(config.data), "model": to_dict(config.model), "init": config.mpo.init_adapter,
+                 "records": [r.location for r in dataset.records]}  # fmt: skip
+    key = reference_cache_key(key_parts, reference.frozen_copy or reference.model)
+    pad = run_parts["tokenizer"].pad_token_id
+    compute = partial(compute_reference_logps, reference, dataset, accelerator, config.loop.eval_batch_size, pad,
+                      run_parts["dtype"])  # fmt: skip
+    accelerator.print(f"reference log-probs: {path}")
+    return load_or_compute_reference(path, key, compute, accelerator)
+
+
+def setup(config: MPOConfig) -> Run:
+    loop = config.loop
+    Path(loop.output_dir).mkdir(parents=True, exist_ok=True)
+    dtype = resolve_dtype(config.model.dtype)
+    accelerator = make_accelerator(loop, dtype)
+    if accelerator.is_fsdp2:  # the reference pass and the shared ViT features are untested on sharded weights
+        raise ConfigError("MPO runs on one process or under DDP (configs/accelerate/ddp.yaml); FSDP2 is SFT-only")
+    model, tokenizer, info = _build_model(config, accelerator)
+    builder = SampleBuilder(tokenizer, model.config, config.data)
+    train_set = _checked_pairs(config.data.train, builder, accelerator, config.data.seed)
+    validation_set = None  # SFT-format data: validation loss and exact-match, as in SFT
+    if config.data.validation:
+        validation_set = _checked_dataset(config.data.validation, builder, accelerator, config.data.seed)
+    optimizer = build_optimizer(optimizer_groups(model, config), config.optim)
+    batches_per_epoch = len(train_set) // (loop.batch_size * accelerator.num_processes)
+    total_steps = loop.max_steps or max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
+    scheduler = build_scheduler(optimizer, config.optim, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Adapters disabled give the starting policy; only a model without adapters needs a copy of its weights.
+    policy = accelerator.unwrap_model(model)
+    if config.mpo.init_adapter:  # the reference is the SFT policy itself, before any update
+        reference = ReferencePolicy(policy, disable_adapters=False)
+    else:
+        reference = ReferencePolicy(policy, None if is_peft(policy) else frozen_copy(policy))
+    reference_logps = None
+    if config.mpo.precompute_reference:
+        parts = {"accelerator": accelerator, "train_set": train_set, "tokenizer": tokenizer, "dtype": dtype}
+        reference_logps = _reference_logps(config, parts, reference)
+        reference = None  # nothing of the reference is kept: a full model's copy is freed here
+    info["data"] = {k: v for k, v in to_dict(config.data).items() if k not in ("train", "validation")}
+    info["mpo"] = to_dict(config.mpo)
+    metrics = MetricsLog(Path(loop.output_dir) / "metrics.jsonl", accelerator)
+    start_trackers(accelerator, "ivl-mpo", to_dict(config))
+    return Run(config, accelerator, model, tokenizer, builder, train_set, validation_set, reference, reference_logps,
+               optimizer, scheduler, total_steps, dtype, metrics, info)  # fmt: skip
+
+
+def forward_loss(run: Run, batch: dict[str, Any], shift: float, pairs_per_process: torch.Tensor,
+                 tokens_per_process: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """This micro-batch's share of the step loss, and its sums [len(METRICS) + 2] for logging and the shift:
+    pairs x each metric, then the reward sum and count."""
+    if batch["input_ids"] is None:  # every row skipped: a zero loss that still touches every trainable weight (DDP)
+        zero = sum(p.sum() for p in run.model.parameters() if p.requires_grad) * 0.0
+        return zero, torch.zeros(len(METRICS) + 2, device=run.accelerator.device)
+    inputs = model_inputs(batch, run.accelerator.device, run.dtype)
+    labels = inputs.pop("labels")
+    pairs = len(batch["indices"])
+    policy = pair_logps(run.model, inputs, labels)  # [2B]: chosen rows, then rejected rows
+    if run.reference_logps is not None:
+        ref = run.reference_logps[torch.tensor(batch["indices"], device=labels.device)].T.flatten()
+    else:
+        ref = run.reference(inputs, labels)
+    # mpo_loss averages over this micro-batch; `scale` turns that into its share of the step's global pair average,
+    # and the SFT term is divided back by it so it stays a sum over chosen tokens / the step's chosen-token count.
+    scale = pairs / pairs_per_process
+    chosen_nll = -policy.token_logps[policy.rows < pairs].sum()
+    options = run.config.mpo
+    loss, metrics = mpo_loss(policy.sums[:pairs], policy.sums[pairs:], ref[:pairs], ref[pairs:],
+                             chosen_nll / tokens_per_process / scale, beta=options.beta,
+                             weights=(options.preference_weight, options.quality_weight, options.generation_weight),
+                             reward_shift=shift)  # fmt: skip
+    metrics["loss"] = loss.detach()
+    sums = torch.stack([metrics[name] * pairs for name in METRICS] + [metrics["reward_sum"], metrics["reward_count"]])
+    return loss * scale, sums
+
+
+def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift) -> dict[str, float]:
+    """Forward + backward over the step's micro-batches, one optimizer update, one reward-shift update; returns the
+    step's metrics (pair-weighted means over all processes)."""
+    accelerator, model = run.accelerator, run.model
+    kept = [b for b in window if b["input_ids"] is not None]
+    local_pairs = sum(len(b["indices"]) for b in kept)
+    local_tokens = sum(num_supervised_tokens(b["labels"][: len(b["indices"])]) for b in kept)  # chosen rows only
+    counts = torch.tensor([local_pairs, local_tokens], dtype=torch.float32, device=accelerator.device)
+    global_pairs, global_tokens = accelerator.reduce(counts, "sum")
+    # DDP averages gradients over processes, so each process divides by the global counts / num_processes.
+    pairs_per_process = global_pairs.clamp(min=1) / accelerator.num_processes
+    tokens_per_process = global_tokens.clamp(min=1) / accelerator.num_processes
+    sums = torch.zeros(len(METRICS) + 2, device=accelerator.device)
+    for index, batch in enumerate(window):
+        last = index == len(window) - 1
+        with nullcontext() if last else accelerator.no_sync(model):  # gradients all-reduce on the last one only
+            with accelerator.autocast():
+                loss, batch_sums = forward_loss(run, batch, shift.mean, pairs_per_process, tokens_per_process)
+            accelerator.backward(loss)
+        sums += batch_sums.float()
+    if run.config.optim.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), run.config.optim.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    sums = accelerator.reduce(sums.double(), "sum")
+    step_metrics = {name: (sums[i] / global_pairs.clamp(min=1)).item() for i, name in enumerate(METRICS)}
+    if run.config.mpo.reward_shift:
+        shift.update(sums[-2].item(), sums[-1].item())
+    return step_metrics
+
+
+def train(run: Run) -> dict[str, Any]:
+    """The training loop; returns the last logged and evaluated metrics."""
+    loop, accelerator = run.config.loop, run.accelerator
+    layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
+              "seed": loop.seed, "train_samples": len(run.train_set), "recipe": "mpo"}  # fmt: skip
+    state = {"step": 0, "micro_batches": 0, "skipped_rows": run.train_set.num_left_out}
+    resume_from = resolve_resume(loop.resume, loop.output_dir)
+    if resume_from is not None:
+        state.update(read_checkpoint_state(resume_from))
+        check_same_layout(resume_from, state, layout)
+    shift = RewardShift.from_state(state)
+    sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
+                               accelerator.num_processes, start=state["micro_batches"])  # fmt: skip
+    loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
+                        collate_fn=partial(collate_pairs, pad_token_id=run.tokenizer.pad_token_id))  # fmt: skip
+    batches = iter(loader)  # draws the workers' base seed from the global RNG: before restoring the saved RNG state
+    if resume_from is not None:
+        load_training_checkpoint(resume_from, accelerator, run.model, run.optimizer, run.scheduler)
+        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+    run.metrics.truncate_after(state["step"])
+    progress = progress_bar(accelerator, run.total_steps, state["step"], "mpo")
+    window_metrics, tokens, clock, last = [], 0, time.perf_counter(), {}
+    run.model.train()
+    while state["step"] < run.total_steps:
+        window = [next(batches) for _ in range(loop.grad_accum)]
+        state["micro_batches"] += len(window)
+        state["skipped_rows"] += sum(batch["num_skipped"] for batch in window)
+        tokens += sum(int(b["attention_mask"].sum()) for b in window if b["input_ids"] is not None)
+        window_metrics.append(optimizer_step(run, window, shift))
+        state["step"] += 1
+        step = state["step"]
+        saving = bool(loop.save_every) and step % loop.save_every == 0
+        # A checkpoint closes the logging window too, so a resumed run logs the same windows as an uninterrupted one.
+        if step % loop.log_every == 0 or step == run.total_steps or saving:
+            seconds = time.perf_counter() - clock
+            means = {name: sum(m[name] for m in window_metrics) / len(window_metrics) for name in METRICS}
+            last = {"step": step, **means, "reward_shift": shift.mean, "lr": run.scheduler.get_last_lr()[0],
+                    "tokens_per_second": tokens * accelerator.num_processes / seconds,
+                    "skipped_rows": state["skipped_rows"]}  # fmt: skip
+            run.metrics.write(last)
+            progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards_accuracy']:.2f}",
+                                 margin=f"{last['rewards_margin']:.3f}")  # fmt: skip
+            window_metrics, tokens, clock = [], 0, time.perf_counter()
+        if loop.eval_every and step % loop.eval_every == 0 and step < run.total_steps:
+            last.update(evaluate(run, step))
+        if saving:
+            extra = {**layout, **{k: v for k, v in state.items() if k != "step"}, **shift.state()}
+            save_training_checkpoint(loop.output_dir, step, accelerator, run.model, run.optimizer, run.scheduler,
+                                     extra, loop.keep_last)  # fmt: skip
+        progress.update(1)
+    progress.close()
+    last.update(evaluate(run, state["step"]))
+    return last
+
+
+def run_mpo(config: MPOConfig) -> dict[str, Any]:
+    run = setup(config)
+    metrics = train(run)
+    out_dir = save(run, "MPO")
+    run.accelerator.end_training()
+    return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, **metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print("usage: python -m finetune.mpo CONFIG.yaml [section.key=value ...]", file=sys.stderr)
+        return 2
+    from ivl.cli import KNOWN_ERRORS
+
+    try:
+        config = load_config(MPOConfig, argv[0], argv[1:])
+        result = run_mpo(config)
+    except KNOWN_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if result["is_main_process"]:
+        print(f"done: {result['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
