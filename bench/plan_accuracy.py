@@ -8,8 +8,7 @@ and a jsonl whose every sample fills `data.max_length` exactly (no padding) with
 during training (VmHWM, reset with /proc/self/clear_refs right after setup, so the loading transients of from_pretrained
 are left out; the model, the interpreter and every import stay in it) and, for reference, ru_maxrss of the whole
 process. The plan predicts the whole process's peak (its "process baseline" item included): nothing is subtracted.
-If the recipe still computes its loss from full [B, T, V] logits, the child swaps in the memory-lean loss the plan
-assumes (`final_hidden_states` + `supervised_tokens` + `token_logps`, the same sum the recipe's CE computes).
+The recipe's loss is the memory-lean one (one chunk of logits at a time, supervised positions only).
 """
 
 from __future__ import annotations
@@ -43,23 +42,10 @@ CASES = {
 }  # fmt: skip
 
 CHILD = """
-import inspect, json, resource, sys
+import json, resource, sys
 import finetune.sft as sft
 from ivl.config import load_config
 config = load_config(sft.SFTConfig, sys.argv[1], [])
-if "token_logps" not in inspect.getsource(sft.forward_loss):
-    from finetune.data.samples import model_inputs
-    from finetune.losses import supervised_tokens, token_logps
-    from ivl.model.forward import final_hidden_states, output_layer
-
-    def forward_loss(run, batch, denominator):
-        inputs = model_inputs(batch, run.accelerator.device, run.dtype)
-        labels = inputs.pop("labels")
-        tokens = supervised_tokens(final_hidden_states(run.model, inputs), labels)
-        return -token_logps(output_layer(run.model), tokens.hidden, tokens.targets).sum() / denominator
-
-    sft.forward_loss = forward_loss
-    print("SWAPPED_LOSS", flush=True)
 run = sft.setup(config)
 status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 after_setup = status("VmRSS")
@@ -164,7 +150,6 @@ def run_case(name: str, steps: int, tmp: Path) -> dict:
         "case": name,
         "shape": shape,
         "overrides": overrides,
-        "swapped_loss": "SWAPPED_LOSS" in result.stdout,
         "predicted_gib": predicted / GIB,
         "measured_train_peak_gib": measured["train_peak"] / GIB,
         "measured_ru_maxrss_gib": measured["ru_maxrss"] / GIB,

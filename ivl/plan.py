@@ -7,8 +7,9 @@ Parameters, gradients and optimizer states are counted exactly on a meta-device 
 setup (`finetune.dry_run`). Activations are *modelled*: bytes per token per layer for each part and training mode,
 measured once with autograd's saved-tensor hooks on this kit's models (how: see `ACTIVATION_TABLES` in
 `ivl.plan_tables`) and scaled by the configured tokens, tiles, batch, checkpointing and attention. A few constants are
-*calibrated* against measured peaks (`bench/plan_accuracy.py`) or *assumed* (CUDA only; no GPU has measured them yet);
-each says which where it is defined. The recipe (SFT, MPO, distillation) is recognised from the YAML's sections.
+chosen and checked against measured peaks (`bench/plan_accuracy.py`, CPU) or *assumed* (CUDA only; no GPU has
+measured them yet); each says which where it is defined. The recipe (SFT, MPO, distillation) is recognised from the
+YAML's sections.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def _finish(plan: Plan) -> Plan:
         plan.items["cuda context (assumed)"] = CUDA_CONTEXT_BYTES
         plan.notes.append("CUDA figures are predictions: the context and allocator slack are assumed, not measured")
     else:
-        plan.items["allocator slack (calibrated)"] = CPU_ALLOCATOR_SLACK * live
+        plan.items["allocator slack (checked)"] = CPU_ALLOCATOR_SLACK * live
         plan.items["process baseline (measured)"] = CPU_BASELINE_BYTES
         plan.notes.append("CPU: peak RSS of the whole process (python + torch + transformers + the kit included)")
     return plan

@@ -8,7 +8,7 @@ CPU bf16 autocast over a bf16 base and stands for CUDA's bf16 autocast (same tra
 keeps a 1-byte mask where the CPU keeps a bf16 one, so LoRA's extra is, if anything, overestimated on CUDA).
 `tests/test_plan.py` re-measures one case against these tables.
 
-Runtime constants: see each one for MEASURED / CALIBRATED / ASSUMED.
+Runtime constants: see each one for MEASURED / CHECKED / ASSUMED.
 """
 
 from __future__ import annotations
@@ -18,15 +18,17 @@ GIB = 2**30
 # MEASURED: peak RSS of a fresh process that imported the kit (finetune.sft, peft, accelerate, bitsandbytes) and loaded
 # the demo tokenizer, before any model exists: 395 MiB (torch 2.13 CPU, transformers 5.23, python 3.12; 404 MiB RSS).
 CPU_BASELINE_BYTES = 395 * 2**20
-# CALIBRATED on bench/plan_accuracy.py (CPU): glibc keeps freed blocks and the backward pass frees and reallocates
-# activation gradients, so the peak RSS runs above the sum of live tensors by about this fraction of them.
+# CHOSEN, then CHECKED (not fitted) by bench/plan_accuracy.py (CPU, -16% to +11% over 6 cases): glibc keeps freed
+# blocks and the backward pass frees and reallocates activation gradients, so the peak RSS runs above the sum of live
+# tensors by about this fraction of them.
 CPU_ALLOCATOR_SLACK = 0.10
 # ASSUMED (no GPU measured yet): the CUDA context with cuBLAS / cuDNN handles (~0.5 GiB on recent drivers), and the
 # caching allocator's fragmentation on top of live tensors.
 CUDA_CONTEXT_BYTES = 0.5 * GIB
 CUDA_ALLOCATOR_SLACK = 0.10
-# CALIBRATED (bench/plan_accuracy.py): live copies of one fp32 logits chunk at the loss's peak: the chunk's logits,
-# the logsumexp temporary, and their gradient in the recomputed backward (finetune.losses.token_logps).
+# From the loss's design note, CHECKED by bench/plan_accuracy.py: live copies of one fp32 logits chunk at the loss's
+# peak: the chunk's logits, the logsumexp temporary, and their gradient in the recomputed backward
+# (finetune.losses.token_logps).
 LOSS_CHUNK_COPIES = 3
 
 # Bytes per token per layer = cH * H + cI * I + cKV * (KV heads x head dim) + cHeads * heads + c0, for a layer that
