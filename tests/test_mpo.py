@@ -2,11 +2,15 @@
 preference data, and the recipe end to end on a tiny model."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from trl.trainer.dpo_trainer import DPOTrainer
 
 from finetune.data.checks import check_data
@@ -312,3 +316,39 @@ def test_full_training_uses_a_frozen_copy_as_reference(pairs, tmp_path):
     steps = [r for r in _records(tmp_path) if "rewards_accuracy" in r]
     assert steps[0]["rewards_margin"] == 0 and steps[1]["rewards_margin"] != 0
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(pairs, tmp_path):
+    """2 CPU processes x 2 pairs == 1 process x 4 pairs: losses, rewards, reward shift and the updated weights of every
+    trained part, the ViT (LoRA) and projector included. Their features are computed once per pair, before the LLM:
+    if that pass escaped DDP, their gradients would not be averaged over the processes and the weights would differ.
+    Two steps, because Adam's first update only sees the gradients' signs."""
+    common = [f"data.train={pairs / 'train_preference.jsonl'}", "data.max_tiles=1", "data.use_thumbnail=false",
+              "model.dtype=float32", "adapter.dropout=0", "vision.mode=lora", "optim.lr=5e-3", "optim.warmup_ratio=0",
+              "loop.max_steps=2", "loop.log_every=1", "loop.save_every=2", "loop.num_workers=0"]  # fmt: skip
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
+    command = [*torchrun, "-m", "finetune.mpo", str(config), *common, "loop.batch_size=2",
+               f"loop.output_dir={tmp_path / 'ddp'}"]  # fmt: skip
+    completed = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                               timeout=300)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_mpo(load_config(MPOConfig, None, [*common, "loop.batch_size=4", f"loop.output_dir={tmp_path / 'one'}"]))
+    one, ddp = (_records(tmp_path / name) for name in ("one", "ddp"))
+    assert len(one) == 2 and one[1]["rewards_margin"] != 0
+    for name in ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "reward_shift"):
+        assert [r[name] for r in ddp] == pytest.approx([r[name] for r in one], abs=1e-5), name
+    assert _shift(tmp_path / "ddp/checkpoints/step-000002") == pytest.approx(
+        _shift(tmp_path / "one/checkpoints/step-000002"), rel=1e-5
+    )
+    one_weights, ddp_weights = (
+        load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "ddp")
+    )
+    assert one_weights.keys() == ddp_weights.keys()
+    trained_parts = {part: [name for name in one_weights if f".{part}." in name]
+                     for part in ("vision_tower", "multi_modal_projector", "language_model")}  # fmt: skip
+    assert all(trained_parts.values()), trained_parts
+    assert all(one_weights[name].abs().sum() > 0 for name in trained_parts["vision_tower"] if "lora_B" in name)
+    for name, expected in one_weights.items():
+        assert torch.allclose(ddp_weights[name], expected, atol=1e-5), name
