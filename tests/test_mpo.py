@@ -14,15 +14,22 @@ from safetensors.torch import load_file
 from trl.trainer.dpo_trainer import DPOTrainer
 
 from finetune.data.checks import check_data
-from finetune.data.preference import PairDataset, build_pair, collate_pairs
+from finetune.data.preference import ANSWER_KEYS, PairDataset, build_pair, collate_pairs
 from finetune.data.samples import SampleBuilder, load_records, model_inputs
 from finetune.losses import mpo_loss
 from finetune.mpo import MPOConfig, run_mpo
 from finetune.preference import ReferencePolicy, pair_logps
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config
-from ivl.demo.preference import write_preference_split
-from ivl.demo.shapes import write_split
+from ivl.demo.preference import (
+    ANSWERS,
+    REASONING_SUFFIX,
+    preference_pair,
+    write_preference_split,
+    write_reasoning_split,
+    write_sft_meta,
+)
+from ivl.demo.shapes import make_sample, write_split
 from ivl.model.adapters import AdapterConfig, PartConfig, VisionPartConfig, apply_trainability, resolve_modes
 from ivl.model.load import ModelConfig, load_model, load_model_config, load_tokenizer
 from ivl.model.parts import model_parts
@@ -228,6 +235,25 @@ def test_preference_data_layouts_and_bad_rows(pairs, tmp_path):
         ("5", "2 <image> placeholder(s) but 1 image(s)"),
     ]
     assert cli_main(["data", "check", str(jsonl), "data.max_tiles=1"]) == 1
+
+
+def test_demo_pairs_share_a_one_clause_reason_and_differ_in_the_answer_only(tmp_path):
+    kinds = set()
+    for index in range(8):
+        row, _ = preference_pair("train", index, 112, 112)
+        sample = make_sample("train", index, 112, 112)
+        (chosen_reason, chosen), (rejected_reason, rejected) = (row[k].split(" Answer: ") for k in ANSWER_KEYS)
+        assert row["question"].endswith(REASONING_SUFFIX) and chosen_reason == rejected_reason
+        assert chosen == sample.answer and chosen in chosen_reason and chosen_reason.count(".") == 1
+        assert rejected != chosen and rejected in ANSWERS[sample.kind]
+        kinds.add(sample.kind)
+    assert kinds == set(ANSWERS)
+    # The SFT mix before MPO: short answers and reason-then-answer rows on other images than the pairs'.
+    short = write_split(tmp_path, "train", 4, 112, 112)
+    meta = write_sft_meta(tmp_path, [short, write_reasoning_split(tmp_path, "train", range(8, 12), 112, 112)])
+    answers = [record.row["conversations"][1]["value"] for record in load_records(meta)]
+    assert answers[:4] == [make_sample("train", i).answer for i in range(4)]
+    assert answers[4:] == [preference_pair("train", i, 112, 112)[0]["chosen"] for i in range(8, 12)]
 
 
 # --- the recipe end to end --------------------------------------------------------------------------------------------
