@@ -4,9 +4,9 @@ answer ("The circle is purple. Answer: purple"); rejected = the same reason endi
 the same kind), so the pair differs exactly where the answer is right or wrong. Written as InternVL MPO jsonl
 (`image`, `question`, `chosen`, `rejected`).
 
-The reason is one clause, not the whole scene: the MPO demo starts from the SFT model of `ivl demo`, which answers in
-one word; a long description to learn first would drown the preference signal and pull its short answers towards
-descriptions."""
+The reason is one clause, not the whole scene: the pairs differ in one answer, and with a whole-scene description to
+learn as well the preference signal drowned and short answers drifted towards descriptions (bench/README.md, MPO).
+`write_reasoning_split` writes the same form as SFT rows, learnt before MPO (configs/mpo/demo_sft.yaml)."""
 
 from __future__ import annotations
 
@@ -57,17 +57,21 @@ def preference_pair(split: str, index: int, width: int, height: int) -> tuple[di
     rng = np.random.default_rng([SPLIT_SEEDS[split], index, 2])
     wrong = [answer for answer in ANSWERS[sample.kind] if answer != sample.answer]
     rejected = wrong[int(rng.integers(len(wrong)))]
-    reason = REASONS[sample.kind](sample)
     row = {
         "question": f"<image>\n{reasoning_question(sample)}",
-        "chosen": f"{reason} Answer: {sample.answer}",
-        "rejected": f"{reason} Answer: {rejected}",
+        "chosen": reasoned_answer(sample, sample.answer),
+        "rejected": reasoned_answer(sample, rejected),
     }
     return row, sample.image
 
 
 def reasoning_question(sample: ShapesSample) -> str:
     return sample.question.removesuffix(ANSWER_SUFFIX) + REASONING_SUFFIX
+
+
+def reasoned_answer(sample: ShapesSample, answer: str) -> str:
+    """The reason about the object asked for (always the true one), then `answer`."""
+    return f"{REASONS[sample.kind](sample)} Answer: {answer}"
 
 
 def write_preference_split(
@@ -99,7 +103,7 @@ def write_reasoning_split(out_dir: str | Path, split: str, indices: range, width
             relative = f"images/{split}_reasoning/{index:06d}.png"
             sample.image.save(out_dir / relative)
             turns = [{"from": "human", "value": f"<image>\n{reasoning_question(sample)}"},
-                     {"from": "gpt", "value": f"{REASONS[sample.kind](sample)} Answer: {sample.answer}"}]  # fmt: skip
+                     {"from": "gpt", "value": reasoned_answer(sample, sample.answer)}]  # fmt: skip
             handle.write(json.dumps({"id": f"{split}-{index}", "image": relative, "conversations": turns}) + "\n")
     return annotation
 
@@ -109,7 +113,7 @@ def write_sft_meta(out_dir: str | Path, annotations: list[Path]) -> Path:
     out_dir = Path(out_dir)
     meta = {
         path.stem: {"root": str(out_dir.resolve()), "annotation": str(path.resolve()), "data_augment": False,
-                    "repeat_time": 1, "length": sum(1 for _ in path.open())}
+                    "repeat_time": 1, "length": len(path.read_text().splitlines())}
         for path in annotations
     }  # fmt: skip
     (out_dir / "sft_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
