@@ -48,12 +48,11 @@ from finetune.preference import (
     pair_logps,
     reference_cache_key,
 )
-from finetune.sft import SFTConfig, _checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups
+from finetune.sft import SFTConfig, _checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
 from ivl.config import ConfigError, load_config, to_dict
-from ivl.model.adapters import apply_trainability, format_report, is_peft, save_trained, trainable_report
+from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
 from ivl.model.checkpoint import (
     check_same_layout,
-    export_final,
     load_training_checkpoint,
     read_checkpoint_state,
     read_training_info,
@@ -67,7 +66,6 @@ from ivl.runtime import (
     build_optimizer,
     build_scheduler,
     make_accelerator,
-    plot_curves,
     progress_bar,
     start_trackers,
 )
@@ -174,6 +172,8 @@ def setup(config: MPOConfig) -> Run:
     Path(loop.output_dir).mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(config.model.dtype)
     accelerator = make_accelerator(loop, dtype)
+    if accelerator.is_fsdp2:  # the reference pass and the shared ViT features are untested on sharded weights
+        raise ConfigError("MPO runs on one process or under DDP (configs/accelerate/ddp.yaml); FSDP2 is SFT-only")
     model, tokenizer, info = _build_model(config, accelerator)
     builder = SampleBuilder(tokenizer, model.config, config.data)
     train_set = _checked_pairs(config.data.train, builder, accelerator, config.data.seed)
@@ -320,23 +320,10 @@ def train(run: Run) -> dict[str, Any]:
     return last
 
 
-def save(run: Run) -> Path:
-    """The final adapter (PEFT format, `OUTPUT/adapter`) or full model (`OUTPUT/model`), with the tokenizer."""
-    accelerator, output_dir = run.accelerator, Path(run.config.loop.output_dir)
-    accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(run.model)
-    out_dir = output_dir / ("adapter" if is_peft(model) else "model")
-    if accelerator.is_main_process:
-        export_final(out_dir, model, run.tokenizer, run.info, save_trained)
-        plot_curves(output_dir / "metrics.jsonl", output_dir / "loss.png", f"MPO {run.config.model.name_or_path}")
-    accelerator.wait_for_everyone()
-    return out_dir
-
-
 def run_mpo(config: MPOConfig) -> dict[str, Any]:
     run = setup(config)
     metrics = train(run)
-    out_dir = save(run)
+    out_dir = save(run, "MPO")
     run.accelerator.end_training()
     return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, **metrics}
 

@@ -60,8 +60,9 @@ from ivl.model.checkpoint import (
 )
 from ivl.model.load import ModelConfig, load_model, resolve_dtype
 from ivl.model.packed_attention import check_packing_support
-from ivl.model.parts import model_parts
+from ivl.model.parts import layer_class_names, model_parts
 from ivl.model.quantize import keep_training_layout
+from ivl.model.sharded import full_state_dict, is_sharded
 from ivl.runtime import (
     LoopConfig,
     MetricsLog,
@@ -71,6 +72,7 @@ from ivl.runtime import (
     make_accelerator,
     plot_curves,
     progress_bar,
+    shard_per_layer,
     start_trackers,
 )
 
@@ -165,6 +167,11 @@ def setup(config: SFTConfig) -> Run:
     Path(loop.output_dir).mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(config.model.dtype)
     accelerator = make_accelerator(loop, dtype)
+    if accelerator.is_fsdp2 and config.data.validation:
+        raise ConfigError(
+            "data.validation: evaluation inside an FSDP2 run is not supported (processes would run different numbers "
+            "of forward passes over the sharded model); drop it and run `ivl eval CONFIG --adapter OUTPUT/adapter`"
+        )
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=config.adapter.qlora)
     if config.adapter.qlora:
         keep_training_layout(model)  # mid-run evaluation must not repack the 4-bit weights for CPU inference
@@ -188,6 +195,7 @@ def setup(config: SFTConfig) -> Run:
         batches_per_epoch = len(train_set) // (loop.batch_size * accelerator.num_processes)
         total_steps = max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
+    shard_per_layer(accelerator, layer_class_names(model))
     # The scheduler stays outside `prepare`: Accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     info = {
@@ -326,15 +334,18 @@ def train(run: Run) -> dict[str, Any]:
     return last
 
 
-def save(run: Run) -> Path:
-    """The final adapter (PEFT format, `OUTPUT/adapter`) or full model (`OUTPUT/model`), with the tokenizer."""
+def save(run: Run, recipe: str = "SFT") -> Path:
+    """The final adapter (PEFT format, `OUTPUT/adapter`) or full model (`OUTPUT/model`), with the tokenizer; `recipe`
+    titles the loss plot. The MPO recipe saves through here too."""
     accelerator, output_dir = run.accelerator, Path(run.config.loop.output_dir)
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(run.model)
+    # FSDP2: the weights are gathered whole on every process first (a collective); else the model's own state dict.
+    state_dict = full_state_dict(model, trainable_only=is_peft(model)) if is_sharded(model) else None
     out_dir = output_dir / ("adapter" if is_peft(model) else "model")
     if accelerator.is_main_process:
-        export_final(out_dir, model, run.tokenizer, run.info, save_trained)
-        plot_curves(output_dir / "metrics.jsonl", output_dir / "loss.png", f"SFT {run.config.model.name_or_path}")
+        export_final(out_dir, model, run.tokenizer, run.info, partial(save_trained, state_dict=state_dict))
+        plot_curves(output_dir / "metrics.jsonl", output_dir / "loss.png", f"{recipe} {run.config.model.name_or_path}")
     accelerator.wait_for_everyone()
     return out_dir
 

@@ -96,13 +96,33 @@ def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:
         # Text-only micro-batches leave the ViT / projector without gradients on that process.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ConfigError(
-            f"{accelerator.distributed_type.value} is not supported by this release's checkpointing and export; "
-            "launch with DDP (accelerate launch --multi_gpu) or on one GPU"
-        )
+    _check_backend(accelerator)
     set_seed(loop.seed, device_specific=False)
     return accelerator
+
+
+def _check_backend(accelerator: Accelerator) -> None:
+    """DDP and FSDP2 are supported (configs/accelerate/); FSDP1 and DeepSpeed are refused, with the reason."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "DeepSpeed is not supported by this release: its ZeRO checkpoints and final export are untested here "
+            "(no DeepSpeed on our machines); launch with configs/accelerate/fsdp2.yaml (shards parameters, gradients "
+            "and optimizer state like ZeRO-3) or configs/accelerate/ddp.yaml"
+        )
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ConfigError(
+            "FSDP version 1 is not supported (its flat parameters break per-part freezing and LoRA checkpoints): set "
+            "fsdp_version: 2 in the accelerate config, as configs/accelerate/fsdp2.yaml does"
+        )
+
+
+def shard_per_layer(accelerator: Accelerator, layer_class_names: list[str]) -> None:
+    """Under FSDP2, make each transformer layer (of the classes named) its own shard unit, unless the accelerate
+    config names its own classes: InternVL models list no `_no_split_modules`, so Accelerate's transformer-based
+    policy would otherwise put the whole model in one unit and gather all of it at once."""
+    plugin = accelerator.state.fsdp_plugin if accelerator.is_fsdp2 else None
+    if plugin is not None and not plugin.transformer_cls_names_to_wrap:
+        plugin.transformer_cls_names_to_wrap = layer_class_names
 
 
 def _check_trackers(names: list[str]) -> None:

@@ -258,9 +258,10 @@ def parameter_groups(
     return list(groups.values())
 
 
-def save_trained(model: nn.Module, out_dir: Path) -> None:
-    """Write a trained PEFT model (adapter files, plus the partial-LoRA marker) or a whole model to `out_dir`."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+def save_trained(model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a trained PEFT model (adapter files, plus the partial-LoRA marker) or a whole model to `out_dir`.
+    `state_dict`: the whole tensors when the model is sharded (FSDP2); None: the model's own."""
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     if partial_lora_of(model) is not None:
         write_marker(model, out_dir)
 

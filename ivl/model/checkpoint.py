@@ -8,7 +8,8 @@
         state.json              step, data position, and whatever the recipe adds (e.g. MPO's reward shift)
 
 A checkpoint is assembled in a hidden `.step-000200.tmp` directory and renamed into place, so a crash mid-save never
-leaves a directory that looks complete; `latest_checkpoint` only ever sees finished ones.
+leaves a directory that looks complete; `latest_checkpoint` only ever sees finished ones. Under FSDP2 the weights and
+optimizer state are gathered whole first (`ivl.model.sharded`), so the files are the same as an unsharded run's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ivl.model.sharded import (
+    full_optimizer_state,
+    full_state_dict,
+    is_sharded,
+    load_full_optimizer_state,
+    load_full_state_dict,
+)
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 TRAINING_INFO = "ivl_training.json"  # what the kit needs to rebuild the model around an adapter
 
@@ -39,6 +48,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy `state` (whole tensors by name) into the trainable parameters, sharded (FSDP2) or not."""
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(parameters) != set(state):
         missing, unexpected = sorted(set(parameters) - set(state)), sorted(set(state) - set(parameters))
@@ -46,12 +56,15 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
             f"{source} does not match this run's trainable parameters (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}): was it written with another adapter / parts config?"
         )
-    mismatched = [name for name, p in parameters.items() if p.shape != state[name].shape]
+    mismatched = [name for name, p in parameters.items() if p.shape != state[name].shape]  # DTensor: whole shape
     if mismatched:
         raise CheckpointError(
             f"{source}: {mismatched[0]} has shape {tuple(state[mismatched[0]].shape)} there but "
             f"{tuple(parameters[mismatched[0]].shape)} in this run (was adapter.r or the model changed?)"
         )
+    if is_sharded(model):
+        load_full_state_dict(model, state)
+        return
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(state[name])
@@ -71,11 +84,19 @@ def save_training_checkpoint(
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
+    unwrapped = accelerator.unwrap_model(model)
+    if is_sharded(unwrapped):  # gathered on every process (collectives), written by the main one
+        weights, optimizer_state = (
+            full_state_dict(unwrapped, trainable_only=True),
+            full_optimizer_state(unwrapped, optimizer),
+        )
+    else:
+        weights, optimizer_state = None, None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(trainable_state_dict(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(trainable_state_dict(unwrapped) if weights is None else weights, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
     accelerator.wait_for_everyone()
@@ -143,8 +164,13 @@ def load_training_checkpoint(
 ) -> None:
     """Restore weights, optimizer, scheduler and this process's RNG (read the saved state with
     `read_checkpoint_state`)."""
-    load_trainable_state_dict(accelerator.unwrap_model(model), load_file(path / "trainable.safetensors"), path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    unwrapped = accelerator.unwrap_model(model)
+    load_trainable_state_dict(unwrapped, load_file(path / "trainable.safetensors"), path)
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    if is_sharded(unwrapped):
+        load_full_optimizer_state(unwrapped, optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if not rng_file.is_file():

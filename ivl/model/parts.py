@@ -152,6 +152,12 @@ def model_parts(model: nn.Module) -> ModelParts:
     )
 
 
+def layer_class_names(model: nn.Module) -> list[str]:
+    """Class names of the ViT's and the LLM's transformer layers (FSDP2 shards each such layer as one unit)."""
+    parts = model_parts(model)
+    return sorted({type(layer).__name__ for layer in (*parts.vision_layers, *parts.llm_layers)})
+
+
 def llm_attention(layer: nn.Module) -> nn.Module:
     """The attention block of LLM decoder layer `layer`: the first of its blocks to run, and the only one the decoder
     layer passes its keyword arguments on to (every LLM family the kit supports)."""
