@@ -52,6 +52,7 @@ from ivl.runtime import (
     OptimConfig,
     build_optimizer,
     build_scheduler,
+    end_training,
     make_accelerator,
     progress_bar,
     start_trackers,
@@ -292,7 +293,7 @@ def run_distill(config: DistillConfig) -> dict[str, Any]:
     run = setup(config)
     metrics = train(run)
     out_dir = save(run)
-    run.accelerator.end_training()
+    end_training(run.accelerator)
     return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, "init": run.info["init"],
             **metrics}  # fmt: skip
 

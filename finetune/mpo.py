@@ -65,6 +65,7 @@ from ivl.runtime import (
     MetricsLog,
     build_optimizer,
     build_scheduler,
+    end_training,
     make_accelerator,
     progress_bar,
     start_trackers,
@@ -324,7 +325,7 @@ def run_mpo(config: MPOConfig) -> dict[str, Any]:
     run = setup(config)
     metrics = train(run)
     out_dir = save(run, "MPO")
-    run.accelerator.end_training()
+    end_training(run.accelerator)
     return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, **metrics}
 
 

@@ -47,7 +47,8 @@ def shared_image_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, A
     """Forward arguments for [chosen; rejected] rows whose `pixel_values` are the chosen rows' tiles only: the ViT and
     projector run once on them and their features [tiles, tokens, D] are placed twice, in the chosen rows' image
     tokens and then in the rejected rows' (the same images in the same order). Gradients from both halves flow back
-    into the one ViT / projector pass."""
+    into the one ViT / projector pass. Running it outside a DDP wrapper's forward is fine: DDP all-reduces from hooks
+    on each parameter's gradient accumulator, which fire for these parameters too (the two-process test checks it)."""
     pixel_values = inputs.get("pixel_values")
     if pixel_values is None:
         return {key: value for key, value in inputs.items() if key != "pixel_values"}

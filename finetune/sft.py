@@ -69,6 +69,7 @@ from ivl.runtime import (
     OptimConfig,
     build_optimizer,
     build_scheduler,
+    end_training,
     make_accelerator,
     plot_curves,
     progress_bar,
@@ -354,7 +355,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     run = setup(config)
     metrics = train(run)
     out_dir = save(run)
-    run.accelerator.end_training()
+    end_training(run.accelerator)
     return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, **metrics}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -150,6 +151,19 @@ def start_trackers(accelerator: Accelerator, project: str, config: dict[str, Any
             if isinstance(value, (int, float, str, bool)):
                 flat[f"{section}.{key}" if key else section] = value
     accelerator.init_trackers(project, config=flat)
+
+
+def end_training(accelerator: Accelerator) -> None:
+    """Close the trackers and the process group, after the last collective has been fully torn down.
+
+    Gloo's worker thread destroys a finished collective's work object (a barrier's tensors) under the GIL, while the
+    process group's destructor joins that thread holding the GIL: if the group goes while a barrier is still being torn
+    down, the process hangs at exit (seen under load in 2-process CPU runs: `~ProcessGroupGloo` in `thread::join`,
+    the worker in `~AsyncBarrierWork` waiting for the GIL). Sleeping releases the GIL so the worker can finish first.
+    """
+    if accelerator.num_processes > 1:
+        time.sleep(0.5)
+    accelerator.end_training()
 
 
 def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:

@@ -2,23 +2,34 @@
 preference data, and the recipe end to end on a tiny model."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from trl.trainer.dpo_trainer import DPOTrainer
 
 from finetune.data.checks import check_data
-from finetune.data.preference import PairDataset, build_pair, collate_pairs
+from finetune.data.preference import ANSWER_KEYS, PairDataset, build_pair, collate_pairs
 from finetune.data.samples import SampleBuilder, load_records, model_inputs
 from finetune.losses import mpo_loss
 from finetune.mpo import MPOConfig, run_mpo
 from finetune.preference import ReferencePolicy, pair_logps
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config
-from ivl.demo.preference import write_preference_split
-from ivl.demo.shapes import write_split
+from ivl.demo.preference import (
+    ANSWERS,
+    REASONING_SUFFIX,
+    preference_pair,
+    write_preference_split,
+    write_reasoning_split,
+    write_sft_meta,
+)
+from ivl.demo.shapes import make_sample, write_split
 from ivl.model.adapters import AdapterConfig, PartConfig, VisionPartConfig, apply_trainability, resolve_modes
 from ivl.model.load import ModelConfig, load_model, load_model_config, load_tokenizer
 from ivl.model.parts import model_parts
@@ -226,6 +237,25 @@ def test_preference_data_layouts_and_bad_rows(pairs, tmp_path):
     assert cli_main(["data", "check", str(jsonl), "data.max_tiles=1"]) == 1
 
 
+def test_demo_pairs_share_a_one_clause_reason_and_differ_in_the_answer_only(tmp_path):
+    kinds = set()
+    for index in range(8):
+        row, _ = preference_pair("train", index, 112, 112)
+        sample = make_sample("train", index, 112, 112)
+        (chosen_reason, chosen), (rejected_reason, rejected) = (row[k].split(" Answer: ") for k in ANSWER_KEYS)
+        assert row["question"].endswith(REASONING_SUFFIX) and chosen_reason == rejected_reason
+        assert chosen == sample.answer and chosen in chosen_reason and chosen_reason.count(".") == 1
+        assert rejected != chosen and rejected in ANSWERS[sample.kind]
+        kinds.add(sample.kind)
+    assert kinds == set(ANSWERS)
+    # The SFT mix before MPO: short answers and reason-then-answer rows on other images than the pairs'.
+    short = write_split(tmp_path, "train", 4, 112, 112)
+    meta = write_sft_meta(tmp_path, [short, write_reasoning_split(tmp_path, "train", range(8, 12), 112, 112)])
+    answers = [record.row["conversations"][1]["value"] for record in load_records(meta)]
+    assert answers[:4] == [make_sample("train", i).answer for i in range(4)]
+    assert answers[4:] == [preference_pair("train", i, 112, 112)[0]["chosen"] for i in range(8, 12)]
+
+
 # --- the recipe end to end --------------------------------------------------------------------------------------------
 
 
@@ -312,3 +342,39 @@ def test_full_training_uses_a_frozen_copy_as_reference(pairs, tmp_path):
     steps = [r for r in _records(tmp_path) if "rewards_accuracy" in r]
     assert steps[0]["rewards_margin"] == 0 and steps[1]["rewards_margin"] != 0
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(pairs, tmp_path):
+    """2 CPU processes x 2 pairs == 1 process x 4 pairs: losses, rewards, reward shift and the updated weights of every
+    trained part, the ViT (LoRA) and projector included. Their features are computed once per pair, before the LLM:
+    if that pass escaped DDP, their gradients would not be averaged over the processes and the weights would differ.
+    Two steps, because Adam's first update only sees the gradients' signs."""
+    common = [f"data.train={pairs / 'train_preference.jsonl'}", "data.max_tiles=1", "data.use_thumbnail=false",
+              "model.dtype=float32", "adapter.dropout=0", "vision.mode=lora", "optim.lr=5e-3", "optim.warmup_ratio=0",
+              "loop.max_steps=2", "loop.log_every=1", "loop.save_every=2", "loop.num_workers=0"]  # fmt: skip
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
+    command = [*torchrun, "-m", "finetune.mpo", str(config), *common, "loop.batch_size=2",
+               f"loop.output_dir={tmp_path / 'ddp'}"]  # fmt: skip
+    completed = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                               timeout=300)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_mpo(load_config(MPOConfig, None, [*common, "loop.batch_size=4", f"loop.output_dir={tmp_path / 'one'}"]))
+    one, ddp = (_records(tmp_path / name) for name in ("one", "ddp"))
+    assert len(one) == 2 and one[1]["rewards_margin"] != 0
+    for name in ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "reward_shift"):
+        assert [r[name] for r in ddp] == pytest.approx([r[name] for r in one], abs=1e-5), name
+    assert _shift(tmp_path / "ddp/checkpoints/step-000002") == pytest.approx(
+        _shift(tmp_path / "one/checkpoints/step-000002"), rel=1e-5
+    )
+    one_weights, ddp_weights = (
+        load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "ddp")
+    )
+    assert one_weights.keys() == ddp_weights.keys()
+    trained_parts = {part: [name for name in one_weights if f".{part}." in name]
+                     for part in ("vision_tower", "multi_modal_projector", "language_model")}  # fmt: skip
+    assert all(trained_parts.values()), trained_parts
+    assert all(one_weights[name].abs().sum() > 0 for name in trained_parts["vision_tower"] if "lora_B" in name)
+    for name, expected in one_weights.items():
+        assert torch.allclose(ddp_weights[name], expected, atol=1e-5), name
