@@ -4,7 +4,7 @@ The model is built on the meta device from its config (a preset, a local checkpo
 goes through the recipe's own `apply_trainability` and `optimizer_groups`, so the parameter groups and learning rates
 shown are the ones training would use. The memory estimate is deliberately simple: parameters by dtype (NF4 for the
 LLM's linear weights under QLoRA), fp32 gradients of the trainable ones and the optimizer's states. Activations are
-not included (they depend on sequence length, batch size and checkpointing; a planner is a separate piece).
+not included (they depend on sequence length, batch size and checkpointing): `ivl plan` adds them.
 """
 
 from __future__ import annotations
@@ -28,22 +28,22 @@ NF4_BITS_PER_VALUE = 4 + 8 / 64 + 32 / (64 * 256)
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes' 8-bit optimizers keep tensors smaller than this in 32-bit states
 ACTIVATIONS_NOTE = (
     "activations are not included: they grow with sequence length (tiles x tokens per tile) and batch size and "
-    "shrink with gradient checkpointing; add them before choosing a card"
+    "shrink with gradient checkpointing; `ivl plan CONFIG` predicts the whole peak"
 )
 
 
-def _meta_model(config: SFTConfig) -> tuple[nn.Module, set[int], torch.dtype]:
-    """The configured model on the meta device, its trainability applied; also the ids of the parameters a QLoRA
-    run would hold in NF4 (the LLM's linear weights, as `ivl.model.quantize` leaves ViT, projector and lm_head)."""
-    dtype = resolve_dtype(config.model.dtype)
+def meta_model(config: SFTConfig, model_config: Any, dtype: torch.dtype) -> tuple[nn.Module, set[int]]:
+    """The configured model (`model_config`, in `dtype`) on the meta device, its trainability applied; also the ids
+    of the parameters a QLoRA run would hold in NF4 (the LLM's linear weights, as `ivl.model.quantize` leaves ViT,
+    projector and lm_head). `ivl plan` counts its parameters through this too."""
     with torch.device("meta"):
-        model = InternVLForConditionalGeneration(load_model_config(config.model)).to(dtype)
+        model = InternVLForConditionalGeneration(model_config).to(dtype)
     quantized = set()
     if config.adapter.qlora:
         llm = model_parts(model).llm
         quantized = {id(module.weight) for module in llm.modules() if isinstance(module, nn.Linear)}
     model = apply_trainability(model, config.modes(), config.vision, config.adapter)
-    return model, quantized, dtype
+    return model, quantized
 
 
 def _layout(model: nn.Module, config: SFTConfig, modes: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -95,7 +95,8 @@ def _groups(model: nn.Module, config: SFTConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _memory(model: nn.Module, quantized: set[int], optimizer: str) -> dict[str, Any]:
+def parameter_memory(model: nn.Module, quantized: set[int], optimizer: str) -> dict[str, Any]:
+    """Weights by dtype (NF4 where quantised), fp32 gradients of the trainable ones, the optimizer's states."""
     weights = sum(
         p.numel() * NF4_BITS_PER_VALUE / 8 if id(p) in quantized else p.numel() * p.element_size()
         for p in model.parameters()
@@ -119,7 +120,8 @@ def _memory(model: nn.Module, quantized: set[int], optimizer: str) -> dict[str, 
 
 def dry_run(config: SFTConfig) -> dict[str, Any]:
     """The run's parameter groups, adapter layout and memory estimate; nothing is loaded beyond the model config."""
-    model, quantized, dtype = _meta_model(config)
+    dtype = resolve_dtype(config.model.dtype)
+    model, quantized = meta_model(config, load_model_config(config.model), dtype)
     modes = config.modes()
     report = {row["part"]: row for row in trainable_report(model, modes)}
     return {
@@ -128,7 +130,7 @@ def dry_run(config: SFTConfig) -> dict[str, Any]:
         "parts": {part: {"trainable": row["trainable"], "total": row["total"]} for part, row in report.items()},
         "layout": _layout(model, config, modes),
         "groups": _groups(model, config),
-        "memory": _memory(model, quantized, config.optim.optimizer),
+        "memory": parameter_memory(model, quantized, config.optim.optimizer),
     }
 
 

@@ -5,6 +5,7 @@
     ivl sft CONFIG --dry-run [--json]          parameter groups, learning rates, adapter layout, memory; no training
     ivl mpo CONFIG [section.key=value ...]     preference tuning (MPO: DPO + BCO with reward shift + SFT)
     ivl eval CONFIG [--adapter DIR] [--json]   validation loss and greedy exact-match
+    ivl plan CONFIG [--device cuda|cpu] [--memory-gib 24] [--json]   predicted peak memory, itemised; fixes if too big
     ivl merge --adapter DIR --out DIR [--base B] [--format hf|original]   fold a LoRA / QLoRA adapter into its base
     ivl convert SRC DST --to hf|original       original InternVLChatModel checkpoint <-> HF-native
     ivl distill [cache|eval|export] ...        vision-encoder distillation (see distill/cli.py)
@@ -86,6 +87,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"exact match {result['exact_match']:.3f} on {result['samples']} samples")
         for reference, answer in result["examples"]:
             print(f"  reference {reference!r:<24} answer {answer!r}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ivl.plan import plan_file
+    from ivl.plan_proposals import format_plan
+
+    plan = plan_file(args.config, args.overrides, args.device, args.memory_gib)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0
 
 
@@ -226,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.exact_match_samples=100")
     evaluate.set_defaults(handler=cmd_eval)
+
+    plan = commands.add_parser("plan", help="predict a run's peak memory, itemised, and what makes it fit")
+    plan.add_argument("config", help="an SFT, MPO or distillation YAML config")
+    plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the run would train")
+    plan.add_argument("--memory-gib", type=float, default=24.0, help="memory of the card (or RAM) in GiB")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=4096")
+    plan.set_defaults(handler=cmd_plan)
 
     merge = commands.add_parser("merge", help="merge a LoRA / QLoRA adapter into its base (not partial LoRA)")
     merge.add_argument("--adapter", required=True, help="a run's adapter/ directory")

@@ -1,0 +1,335 @@
+"""`ivl plan CONFIG`: the peak memory of a training run, itemised, before anything is loaded.
+
+    plan = plan_run(load_recipe_config("configs/sft/internvl3_8b_qlora.yaml", []), device="cuda")
+    plan.total_bytes, plan.items       # {"frozen weights": ..., "llm activations": ..., ...}
+
+Parameters, gradients and optimizer states are counted exactly on a meta-device model built through the recipe's own
+setup (`finetune.dry_run`). Activations are *modelled*: bytes per token per layer for each part and training mode,
+measured once with autograd's saved-tensor hooks on this kit's models (how: see `ACTIVATION_TABLES` in
+`ivl.plan_tables`) and scaled by the configured tokens, tiles, batch, checkpointing and attention. A few constants are
+chosen and checked against measured peaks (`bench/plan_accuracy.py`, CPU) or *assumed* (CUDA only; no GPU has
+measured them yet); each says which where it is defined. The recipe (SFT, MPO, distillation) is recognised from the
+YAML's sections.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ivl.config import ConfigError
+from ivl.plan_tables import (
+    CPU_ALLOCATOR_SLACK,
+    CPU_BASELINE_BYTES,
+    CUDA_ALLOCATOR_SLACK,
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    LOSS_CHUNK_COPIES,
+    llm_layer_bytes_per_token,
+    vision_layer_bytes_per_token,
+)
+
+Device = Literal["cuda", "cpu"]
+DEVICES: tuple[Device, ...] = ("cuda", "cpu")
+ACTIVATION_DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+@dataclass
+class Workload:
+    """What one micro-batch puts through the model (after the config's data and loop sections)."""
+
+    rows: int  # sequences per micro-batch (MPO: chosen + rejected rows, 2 per pair)
+    tokens_per_row: int  # data.max_length, or the packing budget data.pack_max_tokens
+    tiles: int  # image tiles through the ViT per micro-batch (MPO: once per pair)
+    reference_pass: bool = False  # MPO: a no-grad forward of the reference policy while the policy's graph is alive
+
+
+@dataclass
+class Plan:
+    """A predicted peak: named items in bytes, what they assume, and whether they fit `memory_gib`."""
+
+    recipe: str
+    model: str
+    device: Device
+    dtype: str
+    workload: dict[str, Any]
+    items: dict[str, float]
+    memory_gib: float
+    notes: list[str] = field(default_factory=list)
+    proposals: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.items.values())
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gib <= self.memory_gib
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "model": self.model,
+            "device": self.device,
+            "dtype": self.dtype,
+            "workload": self.workload,
+            "items_gib": {name: value / GIB for name, value in self.items.items()},
+            "total_gib": self.total_gib,
+            "memory_gib": self.memory_gib,
+            "fits": self.fits,
+            "notes": self.notes,
+            "proposals": self.proposals,
+        }
+
+
+def plan_dtype(dtype: str, device: Device) -> torch.dtype:
+    """The model dtype a run would use on `device` (`auto`: bf16 on CUDA, fp32 on CPU, as `resolve_dtype` picks)."""
+    from ivl.model.load import DTYPES
+
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def model_config_of(model) -> Any:
+    """The `InternVLConfig` of `model.name_or_path` without downloading: zoo hub ids (OpenGVLab/InternVL3-8B-hf,
+    InternVL2_5-8B, ...) are matched to `ivl.model.presets.ZOO`; presets and local checkpoints are read as training
+    reads them; anything else asks the hub for its config.json only."""
+    from ivl.model.load import load_model_config
+    from ivl.model.presets import ZOO, preset_config
+
+    def key(name: str) -> str:
+        return "".join(char for char in name.lower() if char.isalnum())
+
+    zoo = {key(name): name for name in ZOO}
+    hub_name = key(model.name_or_path.rsplit("/", 1)[-1].removesuffix("-hf").removesuffix("-HF"))
+    if hub_name in zoo and not model.name_or_path.startswith("preset:"):
+        return preset_config(zoo[hub_name])
+    return load_model_config(model)
+
+
+def sft_workload(config, pair_rows: bool = False) -> Workload:
+    """Rows, tokens and tiles of one micro-batch: every row at its budget (the worst case a run meets). Packed rows
+    (`data.packing`) hold `data.pack_max_tokens` tokens and up to `data.pack_max_tiles` tiles; unpacked ones
+    `data.max_length` tokens and `data.max_tiles` tiles (+ the thumbnail)."""
+    data, batch = config.data, config.loop.batch_size
+    if getattr(data, "packing", False):
+        tokens, tiles = data.pack_max_tokens, data.pack_max_tiles
+    else:
+        tokens = data.max_length
+        tiles = data.max_tiles + (1 if data.use_thumbnail and data.max_tiles > 1 else 0)
+    reference = pair_rows and not getattr(getattr(config, "mpo", None), "precompute_reference", False)
+    return Workload(rows=batch * (2 if pair_rows else 1), tokens_per_row=tokens, tiles=batch * tiles,
+                    reference_pass=reference)  # fmt: skip
+
+
+def _parameter_items(config, model_config, dtype: torch.dtype) -> tuple[dict[str, float], Any]:
+    """Weights (frozen in their dtype / NF4, trainable as fp32 masters), fp32 gradients and optimizer states, counted
+    on the meta-device model `ivl sft --dry-run` builds; also returns that model."""
+    from finetune.dry_run import meta_model, parameter_memory
+
+    model, quantized = meta_model(config, model_config, dtype)
+    memory = parameter_memory(model, quantized, config.optim.optimizer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    items = {
+        "frozen weights": memory["weights_gib"] * GIB - trainable,
+        "trainable weights (fp32)": trainable,
+        "gradients (fp32)": memory["gradients_gib"] * GIB,
+        f"optimizer states ({config.optim.optimizer})": memory["optimizer_states_gib"] * GIB,
+    }
+    return items, model
+
+
+def _lora_targets(model, part: str) -> int:
+    from peft.tuners.lora import LoraLayer
+
+    from ivl.model.parts import part_of
+
+    return sum(1 for name, module in model.named_modules() if isinstance(module, LoraLayer) and part_of(name) == part)
+
+
+def _vision_items(config, model_config, model, work: Workload, act_bytes: int) -> dict[str, float]:
+    """ViT + projector activations. A frozen ViT with nothing trainable below it keeps no graph: only one layer's
+    forward working set exists at a time."""
+    from ivl.model.load import tile_size, tokens_per_tile
+
+    vision, text = model_config.vision_config, model_config.text_config
+    modes = config.modes()
+    image_size = tile_size(model_config)
+    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+    patches = (image_size // patch) ** 2 + 1  # + the CLS token
+    tokens = work.tiles * patches
+    layers = vision.num_hidden_layers
+    trained_layers = layers if modes["vision"] != "frozen" else config.vision.unfreeze_last_layers
+    targets_per_layer = _lora_targets(model, "vision") / layers if modes["vision"] == "lora" else 0
+    mode = "lora" if modes["vision"] == "lora" else "full"
+    per_layer = vision_layer_bytes_per_token(vision, mode, act_bytes, config.adapter.r, targets_per_layer)
+    if trained_layers == 0:
+        saved = 0.0
+    elif config.vision.gradient_checkpointing:
+        saved = trained_layers * tokens * vision.hidden_size * act_bytes + tokens * per_layer  # inputs + 1 recompute
+    else:
+        saved = trained_layers * tokens * per_layer
+    working = tokens * (2 * vision.hidden_size + vision.intermediate_size) * act_bytes  # one layer's forward
+    image_tokens = work.tiles * tokens_per_tile(model_config)
+    projector_trains = modes["projector"] != "frozen" or trained_layers > 0
+    # Pixel-shuffled features (4 x ViT width), their LayerNorm, linear_1 and its GELU (both LLM width).
+    projector = image_tokens * (8 * vision.hidden_size + 2 * text.hidden_size) * act_bytes if projector_trains else 0
+    pixels = work.tiles * 3 * image_size**2 * (1 + act_bytes)  # uint8 tiles and their normalised copy
+    return {"vision activations": max(saved, working), "projector activations": projector, "pixel values": pixels}
+
+
+def _llm_items(config, model_config, model, work: Workload, act_bytes: int, device: Device) -> dict[str, float]:
+    """LLM activations (saved for backward), the backward pass's working set, logits and loss buffers."""
+    from finetune.losses import LOGITS_CHUNK_ELEMENTS
+
+    text = model_config.text_config
+    modes = config.modes()
+    tokens = work.rows * work.tokens_per_row
+    layers = text.num_hidden_layers
+    upstream_trains = modes["vision"] != "frozen" or modes["projector"] != "frozen"
+    mode = {"lora": "lora", "full": "full"}.get(modes["llm"], "frozen" if upstream_trains else None)
+    targets_per_layer = _lora_targets(model, "llm") / layers if modes["llm"] == "lora" else 0
+    per_layer = llm_layer_bytes_per_token(text, mode or "frozen", act_bytes, config.adapter.r, targets_per_layer)
+    hidden = tokens * text.hidden_size * act_bytes
+    if mode is None:
+        saved = 0.0
+    elif config.llm.gradient_checkpointing:
+        saved = layers * hidden  # each layer keeps its input; its activations come back one layer at a time
+    else:
+        saved = layers * tokens * per_layer
+    items = {"llm activations": saved + 2 * hidden}  # + the embeddings and the final norm's output
+    # Backward through one layer: its activation gradients (the widest is the MLP's) and, under checkpointing, the
+    # recomputed layer's own activations.
+    backward = tokens * (2 * text.hidden_size + 2 * text.intermediate_size) * act_bytes
+    if config.llm.gradient_checkpointing and mode is not None:
+        backward += tokens * per_layer
+    items["backward working set"] = backward
+    if config.model.attn_implementation == "eager":  # [rows, heads, T, T] scores and probabilities in every layer
+        items["attention scores (eager)"] = (
+            (layers if mode and not config.llm.gradient_checkpointing else 1)
+            * 2 * work.rows * text.num_attention_heads * work.tokens_per_row**2 * act_bytes
+        )  # fmt: skip
+    elif work.rows > 1 and config.model.attn_implementation != "flash_attention_2":
+        items["attention mask (padded batch)"] = work.rows * work.tokens_per_row**2  # [B, 1, T, T] bool, shared
+    # The memory-lean loss projects one chunk of LOGITS_CHUNK_ELEMENTS // V supervised positions at a time (fp32).
+    chunk_rows = min(LOGITS_CHUNK_ELEMENTS // text.vocab_size, tokens)
+    items["logits + loss (one chunk)"] = LOSS_CHUNK_COPIES * chunk_rows * text.vocab_size * 4
+    if config.adapter.qlora:  # a 4-bit linear dequantises its weight for each matmul (compute dtype)
+        widest = text.hidden_size * max(text.intermediate_size, text.vocab_size if modes["llm"] == "full" else 0)
+        items["dequantised nf4 weight"] = 2 * widest * act_bytes
+    if work.reference_pass:  # no graph: one layer's working set, the final hidden states and a logits chunk
+        items["reference forward (no grad)"] = hidden * 2 + tokens * text.intermediate_size * act_bytes * 2
+    return items
+
+
+def plan_sft(config, device: Device, memory_gib: float, recipe: str = "sft", pair_rows: bool = False) -> Plan:
+    """The peak of an SFT (or, with `pair_rows`, MPO) run of `config` on `device`."""
+    dtype = plan_dtype(config.model.dtype, device)
+    model_config = model_config_of(config.model)
+    work = sft_workload(config, pair_rows)
+    act_bytes = ACTIVATION_DTYPE_BYTES[dtype]
+    items, model = _parameter_items(config, model_config, dtype)
+    items.update(_vision_items(config, model_config, model, work, act_bytes))
+    items.update(_llm_items(config, model_config, model, work, act_bytes, device))
+    return _finish(Plan(recipe, config.model.name_or_path, device, str(dtype).removeprefix("torch."),
+                        vars(work), items, memory_gib))  # fmt: skip
+
+
+def _finish(plan: Plan) -> Plan:
+    """Add the runtime's own memory: the CUDA context or the CPU process, and the allocator's slack on top of the
+    live tensors."""
+    live = sum(plan.items.values())
+    if plan.device == "cuda":
+        plan.items["allocator slack (assumed)"] = CUDA_ALLOCATOR_SLACK * live
+        plan.items["cuda context (assumed)"] = CUDA_CONTEXT_BYTES
+        plan.notes.append("CUDA figures are predictions: the context and allocator slack are assumed, not measured")
+    else:
+        plan.items["allocator slack (checked)"] = CPU_ALLOCATOR_SLACK * live
+        plan.items["process baseline (measured)"] = CPU_BASELINE_BYTES
+        plan.notes.append("CPU: peak RSS of the whole process (python + torch + transformers + the kit included)")
+    return plan
+
+
+def plan_distill(config, device: Device, memory_gib: float) -> Plan:
+    """The peak of a vision-encoder distillation run: the teacher (online mode), the student with its adaptors, and
+    both forward passes over one micro-batch of 448 px tiles."""
+    from distill.plan import distill_items
+
+    dtype = plan_dtype(config.teacher.dtype, device)
+    items, workload = distill_items(config, dtype, ACTIVATION_DTYPE_BYTES[dtype])
+    return _finish(Plan("distill", config.teacher.name_or_path, device, str(dtype).removeprefix("torch."),
+                        workload, items, memory_gib))  # fmt: skip
+
+
+def _load_sft(path: str | None, overrides: list[str]):
+    from finetune.sft import SFTConfig
+    from ivl.config import load_config
+
+    return load_config(SFTConfig, path, _with_train(path, overrides))
+
+
+def _load_mpo(path: str | None, overrides: list[str]):
+    try:
+        from finetune.mpo import MPOConfig
+    except ImportError as error:
+        raise ConfigError(f"{path}: an MPO config (`mpo:` section), but this kit has no MPO recipe") from error
+    from ivl.config import load_config
+
+    return load_config(MPOConfig, path, _with_train(path, overrides))
+
+
+def _load_distill(path: str | None, overrides: list[str]):
+    from distill.train import DistillConfig
+    from ivl.config import load_config
+
+    return load_config(DistillConfig, path, overrides)
+
+
+def _with_train(path: str | None, overrides: list[str]) -> list[str]:
+    """Planning reads no data, so a config without `data.train` is planned as if it had one."""
+    from ivl.config import read_yaml
+
+    data = (read_yaml(path) if path else {}).get("data") or {}
+    given = data.get("train") or any(item.startswith("data.train=") for item in overrides)
+    return overrides if given else ["data.train=unused", *overrides]
+
+
+# Recipe -> (config loader, planner). Recognised by the YAML's sections: `mpo:` is MPO, `teacher:` distillation.
+RECIPES = {
+    "sft": (_load_sft, lambda config, device, gib: plan_sft(config, device, gib)),
+    "mpo": (_load_mpo, lambda config, device, gib: plan_sft(config, device, gib, "mpo", pair_rows=True)),
+    "distill": (_load_distill, plan_distill),
+}
+
+
+def recipe_of(path: str | None, overrides: list[str]) -> str:
+    from ivl.config import read_yaml
+
+    sections = set(read_yaml(path)) if path else set()
+    sections |= {item.split(".", 1)[0] for item in overrides}
+    return "mpo" if "mpo" in sections else "distill" if "teacher" in sections else "sft"
+
+
+def plan_file(path: str | None, overrides: list[str], device: Device = "cuda", memory_gib: float = 24.0) -> Plan:
+    """Plan the run `path` + `overrides` describe, with proposals that make it fit when it does not."""
+    if device not in DEVICES:
+        raise ConfigError(f"--device: {device!r} is not one of {', '.join(DEVICES)}")
+    if not memory_gib > 0 or math.isinf(memory_gib):
+        raise ConfigError(f"--memory-gib: give the card's memory in GiB (e.g. 24), got {memory_gib}")
+    recipe = recipe_of(path, overrides)
+    load, planner = RECIPES[recipe]
+    config = load(path, overrides)
+    plan = planner(config, device, memory_gib)
+    if not plan.fits and recipe != "distill":
+        from ivl.plan_proposals import propose
+
+        plan.proposals = propose(config, overrides, lambda extra: planner(load(path, extra), device, memory_gib))
+    return plan

@@ -1,0 +1,159 @@
+"""`ivl plan`: itemised peak memory, its response to tiles / length / batch / checkpointing / QLoRA, proposals that
+fit when re-planned, the CLI, and the activation tables against what autograd really keeps."""
+
+import json
+
+import pytest
+import torch
+
+from ivl.cli import main as cli_main
+from ivl.config import ConfigError
+from ivl.plan import plan_file
+from ivl.plan_tables import GIB, llm_layer_bytes_per_token
+
+ZOO_1B = "configs/sft/internvl3_1b_lora.yaml"  # a hub id the planner must know without downloading
+
+
+def activations(plan) -> float:
+    return sum(value for name, value in plan.items.items() if "activations" in name)
+
+
+def test_items_add_up_to_the_total_and_the_zoo_needs_no_download():
+    plan = plan_file(ZOO_1B, [], device="cuda")
+    assert plan.total_bytes == pytest.approx(sum(plan.items.values()))
+    report = plan.to_json()
+    assert report["total_gib"] == pytest.approx(sum(report["items_gib"].values()))
+    assert plan.dtype == "bfloat16" and plan.workload["tokens_per_row"] == 8192 and plan.workload["tiles"] == 7
+    assert 1.5 * GIB < plan.items["frozen weights"] < 2.0 * GIB  # InternVL3-1B: 938M parameters in bf16
+
+
+@pytest.mark.parametrize(
+    "small, large",
+    [
+        ("data.max_tiles=2", "data.max_tiles=12"),
+        ("data.max_length=2048", "data.max_length=8192"),
+        ("loop.batch_size=1", "loop.batch_size=2"),
+    ],
+)
+def test_more_tiles_tokens_or_rows_need_more_activation_memory(small, large):
+    overrides = ["stage=none", "vision.mode=lora", "projector.mode=full", "llm.mode=lora"]
+    assert activations(plan_file(ZOO_1B, [*overrides, large])) > activations(plan_file(ZOO_1B, [*overrides, small]))
+
+
+def test_checkpointing_and_qlora_reduce_the_peak():
+    plain = plan_file(ZOO_1B, ["llm.gradient_checkpointing=false"])
+    checkpointed = plan_file(ZOO_1B, ["llm.gradient_checkpointing=true"])
+    assert checkpointed.items["llm activations"] < plain.items["llm activations"] / 10
+    assert checkpointed.total_bytes < plain.total_bytes
+    qlora = plan_file(ZOO_1B, ["adapter.qlora=true"])
+    assert qlora.items["frozen weights"] < 0.8 * checkpointed.items["frozen weights"]
+    assert qlora.total_bytes < checkpointed.total_bytes
+
+
+def test_proposals_fit_when_re_planned():
+    config = "configs/sft/internvl3_8b_lora.yaml"
+    overrides = ["llm.gradient_checkpointing=false"]
+    plan = plan_file(config, overrides, memory_gib=24)
+    assert not plan.fits and plan.proposals
+    for proposal in plan.proposals:
+        again = plan_file(config, [*overrides, *proposal["changes"]], memory_gib=24)
+        assert again.fits and again.total_gib == pytest.approx(proposal["total_gib"])
+
+
+def test_mpo_doubles_the_llm_rows_but_not_the_tiles(tmp_path):
+    config = tmp_path / "mpo.yaml"
+    config.write_text(open(ZOO_1B).read() + "mpo: {beta: 0.1}\n")
+    from ivl.plan import RECIPES, plan_sft, recipe_of
+
+    assert recipe_of(str(config), []) == "mpo"
+    sft_config = RECIPES["sft"][0](ZOO_1B, [])
+    sft, mpo = plan_sft(sft_config, "cuda", 24), plan_sft(sft_config, "cuda", 24, "mpo", pair_rows=True)
+    assert mpo.workload["rows"] == 2 * sft.workload["rows"] and mpo.workload["tiles"] == sft.workload["tiles"]
+    assert mpo.items["llm activations"] == pytest.approx(2 * sft.items["llm activations"])
+    assert "reference forward (no grad)" in mpo.items
+
+
+def test_distillation_offline_needs_no_teacher():
+    online = plan_file("configs/distill/internvit_6b_to_300m.yaml", [])
+    offline = plan_file("configs/distill/internvit_6b_to_300m.yaml", ["mode=offline"])
+    assert online.recipe == "distill" and online.items["teacher weights"] > 10 * GIB  # 5.5B parameters in bf16
+    assert not any(name.startswith("teacher") for name in offline.items)
+
+
+def test_cli_json(capsys):
+    assert (
+        cli_main(
+            [
+                "plan",
+                ZOO_1B,
+                "--device",
+                "cpu",
+                "--memory-gib",
+                "8",
+                "--json",
+                "data.max_length=4096",
+                "model.dtype=auto",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"] == "cpu" and report["dtype"] == "float32" and report["memory_gib"] == 8
+    assert report["workload"]["tokens_per_row"] == 4096
+    assert "process baseline (measured)" in report["items_gib"] and isinstance(report["fits"], bool)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([ZOO_1B, "data.max_lenght=4096"], "did you mean 'data.max_length'"),
+        (["missing.yaml"], "config file not found"),
+        ([ZOO_1B, "--memory-gib", "0"], "--memory-gib"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(argv, message, capsys):
+    assert cli_main(["plan", *argv]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and message in error and "Traceback" not in error
+
+
+def test_llm_table_equals_what_autograd_keeps():
+    """Bytes saved for backward per token of one LoRA decoder layer (fp32), counted with saved-tensor hooks on a
+    3- and a 2-layer model at two lengths, equal the table's prediction."""
+    from transformers import InternVLForConditionalGeneration
+
+    from ivl.model.adapters import AdapterConfig, VisionPartConfig, apply_trainability
+    from ivl.model.presets import TINY_VISION, _make_config
+
+    text = dict(model_type="qwen2", hidden_size=96, intermediate_size=160, num_attention_heads=3,
+                num_key_value_heads=1, vocab_size=512, tie_word_embeddings=False)  # fmt: skip
+    vision = {**TINY_VISION, "num_hidden_layers": 1}
+
+    def saved_bytes(layers: int, tokens: int) -> int:
+        torch.manual_seed(0)
+        config = _make_config(vision, {**text, "num_hidden_layers": layers}, 500, image_size=112)
+        model = InternVLForConditionalGeneration(config)
+        model = apply_trainability(model, {"vision": "frozen", "projector": "full", "llm": "lora"},
+                                   VisionPartConfig(), AdapterConfig(r=8))  # fmt: skip
+        model.train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() not in params:
+                seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        ids = torch.randint(0, 400, (1, tokens))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=ids, logits_to_keep=1)
+        return sum(seen.values())
+
+    per_layer = (saved_bytes(3, 256) - saved_bytes(3, 128) - saved_bytes(2, 256) + saved_bytes(2, 128)) / 128
+    config = _make_config(vision, {**text, "num_hidden_layers": 2}, 500, image_size=112).text_config
+    assert per_layer == pytest.approx(llm_layer_bytes_per_token(config, "lora", 4, r=8, targets=7))
+
+
+def test_an_unknown_device_is_a_config_error():
+    with pytest.raises(ConfigError, match="--device"):
+        plan_file(ZOO_1B, [], device="tpu")
