@@ -120,7 +120,8 @@ class ModelParts:
 def unwrap(model: nn.Module) -> nn.Module:
     """The `InternVLForConditionalGeneration` inside PEFT / DDP / compile wrappers."""
     while True:
-        if hasattr(model, "get_base_model") and model.__class__.__name__.startswith("Peft"):
+        # By the class hierarchy: FSDP2 swaps the class for a subclass named e.g. `FSDPPeftModel`.
+        if hasattr(model, "get_base_model") and any(c.__name__.startswith("Peft") for c in type(model).__mro__):
             model = model.get_base_model()
         elif isinstance(getattr(model, "module", None), nn.Module):  # DDP / accelerate wrappers
             model = model.module
