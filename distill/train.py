@@ -36,7 +36,7 @@ from distill.models import image_size_of
 from distill.student import StudentConfig, StudentWithAdaptors, build_student
 from distill.teacher import TeacherConfig, TeacherTargets, load_teacher
 from finetune.data.loader import StepBatchSampler
-from ivl.config import ConfigError, load_config, to_dict
+from ivl.config import ConfigError, to_dict
 from ivl.image import normalize
 from ivl.model.checkpoint import (
     check_same_layout,
@@ -299,20 +299,9 @@ def run_distill(config: DistillConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):
-        print("usage: python -m distill.train CONFIG.yaml [section.key=value ...]", file=sys.stderr)
-        return 2
-    from ivl.cli import KNOWN_ERRORS
+    from ivl.cli import recipe_main  # the CLI imports this module: not at import time
 
-    try:
-        result = run_distill(load_config(DistillConfig, argv[0], argv[1:]))
-    except KNOWN_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if result["is_main_process"]:
-        print(f"done: {result['output']}")
-    return 0
+    return recipe_main("distill.train", DistillConfig, run_distill, argv)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from finetune.preference import (
     reference_cache_key,
 )
 from finetune.sft import SFTConfig, _checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
-from ivl.config import ConfigError, load_config, to_dict
+from ivl.config import ConfigError, to_dict
 from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
 from ivl.model.checkpoint import (
     check_same_layout,
@@ -330,21 +330,9 @@ def run_mpo(config: MPOConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):
-        print("usage: python -m finetune.mpo CONFIG.yaml [section.key=value ...]", file=sys.stderr)
-        return 2
-    from ivl.cli import KNOWN_ERRORS
+    from ivl.cli import recipe_main  # the CLI imports this module: not at import time
 
-    try:
-        config = load_config(MPOConfig, argv[0], argv[1:])
-        result = run_mpo(config)
-    except KNOWN_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if result["is_main_process"]:
-        print(f"done: {result['output']}")
-    return 0
+    return recipe_main("finetune.mpo", MPOConfig, run_mpo, argv)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from finetune.data.packed_loader import PackedBatches, StreamingSource
 from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records
 from finetune.evaluate import batch_logps, evaluate_loss, exact_match
 from finetune.losses import LossConfig, target_weights, weighted_nll
-from ivl.config import ConfigError, load_config, to_dict
+from ivl.config import ConfigError, to_dict
 from ivl.model.adapters import (
     AdapterConfig,
     PartConfig,
@@ -360,21 +360,9 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):
-        print("usage: python -m finetune.sft CONFIG.yaml [section.key=value ...]", file=sys.stderr)
-        return 2
-    from ivl.cli import KNOWN_ERRORS
+    from ivl.cli import recipe_main  # the CLI imports this module: not at import time
 
-    try:
-        config = load_config(SFTConfig, argv[0], argv[1:])
-        result = run_sft(config)
-    except KNOWN_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if result["is_main_process"]:
-        print(f"done: {result['output']}")
-    return 0
+    return recipe_main("finetune.sft", SFTConfig, run_sft, argv)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,23 @@ KNOWN_ERRORS = (
 )
 
 
+def recipe_main(module: str, config_class: type, run, argv: list[str] | None) -> int:
+    """`python -m MODULE CONFIG.yaml [overrides]` for a recipe (what `accelerate launch -m` runs): load the config,
+    `run(config)`, report a known error in one line (exit 2), print the output on the main process."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print(f"usage: python -m {module} CONFIG.yaml [section.key=value ...]", file=sys.stderr)
+        return 2
+    try:
+        result = run(load_config(config_class, argv[0], argv[1:]))
+    except KNOWN_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if result["is_main_process"]:
+        print(f"done: {result['output']}")
+    return 0
+
+
 def cmd_sft(args: argparse.Namespace) -> int:
     from finetune.sft import SFTConfig, run_sft
 
