@@ -110,9 +110,12 @@ def token_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
     fused linear cross-entropy is CUDA/Triton only and returns a reduced loss, not per-token log-probs, which MPO
     needs). The projection runs in chunks of LOGITS_CHUNK_ELEMENTS // V rows, each under activation checkpointing, so
     one chunk of logits exists at a time in the forward pass and again in the backward pass (recomputed there: one
-    extra lm_head matmul per chunk, against storing all [N, V] logits)."""
+    extra lm_head matmul per chunk, against storing all [N, V] logits). When every position fits one chunk (small
+    batches, small vocabularies) nothing is recomputed."""
     vocab_size = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
     chunk = max(1, LOGITS_CHUNK_ELEMENTS // vocab_size)
+    if targets.shape[0] <= chunk:  # all the logits fit one chunk's budget: keep them for backward, no recomputation
+        return _chunk_logps(lm_head, hidden, targets)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
     )
