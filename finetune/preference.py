@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,25 +44,31 @@ class SequenceLogps:
     rows: torch.Tensor
 
 
-def shared_image_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Forward arguments for [chosen; rejected] rows whose `pixel_values` are the chosen rows' tiles only: the ViT and
-    projector run once on them and their features [tiles, tokens, D] are placed twice, in the chosen rows' image
-    tokens and then in the rejected rows' (the same images in the same order). Gradients from both halves flow back
-    into the one ViT / projector pass. Running it outside a DDP wrapper's forward is fine: DDP all-reduces from hooks
-    on each parameter's gradient accumulator, which fire for these parameters too (the two-process test checks it)."""
-    pixel_values = inputs.get("pixel_values")
-    if pixel_values is None:
-        return {key: value for key, value in inputs.items() if key != "pixel_values"}
-    features = model_parts(model).multimodal.get_image_features(pixel_values=pixel_values, return_dict=True)
-    features.pooler_output = torch.cat([features.pooler_output, features.pooler_output])
-    rest = {key: value for key, value in inputs.items() if key != "pixel_values"}
-    return {**rest, "mm_encoder_outputs": {"image": features}}
+@contextmanager
+def image_features_twice(model: nn.Module) -> Iterator[None]:
+    """Within this block, a forward over [chosen rows; rejected rows] whose `pixel_values` are the chosen rows' tiles
+    only runs the ViT and projector once: the projector's output [tiles, tokens, D] is repeated, so its features fill
+    the chosen rows' image tokens and then the rejected rows' (the same images in the same order). Gradients from both
+    halves flow back into the one pass. A hook on the projector rather than passing precomputed features
+    (`mm_encoder_outputs` exists only from transformers 5.23 on; the kit supports 5.x). Outside a DDP wrapper's
+    bookkeeping nothing changes: DDP all-reduces from hooks on each parameter's gradient accumulator (the two-process
+    test checks the ViT and projector weights)."""
+
+    def twice(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return torch.cat([output, output])
+
+    handle = model_parts(model).projector.register_forward_hook(twice)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def pair_logps(model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> SequenceLogps:
     """Log-probs of the answers of a pair batch: `inputs` as `model_inputs` gives them for `collate_pairs` rows,
     labels [2B, T] unshifted. Differentiable when grad is enabled."""
-    hidden = final_hidden_states(model, shared_image_inputs(model, inputs))  # [2B, T, H]
+    with image_features_twice(model):
+        hidden = final_hidden_states(model, inputs)  # [2B, T, H]
     tokens = supervised_tokens(hidden, labels)
     logps = token_logps(output_layer(model), tokens.hidden, tokens.targets)  # [N] fp32
     sums = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, tokens.rows, logps)
