@@ -94,6 +94,29 @@ def test_update_is_zero_at_every_text_position_of_every_layer_and_text_rows_equa
     assert (logits[0, 2:] - expected[0, 2:]).abs().amax(dim=-1).gt(1e-3).all()
 
 
+def test_inside_a_packed_row_the_text_only_sub_sample_equals_the_base_token_by_token():
+    """SPEC 6 + partial LoRA: one packed row = [image sample | text-only sample], positions restarting, attention
+    isolated per sub-sample: the text-only sub-sample (after the image one, so without isolation it would see the
+    adapted image positions) equals the base model on it alone; the image positions and the text after them differ."""
+    model, _ = partial_model()
+    base, _ = load_model(BASE)
+    batch = mixed_batch(base.config.image_token_id)
+    image, text = batch["input_ids"][0], batch["input_ids"][1]
+    packed = {
+        "input_ids": torch.cat([image, text])[None],
+        "position_ids": torch.cat([torch.arange(len(image)), torch.arange(len(text))])[None],
+        "pixel_values": batch["pixel_values"],
+        "use_cache": False,
+    }  # no 2-D attention mask: transformers isolates the sub-samples from the restarting position ids
+    with torch.no_grad():
+        logits = model(**packed).logits[0]
+        base_packed = base(**packed).logits[0]
+        alone = base(input_ids=text[None]).logits[0]
+    assert torch.allclose(logits[len(image) :], alone, atol=1e-6, rtol=0)
+    assert torch.allclose(logits[:2], base_packed[:2], atol=1e-6, rtol=0)  # text before the image
+    assert (logits[2 : len(image)] - base_packed[2 : len(image)]).abs().amax(dim=-1).gt(1e-3).all()
+
+
 def test_text_only_prompts_equal_the_base_and_prompts_with_images_differ():
     model, _ = partial_model()
     base, _ = load_model(BASE)
