@@ -39,10 +39,8 @@ from finetune.data.loader import StepBatchSampler
 from ivl.config import ConfigError, to_dict
 from ivl.image import normalize
 from ivl.model.checkpoint import (
-    check_same_layout,
     load_training_checkpoint,
-    read_checkpoint_state,
-    resolve_resume,
+    resume_point,
     save_training_checkpoint,
 )
 from ivl.model.load import resolve_dtype
@@ -235,10 +233,7 @@ def train(run: Run) -> dict[str, Any]:
     layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
               "seed": loop.seed, "train_tiles": len(run.train_set), "mode": run.config.mode}  # fmt: skip
     state = {"step": 0, "micro_batches": 0}
-    resume_from = resolve_resume(loop.resume, loop.output_dir)
-    if resume_from is not None:
-        state.update(read_checkpoint_state(resume_from))
-        check_same_layout(resume_from, state, layout)
+    resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
                                accelerator.num_processes, start=state["micro_batches"])  # fmt: skip
     loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers, collate_fn=collate)

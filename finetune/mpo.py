@@ -52,11 +52,9 @@ from finetune.sft import SFTConfig, _checked_dataset, enable_gradient_checkpoint
 from ivl.config import ConfigError, to_dict
 from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
 from ivl.model.checkpoint import (
-    check_same_layout,
     load_training_checkpoint,
-    read_checkpoint_state,
     read_training_info,
-    resolve_resume,
+    resume_point,
     save_training_checkpoint,
 )
 from ivl.model.load import load_model, resolve_dtype
@@ -272,10 +270,7 @@ def train(run: Run) -> dict[str, Any]:
     layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
               "seed": loop.seed, "train_samples": len(run.train_set), "recipe": "mpo"}  # fmt: skip
     state = {"step": 0, "micro_batches": 0, "skipped_rows": run.train_set.num_left_out}
-    resume_from = resolve_resume(loop.resume, loop.output_dir)
-    if resume_from is not None:
-        state.update(read_checkpoint_state(resume_from))
-        check_same_layout(resume_from, state, layout)
+    resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
     shift = RewardShift.from_state(state)
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
                                accelerator.num_processes, start=state["micro_batches"])  # fmt: skip

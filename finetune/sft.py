@@ -51,11 +51,9 @@ from ivl.model.adapters import (
     validate_modes,
 )
 from ivl.model.checkpoint import (
-    check_same_layout,
     export_final,
     load_training_checkpoint,
-    read_checkpoint_state,
-    resolve_resume,
+    resume_point,
     save_training_checkpoint,
 )
 from ivl.model.load import ModelConfig, load_model, resolve_dtype
@@ -285,10 +283,7 @@ def train(run: Run) -> dict[str, Any]:
               "seed": loop.seed, "adapter_kind": run.config.adapter.kind, "packing": run.config.data.packing,
               "train_samples": None if run.config.data.streaming else len(run.train_set)}  # fmt: skip
     state = {"step": 0, "micro_batches": 0, "skipped_rows": getattr(run.train_set, "num_left_out", 0)}
-    resume_from = resolve_resume(loop.resume, loop.output_dir)
-    if resume_from is not None:
-        state.update(read_checkpoint_state(resume_from))
-        check_same_layout(resume_from, state, layout)
+    resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
     batches = training_batches(run, state)  # draws the workers' base seed from the global RNG: before restoring it
     if resume_from is not None:
         load_training_checkpoint(resume_from, accelerator, run.model, run.optimizer, run.scheduler)

@@ -120,7 +120,7 @@ def sft_workload(config, pair_rows: bool = False) -> Workload:
     (`data.packing`) hold `data.pack_max_tokens` tokens and up to `data.pack_max_tiles` tiles; unpacked ones
     `data.max_length` tokens and `data.max_tiles` tiles (+ the thumbnail)."""
     data, batch = config.data, config.loop.batch_size
-    if getattr(data, "packing", False):
+    if data.packing:
         tokens, tiles = data.pack_max_tokens, data.pack_max_tiles
     else:
         tokens = data.max_length

@@ -49,7 +49,7 @@ def _qlora(config) -> list[Change]:
 
 def _tiles(config) -> list[Change]:
     data, changes = config.data, []
-    key, tiles = ("data.pack_max_tiles", data.pack_max_tiles) if getattr(data, "packing", False) else (
+    key, tiles = ("data.pack_max_tiles", data.pack_max_tiles) if data.packing else (
         "data.max_tiles", data.max_tiles)  # fmt: skip
     while tiles > 1:
         tiles //= 2
@@ -59,7 +59,7 @@ def _tiles(config) -> list[Change]:
 
 def _length(config) -> list[Change]:
     data, changes = config.data, []
-    key, tokens = ("data.pack_max_tokens", data.pack_max_tokens) if getattr(data, "packing", False) else (
+    key, tokens = ("data.pack_max_tokens", data.pack_max_tokens) if data.packing else (
         "data.max_length", data.max_length)  # fmt: skip
     while tokens > 1024:
         tokens //= 2

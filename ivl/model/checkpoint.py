@@ -142,6 +142,16 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+def resume_point(resume: str, output_dir: str | Path, state: dict[str, Any], layout: dict[str, Any]) -> Path | None:
+    """The checkpoint a run continues from (None: a fresh start). Its saved state is merged into `state`, after
+    checking that it was written with the same `layout` (processes, batch sizes, seed, data)."""
+    resume_from = resolve_resume(resume, output_dir)
+    if resume_from is not None:
+        state.update(read_checkpoint_state(resume_from))
+        check_same_layout(resume_from, state, layout)
+    return resume_from
+
+
 def read_checkpoint_state(path: Path) -> dict[str, Any]:
     """The step, data position and recipe state saved with a checkpoint."""
     return json.loads((path / "state.json").read_text())
