@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import logging
 
 import pytest
 import torch
@@ -76,3 +77,13 @@ def test_only_finished_checkpoints_count_for_resume(tmp_path):
         resolve_resume("never", tmp_path)
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         resolve_resume(str(tmp_path / "checkpoints" / "notes"), tmp_path)
+
+
+def test_only_the_bitsandbytes_kernel_hub_notice_is_filtered(caplog):
+    import ivl  # noqa: F401  installs the filter
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "no kernels")
+        logger.warning("Linear4bit: something that matters")
+    assert [record.getMessage() for record in caplog.records] == ["Linear4bit: something that matters"]
