@@ -28,6 +28,31 @@ def test_description_samples_name_what_is_in_the_scene():
     assert make_description_sample("train", 0, 64, 64).objects != make_sample("train", 0, 64, 64).objects
 
 
+def test_each_question_is_answered_by_its_scene_and_answers_are_balanced():
+    from collections import Counter
+
+    from ivl.demo.shapes import QUADRANTS
+
+    answers = {kind: Counter() for kind in ("color", "shape", "count", "position")}
+    for index in range(800):
+        sample = make_sample("train", index, 32, 32)
+        objects, question = sample.objects, sample.question.split("\n")[0]
+        assert len({o.shape for o in objects}) == len({o.color for o in objects}) == len(objects)  # names are unique
+        if sample.kind == "count":
+            assert question == "How many objects are there?" and sample.answer == str(len(objects))
+        elif sample.kind == "position":
+            (subject,) = [o for o in objects if question == f"Where is the {o.color} {o.shape}?"]
+            assert sample.answer == QUADRANTS[subject.quadrant]
+        else:
+            (subject,) = [o for o in objects if question.endswith(f"the object at the {QUADRANTS[o.quadrant]}?")]
+            assert sample.answer == getattr(subject, sample.kind)
+        answers[sample.kind][sample.answer] += 1
+    for kind, counts in answers.items():  # 200 questions per kind: every answer near its fair share (chance <= 1/4)
+        share = 200 / len(counts)
+        assert len(counts) == (6 if kind == "color" else 4)
+        assert all(0.6 * share < n < 1.4 * share for n in counts.values()), (kind, counts)
+
+
 def test_shipped_base_describes_scenes_but_does_not_give_short_answers(tmp_path):
     model, tokenizer = load_model(ModelConfig(name_or_path=str(demo_base_path()), dtype="float32"))
     builder = SampleBuilder(tokenizer, model.config, DataConfig(max_tiles=4, use_thumbnail=False))

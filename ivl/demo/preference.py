@@ -1,8 +1,8 @@
 """Preference pairs from the shapes task (the MPO demo's data): the same scene and question as `shapes.make_sample`,
 asked for a short reason before the answer; chosen = a one-clause reason about the object asked for, then the correct
-answer ("The circle is purple. Answer: purple"); rejected = the same reason ending in a wrong answer (another answer of
-the same kind), so the pair differs exactly where the answer is right or wrong. Written as InternVL MPO jsonl
-(`image`, `question`, `chosen`, `rejected`).
+answer ("The circle at the top left is purple. Answer: purple"); rejected = the same reason ending in a wrong answer
+(another answer of the same kind), so the pair differs exactly where the answer is right or wrong. Written as
+InternVL MPO jsonl (`image`, `question`, `chosen`, `rejected`).
 
 The reason is one clause, not the whole scene: the pairs differ in one answer, and with a whole-scene description to
 learn as well the preference signal drowned and short answers drifted towards descriptions (bench/README.md, MPO).
@@ -16,30 +16,46 @@ from pathlib import Path
 
 import numpy as np
 
-from ivl.demo.shapes import ANSWER_SUFFIX, COLORS, QUADRANTS, SHAPES, SPLIT_SEEDS, ShapesSample, make_sample
+from ivl.demo.shapes import (
+    ANSWER_SUFFIX,
+    COLORS,
+    QUADRANTS,
+    SHAPES,
+    SPLIT_SEEDS,
+    ShapeObject,
+    ShapesSample,
+    make_sample,
+)
 
 REASONING_SUFFIX = "\nGive a short reason, then the answer."
 # The answers a question of each kind can have: a wrong one is drawn from the same set.
 ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "count": ("1", "2", "3", "4"), "position": QUADRANTS}
 
 
+def _subject(sample: ShapesSample) -> ShapeObject:
+    """The object the question asks about: named by its quadrant (colour, shape) or by colour and shape (position)."""
+    if sample.kind == "position":
+        return next(o for o in sample.objects if QUADRANTS[o.quadrant] == sample.answer)
+    where = sample.question.split(" at the ")[1].split("?")[0]
+    return next(o for o in sample.objects if QUADRANTS[o.quadrant] == where)
+
+
 def _color_reason(sample: ShapesSample) -> str:
-    subject = next(o for o in sample.objects if o.color == sample.answer)  # colours are distinct in these scenes
-    return f"The {subject.shape} is {subject.color}."
+    subject = _subject(sample)
+    return f"The {subject.shape} at the {QUADRANTS[subject.quadrant]} is {subject.color}."
 
 
 def _shape_reason(sample: ShapesSample) -> str:
-    subject = next(o for o in sample.objects if o.shape == sample.answer)  # shapes are distinct in these scenes
-    return f"The {subject.color} object is a {subject.shape}."
+    subject = _subject(sample)
+    return f"The {subject.color} object at the {QUADRANTS[subject.quadrant]} is a {subject.shape}."
 
 
 def _count_reason(sample: ShapesSample) -> str:
-    shape = sample.question.removeprefix("How many ").split("s are there?")[0]  # the counted shape, as asked
-    return f"I count {sample.answer} {shape}{'' if sample.answer == '1' else 's'}."
+    return f"I count {sample.answer} object{'' if sample.answer == '1' else 's'}."
 
 
 def _position_reason(sample: ShapesSample) -> str:
-    subject = next(o for o in sample.objects if QUADRANTS[o.quadrant] == sample.answer)
+    subject = _subject(sample)
     return f"The {subject.color} {subject.shape} is at the {sample.answer}."
 
 

@@ -65,7 +65,7 @@ def run_demo(
     print(f"  loss curve     {run / 'loss.png'}")
     print("Next:")
     print(f"  ivl chat --adapter {result['output']} --image {data / 'images/validation/000000.png'} "
-          "\"What color is the circle?\"")  # fmt: skip
+          "\"What color is the object at the top left?\"")  # fmt: skip
     print(
         "  ivl data check YOUR.jsonl model.name_or_path=OpenGVLab/InternVL3-1B-hf      # your data, real token counts"
     )
