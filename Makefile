@@ -26,3 +26,4 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/python tools/check_layers.py

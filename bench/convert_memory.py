@@ -99,7 +99,7 @@ def original_config(num_layers: int) -> dict:
 
 def write_checkpoint(path: Path, num_layers: int, shard_bytes: int) -> tuple[int, int]:
     """Write the synthetic checkpoint shard by shard; returns (total bytes, largest tensor bytes)."""
-    from ivl.demo.tokenizer import load_demo_tokenizer
+    from ivl.model.presets import load_demo_tokenizer
 
     path.mkdir(parents=True)
     shards, shard, size = [], {}, 0

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, load_records
-from ivl.demo.shapes import write_split
+from ivl.data.samples import DataConfig, SampleBuilder, SFTDataset, load_records
+from ivl.data.shapes import write_split
 from ivl.image import dynamic_tiles, image_to_pixel_values, image_to_tiles, normalize, open_image
 from ivl.model.load import ModelConfig, load_model_config, load_tokenizer
 

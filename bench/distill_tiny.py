@@ -30,17 +30,17 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from distill.cli import run_cache
-from distill.data import TileDataset, list_images
-from distill.evaluate import pooled_features, probe_accuracies, probe_set
-from distill.export import load_run
-from distill.int8 import teacher_fidelity
-from distill.models import build_vision_model, hidden_states, vision_config
-from distill.student import build_student
-from distill.teacher import TeacherConfig, load_teacher
-from distill.train import DistillConfig, run_distill
 from ivl.config import load_config
-from ivl.demo.shapes import COLORS, SHAPES
+from ivl.data.shapes import COLORS, SHAPES
+from ivl.distill.cli import run_cache
+from ivl.distill.data import TileDataset, list_images
+from ivl.distill.evaluate import pooled_features, probe_accuracies, probe_set
+from ivl.distill.export import load_run
+from ivl.distill.int8 import teacher_fidelity
+from ivl.distill.models import build_vision_model, hidden_states, vision_config
+from ivl.distill.student import build_student
+from ivl.distill.teacher import TeacherConfig, load_teacher
+from ivl.distill.train import DistillConfig, run_distill
 from ivl.image import normalize
 from ivl.runtime import read_metrics
 

@@ -4,7 +4,7 @@
 
 A 2-layer, hidden-256 InternVL (tiny ViT, Qwen2-style LLM, InternVL3's vocabulary size) is written as a local
 checkpoint; one sample of `--tokens` tokens (one 112 px tile + a long answer, every answer token supervised) is trained
-for one LoRA step by the real recipe (`finetune.sft.main`, fp32) in a fresh process per variant:
+for one LoRA step by the real recipe (`ivl.finetune.sft.main`, fp32) in a fresh process per variant:
 - `kit`: the recipe as shipped (hidden states, supervised positions only, chunked log-probs);
 - `full logits`: the same recipe with its loss swapped for the reference `token_cross_entropy` on the model's full
   [1, T, V] logits — what a plain loop does;
@@ -28,15 +28,15 @@ GIB = 2**30
 CHILD = """
 import resource, sys
 mode, config = sys.argv[1], sys.argv[2]
-import finetune.sft as sft
+import ivl.finetune.sft as sft
 if mode == "baseline":
     from ivl.config import load_config
     from ivl.model.load import load_model
     load_model(load_config(sft.SFTConfig, config, []).model)
 else:
     if mode == "full":
-        from finetune.data.samples import model_inputs
-        from finetune.losses import token_cross_entropy
+        from ivl.data.samples import model_inputs
+        from ivl.losses import token_cross_entropy
 
         def forward_loss(run, batch, denominator, *args, **kwargs):
             inputs = model_inputs(batch, run.accelerator.device, run.dtype)
@@ -53,9 +53,8 @@ def write_model(out_dir: Path) -> None:
     import torch
     from transformers import InternVLForConditionalGeneration
 
-    from ivl.demo.tokenizer import load_demo_tokenizer
     from ivl.model.load import save_checkpoint
-    from ivl.model.presets import preset_config
+    from ivl.model.presets import load_demo_tokenizer, preset_config
 
     tokenizer = load_demo_tokenizer()
     config = preset_config("tiny-112", tokenizer)
@@ -70,7 +69,7 @@ def write_model(out_dir: Path) -> None:
 def write_data(out_dir: Path, num_tokens: int) -> Path:
     from PIL import Image
 
-    from ivl.demo.tokenizer import load_demo_tokenizer
+    from ivl.model.presets import load_demo_tokenizer
 
     tokenizer = load_demo_tokenizer()
     Image.new("RGB", (112, 112), (200, 30, 30)).save(out_dir / "red.png")

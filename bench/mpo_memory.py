@@ -61,8 +61,8 @@ def _batch(model, rows: int, length: int, answer: int):
 
 def _step(mode: str, preset: str, length: int, batch: int, queue) -> None:
     torch.manual_seed(0)
-    from finetune.losses import mpo_loss, supervised_tokens, token_logps
-    from finetune.preference import ReferencePolicy, pair_logps
+    from ivl.finetune.preference import ReferencePolicy, pair_logps
+    from ivl.losses import mpo_loss, supervised_tokens, token_logps
     from ivl.model.adapters import AdapterConfig, PartConfig, VisionPartConfig, apply_trainability, resolve_modes
     from ivl.model.forward import final_hidden_states, output_layer
     from ivl.model.load import ModelConfig, load_model

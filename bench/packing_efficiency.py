@@ -7,7 +7,7 @@ plus its <img></img> markers, 20% are text only; the text of every sample is dra
 (median 150 tokens, sigma 1.2, capped at 12,000), so a few samples exceed L_max on their own and get split between
 images. Samples are token-id tensors only (no model, no images decoded): this measures the algorithm, not I/O.
 
-- ours: `finetune.data.packing.Packer` (the training path) at each buffer size; every pack counted at the full
+- ours: `ivl.data.packing.Packer` (the training path) at each buffer size; every pack counted at the full
   L_max, as if padded to it (the conservative figure; a batch of one pack has no padding at all).
 - padding-only: the same samples in arrival order, batches of `--batch-size` padded to their longest sample, the
   over-long ones truncated to L_max (a padding-only loop cannot run them otherwise).
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.data.chat import IGNORE_INDEX
-from finetune.data.packing import PackBudget, Packer
+from ivl.data.chat import IGNORE_INDEX
+from ivl.data.packing import PackBudget, Packer
 
 TOKENS_PER_TILE = 256
 IMG_START, IMG_END, IMG_CONTEXT, TEXT = 1, 2, 3, 10

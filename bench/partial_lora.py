@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, load_records
-from finetune.evaluate import evaluate_loss
-from finetune.sft import SFTConfig, run_sft
 from ivl.config import load_config
+from ivl.data.samples import DataConfig, SampleBuilder, SFTDataset, load_records
+from ivl.data.shapes import write_dataset
 from ivl.demo.pretrain import IMAGE_SIZE, demo_base_path
-from ivl.demo.shapes import write_dataset
+from ivl.evaluate import evaluate_loss
+from ivl.finetune.sft import SFTConfig, run_sft
 from ivl.model.adapters import load_trained
 from ivl.model.load import ModelConfig, load_model
 from ivl.model.parts import unwrap

@@ -4,7 +4,7 @@
 
 Each case writes a small InternVL checkpoint (Qwen2-style LLM with InternVL3's 151,674-entry vocabulary, a small ViT)
 and a jsonl whose every sample fills `data.max_length` exactly (no padding) with `data.max_tiles` tiles, then runs
-`finetune.sft.setup` + `train` for `--steps` optimizer steps in a fresh process. Measured: the process's peak RSS
+`ivl.finetune.sft.setup` + `train` for `--steps` optimizer steps in a fresh process. Measured: the process's peak RSS
 during training (VmHWM, reset with /proc/self/clear_refs right after setup, so the loading transients of from_pretrained
 are left out; the model, the interpreter and every import stay in it) and, for reference, ru_maxrss of the whole
 process. The plan predicts the whole process's peak (its "process baseline" item included): nothing is subtracted.
@@ -43,7 +43,7 @@ CASES = {
 
 CHILD = """
 import json, resource, sys
-import finetune.sft as sft
+import ivl.finetune.sft as sft
 from ivl.config import load_config
 config = load_config(sft.SFTConfig, sys.argv[1], [])
 run = sft.setup(config)
@@ -60,9 +60,8 @@ def write_model(out_dir: Path, hidden: int, inter: int, layers: int, vision: int
     import torch
     from transformers import InternVLForConditionalGeneration
 
-    from ivl.demo.tokenizer import load_demo_tokenizer
     from ivl.model.load import save_checkpoint
-    from ivl.model.presets import preset_config, tokens_per_tile_of
+    from ivl.model.presets import load_demo_tokenizer, preset_config, tokens_per_tile_of
 
     tokenizer = load_demo_tokenizer()
     config = preset_config("tiny-112", tokenizer)
@@ -83,10 +82,10 @@ def write_data(out_dir: Path, tokens: int, max_tiles: int, rows: int) -> Path:
     + the thumbnail when there are several); every answer token is supervised."""
     from PIL import Image
 
-    from finetune.data.samples import DataConfig, SampleBuilder
     from ivl.config import ConfigError
-    from ivl.demo.tokenizer import load_demo_tokenizer
+    from ivl.data.samples import DataConfig, SampleBuilder
     from ivl.model.load import ModelConfig, load_model_config
+    from ivl.model.presets import load_demo_tokenizer
 
     columns, rows_of_tiles = {1: (1, 1), 2: (2, 1), 4: (2, 2), 6: (3, 2)}[max_tiles]
     Image.new("RGB", (224 * columns, 224 * rows_of_tiles), (200, 30, 30)).save(out_dir / "image.png")
@@ -117,7 +116,7 @@ def write_data(out_dir: Path, tokens: int, max_tiles: int, rows: int) -> Path:
 
 
 def _record(row: dict, root: Path):
-    from finetune.data.samples import load_records
+    from ivl.data.samples import load_records
 
     path = root / "probe.jsonl"
     path.write_text(json.dumps(row) + "\n")

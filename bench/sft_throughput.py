@@ -13,7 +13,7 @@ machine noise hits all of them; the first round is a warm-up and is not counted.
 so only forward + backward + optimizer step are timed. Tokens are counted the same way for all: real (non-pad)
 tokens, i.e. the attention mask's sum.
 
-- ours: `finetune.sft.setup` + `optimizer_step` on the same padded batches (the kit's memory-lean loss: hidden
+- ours: `ivl.finetune.sft.setup` + `optimizer_step` on the same padded batches (the kit's memory-lean loss: hidden
   states, vocabulary projection only at supervised positions, chunked);
 - ours+packing: the same with `data.packing=true`: the round's samples packed (SPEC 6) into sequences of at most
   `--pack-tokens` tokens, `--batch-size` packs per step (so fewer, fuller steps over the same samples);
@@ -44,8 +44,8 @@ import psutil
 import torch
 from PIL import Image
 
-from finetune.data.samples import collate, model_inputs
 from ivl.config import load_config
+from ivl.data.samples import collate, model_inputs
 from ivl.demo.tokenizer import ENGLISH, load_demo_tokenizer
 from ivl.model.presets import QWEN_VOCAB, preset_config
 
@@ -157,10 +157,10 @@ def real_tokens(batch: dict[str, Any]) -> int:
 
 
 class Ours:
-    """finetune.sft's setup and optimizer step, on batches from our data path (collated before timing)."""
+    """ivl.finetune.sft's setup and optimizer step, on batches from our data path (collated before timing)."""
 
     def __init__(self, overrides: list[str]):
-        from finetune.sft import SFTConfig, setup
+        from ivl.finetune.sft import SFTConfig, setup
 
         self.run = setup(load_config(SFTConfig, None, overrides))
         self.run.model.train()
@@ -173,14 +173,14 @@ class Ours:
         """The round's samples as this loop trains them: packed when the config says so, else padded."""
         if not self.run.config.data.packing:
             return self.padded_batches(indices)
-        from finetune.data.packed_loader import packed_batches_of
+        from ivl.data.packed_loader import packed_batches_of
 
         samples = [self.run.train_set[i] for rows in indices for i in rows]
         pad, batch_size = self.run.tokenizer.pad_token_id, self.run.config.loop.batch_size
         return list(packed_batches_of(samples, self.run.builder, batch_size, pad))
 
     def train(self, batches: list[dict[str, Any]]) -> float:
-        from finetune.sft import optimizer_step
+        from ivl.finetune.sft import optimizer_step
 
         start = time.perf_counter()
         for batch in batches:
@@ -196,7 +196,7 @@ def synchronize(device: torch.device) -> None:
 
 def trainable_model(overrides: list[str]):
     """The same model and trainable layout as ours (PEFT LoRA on the LLM, full projector), for the other loops."""
-    from finetune.sft import SFTConfig
+    from ivl.finetune.sft import SFTConfig
     from ivl.model.adapters import apply_trainability
     from ivl.model.load import load_model
 

@@ -35,9 +35,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from distill.data import TileDataset
-from distill.models import hidden_states
 from ivl.config import ConfigError
+from ivl.distill.data import TileDataset
+from ivl.distill.models import hidden_states
 from ivl.image import normalize
 from ivl.model.tensor_io import SAFETENSORS_DTYPES
 

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from distill.cache import PCA_FILE, feature_bytes_per_tile, write_cache
-from distill.data import TileDataset, list_images
-from distill.evaluate import heldout_cosine, pooled_features, probe_accuracies, probe_set
-from distill.export import STUDENT_DIR, load_run, place_into_internvl
-from distill.models import image_size_of
-from distill.teacher import TeacherTargets, load_teacher
-from distill.train import DistillConfig, run_distill
 from ivl.config import ConfigError, format_config, load_config
+from ivl.distill.cache import PCA_FILE, feature_bytes_per_tile, write_cache
+from ivl.distill.data import TileDataset, list_images
+from ivl.distill.evaluate import heldout_cosine, pooled_features, probe_accuracies, probe_set
+from ivl.distill.export import STUDENT_DIR, load_run, place_into_internvl
+from ivl.distill.models import image_size_of
+from ivl.distill.teacher import TeacherTargets, load_teacher
+from ivl.distill.train import DistillConfig, run_distill
 from ivl.model.load import ModelConfig
 from ivl.runtime import make_accelerator
 

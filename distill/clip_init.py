@@ -30,8 +30,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel, InternVLVisionConfig
 
-from distill.models import image_size_of, patch_size_of, vision_name
 from ivl.config import ConfigError
+from ivl.distill.models import image_size_of, patch_size_of, vision_name
 from ivl.image import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing (the default when none is shipped)

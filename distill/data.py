@@ -3,7 +3,7 @@ task generator.
 
     DistillDataConfig(train="images/")                 every image under the folder (recursive, sorted)
     DistillDataConfig(train="data/meta.json")          the images of an InternVL meta file or jsonl
-    DistillDataConfig(train="shapes:train", max_images=2000)   generated shapes images (ivl.demo.shapes)
+    DistillDataConfig(train="shapes:train", max_images=2000)   generated shapes images (ivl.data.shapes)
 
 Every image gives the tiles of `ivl.image.image_to_tiles` at the ViTs' tile size (SPEC 10 trains at a fixed 448 px:
 `max_tiles: 1`, the default, resizes each image to one tile); each tile is one training item, in a fixed order, so
@@ -20,10 +20,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from finetune.data.chat import SampleError
-from finetune.data.records import DataSourceError, iter_records, sources_for, to_conversation
 from ivl.config import ConfigError
-from ivl.demo.shapes import make_sample
+from ivl.data.chat import SampleError
+from ivl.data.records import DataSourceError, iter_records, sources_for, to_conversation
+from ivl.data.shapes import make_sample
 from ivl.image import image_to_tiles, num_tiles_for, open_image
 
 SHAPES_PREFIX = "shapes:"

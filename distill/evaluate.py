@@ -13,11 +13,11 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from distill.data import collate
-from distill.losses import LossConfig, distill_loss, token_cosines
-from distill.models import hidden_states
 from ivl.config import ConfigError
-from ivl.demo.shapes import COLORS, SHAPES, make_sample
+from ivl.data.shapes import COLORS, SHAPES, make_sample
+from ivl.distill.data import collate
+from ivl.distill.losses import LossConfig, distill_loss, token_cosines
+from ivl.distill.models import hidden_states
 from ivl.image import image_to_tiles, normalize
 
 

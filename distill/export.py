@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import InternVLVisionModel
 
-from distill.models import image_size_of, patch_size_of
-from distill.student import StudentWithAdaptors
 from ivl.config import ConfigError
+from ivl.distill.models import image_size_of, patch_size_of
+from ivl.distill.student import StudentWithAdaptors
 from ivl.model.checkpoint import TRAINING_INFO, read_training_info
 from ivl.model.load import ModelConfig, load_model, save_checkpoint, tile_size
 from ivl.model.parts import model_parts, part_modules, unwrap

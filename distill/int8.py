@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from distill.models import hidden_states, vision_layers
 from ivl.config import ConfigError
+from ivl.distill.models import hidden_states, vision_layers
 
 
 def quantize_int8(model: nn.Module, device: torch.device | str, threshold: float = 6.0) -> nn.Module:

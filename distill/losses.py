@@ -14,8 +14,8 @@ from functools import partial
 from torch import Tensor
 from torch.nn import functional as F
 
-from distill.models import resolve_layer
 from ivl.config import ConfigError
+from ivl.distill.models import resolve_layer
 
 
 @dataclass

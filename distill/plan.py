@@ -1,6 +1,6 @@
 """The memory items of a distillation run for `ivl plan` (`ivl.plan.plan_distill` adds the runtime's own).
 
-Teacher and student shapes come from the ViT presets (`distill.models.VIT_PRESETS`); a hub teacher is recognised by
+Teacher and student shapes come from the ViT presets (`ivl.distill.models.VIT_PRESETS`); a hub teacher is recognised by
 name (InternViT-6B / InternViT-300M, or an InternVL checkpoint through the zoo) without downloading. A micro-batch is
 `loop.batch_size` tiles of `image_size` px, each (image_size / 14)^2 patches + CLS.
 """
@@ -20,9 +20,8 @@ DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 def teacher_vision_config(name_or_path: str) -> InternVLVisionConfig:
     """The teacher's ViT config from its preset, an InternViT hub name, or an InternVL zoo name."""
-    from distill.models import preset_of, vision_config
-    from ivl.model.load import ModelConfig
-    from ivl.plan import model_config_of
+    from ivl.distill.models import preset_of, vision_config
+    from ivl.model.load import ModelConfig, model_config_of
 
     preset = preset_of(name_or_path)
     if preset is not None:
@@ -55,7 +54,7 @@ def _tokens(config: InternVLVisionConfig, tiles: int) -> int:
 def distill_items(config, dtype: torch.dtype, act_bytes: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Teacher weights and forward pass (online), student + adaptors (fp32 masters, gradients, optimizer states),
     student activations and the layer targets the loss compares."""
-    from distill.models import vision_config
+    from ivl.distill.models import vision_config
 
     student = vision_config(config.student.preset)
     teacher = teacher_vision_config(config.teacher.name_or_path)

@@ -1,5 +1,5 @@
 """The student: an InternViT-300M-shaped (or smaller) HF-native `InternVLVisionModel`, from scratch or initialised
-from a CLIP ViT (`distill.clip_init`), plus the learned adaptors (student width -> teacher width) that exist only
+from a CLIP ViT (`ivl.distill.clip_init`), plus the learned adaptors (student width -> teacher width) that exist only
 for training and are dropped at export.
 """
 
@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import CLIPVisionModel, InternVLVisionConfig, InternVLVisionModel
 
-from distill.clip_init import clip_pixel_stats, clip_to_internvit, pre_layernorm_sigma
-from distill.models import VIT_PRESETS, build_vision_model, clip_config, hidden_states, preset_of, vision_config
 from ivl.config import ConfigError
+from ivl.distill.clip_init import clip_pixel_stats, clip_to_internvit, pre_layernorm_sigma
+from ivl.distill.models import VIT_PRESETS, build_vision_model, clip_config, hidden_states, preset_of, vision_config
 from ivl.image import normalize
 from ivl.model.load import ModelLoadError
 
@@ -24,14 +24,14 @@ from ivl.model.load import ModelLoadError
 class StudentConfig:
     """The student's shape and initialisation."""
 
-    preset: str = "internvit-300m"  # distill.models.VIT_PRESETS: internvit-300m, tiny-student, ...
+    preset: str = "internvit-300m"  # ivl.distill.models.VIT_PRESETS: internvit-300m, tiny-student, ...
     image_size: int = 0  # 0: the preset's (448 for the real presets); must equal the teacher's
     activation: Literal["gelu", "quick_gelu"] = "gelu"  # InternViT-300M uses gelu, CLIP quick_gelu
     init: Literal["scratch", "clip"] = "scratch"
     clip: str = (
         ""  # init=clip: CLIPVisionModel checkpoint (openai/clip-vit-large-patch14-336, a path, preset:tiny-clip)
     )
-    pre_layernorm: Literal["fold", "drop"] = "fold"  # CLIP's pre-LayerNorm: see distill.clip_init
+    pre_layernorm: Literal["fold", "drop"] = "fold"  # CLIP's pre-LayerNorm: see ivl.distill.clip_init
     calibration_tiles: int = 32  # training tiles used to fold the pre-LayerNorm and report the cosine to CLIP
     gradient_checkpointing: bool = False
     init_seed: int = 0  # random initialisation (scratch, and the layer parts CLIP does not provide)

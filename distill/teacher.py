@@ -1,4 +1,4 @@
-"""The teacher: any InternViT, frozen, in bf16 (or int8 through bitsandbytes, `distill.int8`).
+"""The teacher: any InternViT, frozen, in bf16 (or int8 through bitsandbytes, `ivl.distill.int8`).
 
     teacher = load_teacher(TeacherConfig(name_or_path="OpenGVLab/InternViT-6B-448px-V2_5", dtype="bfloat16"), "cuda")
 
@@ -7,7 +7,7 @@ Accepted checkpoints (a local directory or a hub id; only the files holding the 
 - an HF-native InternVL (`InternVLForConditionalGeneration`, the `-hf` checkpoints): its vision tower;
 - an original InternVL (`InternVLChatModel`): its `vision_model.*`, renamed / split with `ivl.model.convert`'s rules;
 - an original standalone InternViT (`InternVisionModel`, e.g. InternViT-6B-448px-V2_5), the same rules;
-- `preset:NAME` (`distill.models.VIT_PRESETS`): random weights, for tests and the demo.
+- `preset:NAME` (`ivl.distill.models.VIT_PRESETS`): random weights, for tests and the demo.
 Only the ViT's tensors are read; the LLM of a full checkpoint is never loaded.
 """
 
@@ -24,8 +24,8 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import InternVLConfig, InternVLVisionConfig, InternVLVisionModel
 
-from distill.models import VISION_PREFIX, VIT_PRESETS, build_vision_model, hidden_states, preset_of, vision_config
 from ivl.config import ConfigError
+from ivl.distill.models import VISION_PREFIX, VIT_PRESETS, build_vision_model, hidden_states, preset_of, vision_config
 from ivl.model.convert import checkpoint_format, conversion_rules, plan_conversion
 from ivl.model.convert_config import VISION_FIELDS, read_checkpoint_config
 from ivl.model.load import ModelLoadError, resolve_dtype
@@ -43,7 +43,7 @@ class TeacherConfig:
 
     name_or_path: str = "preset:tiny-teacher"  # hub id, local directory (see the module docstring) or preset:NAME
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on a bf16 GPU, else fp32
-    quantize: Literal["none", "int8"] = "none"  # int8: bitsandbytes LLM.int8() linear layers (distill.int8)
+    quantize: Literal["none", "int8"] = "none"  # int8: bitsandbytes LLM.int8() linear layers (ivl.distill.int8)
     init_seed: int = 0  # random weights of a preset teacher
 
     def validate(self) -> None:
@@ -62,7 +62,7 @@ def load_teacher(config: TeacherConfig, device: torch.device | str) -> nn.Module
         model = load_vision_checkpoint(local_checkpoint(config.name_or_path), dtype)
     model.requires_grad_(False)
     if config.quantize == "int8":
-        from distill.int8 import quantize_int8
+        from ivl.distill.int8 import quantize_int8
 
         return quantize_int8(model, device).eval()
     return model.to(device).eval()

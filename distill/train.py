@@ -3,12 +3,12 @@
     ivl distill configs/distill/internvit_6b_to_300m.yaml                 online: the teacher runs every step
     ivl distill cache configs/distill/internvit_6b_to_300m.yaml           offline, 1: write the teacher's features
     ivl distill configs/distill/internvit_6b_to_300m.yaml mode=offline    offline, 2: train with no teacher in memory
-    accelerate launch -m distill.train configs/distill/internvit_6b_to_300m.yaml   DDP on several GPUs
+    accelerate launch -m ivl.distill.train configs/distill/internvit_6b_to_300m.yaml   DDP on several GPUs
 
 setup -> train -> save, with SFT's loop conventions (finetune/sft.py): micro-batches of one optimizer step are fetched
 together, every micro-batch is full (the sampler drops partial ones), so dividing each one's summed per-tile loss by
 batch_size * grad_accum makes the step's update that of the mean over its global batch, however it is split.
-The student's adapted hidden states of the supervised layers are compared with the teacher's (distill.losses); the
+The student's adapted hidden states of the supervised layers are compared with the teacher's (ivl.distill.losses); the
 adaptors are trained with the student and left out of the exported student.
 """
 
@@ -27,16 +27,16 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from distill.cache import CacheConfig, CachedTargets, CachedTiles
-from distill.data import DistillDataConfig, TileDataset, collate, list_images
-from distill.evaluate import ProbeConfig, heldout_cosine
-from distill.export import save_run
-from distill.losses import LossConfig, distill_loss
-from distill.models import image_size_of
-from distill.student import StudentConfig, StudentWithAdaptors, build_student
-from distill.teacher import TeacherConfig, TeacherTargets, load_teacher
-from finetune.data.loader import StepBatchSampler
 from ivl.config import ConfigError, to_dict
+from ivl.data.loader import StepBatchSampler
+from ivl.distill.cache import CacheConfig, CachedTargets, CachedTiles
+from ivl.distill.data import DistillDataConfig, TileDataset, collate, list_images
+from ivl.distill.evaluate import ProbeConfig, heldout_cosine
+from ivl.distill.export import save_run
+from ivl.distill.losses import LossConfig, distill_loss
+from ivl.distill.models import image_size_of
+from ivl.distill.student import StudentConfig, StudentWithAdaptors, build_student
+from ivl.distill.teacher import TeacherConfig, TeacherTargets, load_teacher
 from ivl.image import normalize
 from ivl.model.checkpoint import (
     load_training_checkpoint,
@@ -44,6 +44,7 @@ from ivl.model.checkpoint import (
     save_training_checkpoint,
 )
 from ivl.model.load import resolve_dtype
+from ivl.recipe import recipe_main
 from ivl.runtime import (
     LoopConfig,
     MetricsLog,
@@ -294,9 +295,7 @@ def run_distill(config: DistillConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ivl.cli import recipe_main  # the CLI imports this module: not at import time
-
-    return recipe_main("distill.train", DistillConfig, run_distill, argv)
+    return recipe_main("ivl.distill.train", DistillConfig, run_distill, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import InternVLForConditionalGeneration
 
-from finetune.sft import SFTConfig, optimizer_groups
+from ivl.finetune.sft import SFTConfig, optimizer_groups
 from ivl.model.adapters import apply_trainability, trainable_report
 from ivl.model.load import load_model_config, resolve_dtype
 from ivl.model.partial_lora import partial_lora_of

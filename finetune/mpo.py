@@ -2,11 +2,11 @@
 
     ivl mpo configs/mpo/demo.yaml loop.max_steps=200
     ivl mpo configs/mpo/internvl3_1b_lora.yaml mpo.precompute_reference=true      # reference log-probs cached first
-    accelerate launch -m finetune.mpo configs/mpo/internvl3_1b_lora.yaml          # DDP on several GPUs
+    accelerate launch -m ivl.finetune.mpo configs/mpo/internvl3_1b_lora.yaml          # DDP on several GPUs
 
 setup -> train -> save, with SFT's conventions (progress bar, metrics.jsonl, atomic checkpoints, resume, final
 adapter / model export); the model setup, evaluation and checkpointing are SFT's own pieces. What differs:
-- data are preference pairs; both answers of a pair share one ViT pass (`finetune.preference.pair_logps`);
+- data are preference pairs; both answers of a pair share one ViT pass (`ivl.finetune.preference.pair_logps`);
 - the reference policy is the trained model with its adapters disabled (LoRA / QLoRA / partial LoRA), a frozen copy
   only for full fine-tuning, or log-probs precomputed once and cached on disk (required when continuing an SFT
   adapter: the reference is then the SFT policy, which disabling the adapter would not give);
@@ -32,13 +32,13 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.data.chat import SampleError
-from finetune.data.checks import check_data
-from finetune.data.loader import StepBatchSampler
-from finetune.data.preference import PairDataset, collate_pairs
-from finetune.data.samples import SampleBuilder, SFTDataset, load_records, model_inputs
-from finetune.losses import mpo_loss, num_supervised_tokens
-from finetune.preference import (
+from ivl.config import ConfigError, to_dict
+from ivl.data.chat import SampleError
+from ivl.data.checks import check_data
+from ivl.data.loader import StepBatchSampler
+from ivl.data.preference import PairDataset, collate_pairs
+from ivl.data.samples import SampleBuilder, SFTDataset, load_records, model_inputs
+from ivl.finetune.preference import (
     ReferencePolicy,
     RewardShift,
     compute_reference_logps,
@@ -48,8 +48,7 @@ from finetune.preference import (
     pair_logps,
     reference_cache_key,
 )
-from finetune.sft import SFTConfig, _checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
-from ivl.config import ConfigError, to_dict
+from ivl.losses import mpo_loss, num_supervised_tokens
 from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
 from ivl.model.checkpoint import (
     load_training_checkpoint,
@@ -59,6 +58,7 @@ from ivl.model.checkpoint import (
 )
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.quantize import keep_training_layout
+from ivl.recipe import recipe_main
 from ivl.runtime import (
     MetricsLog,
     build_optimizer,
@@ -68,6 +68,7 @@ from ivl.runtime import (
     progress_bar,
     start_trackers,
 )
+from ivl.training import TrainConfig, checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
 
 METRICS = ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
 
@@ -98,13 +99,13 @@ class MPOOptions:
 
 
 @dataclass
-class MPOConfig(SFTConfig):
+class MPOConfig(TrainConfig):
     mpo: MPOOptions = field(default_factory=MPOOptions)
 
 
 @dataclass
 class Run:
-    """Everything `setup` builds for the loop (the fields `finetune.sft.evaluate` reads included)."""
+    """Everything `setup` builds for the loop (the fields `ivl.training.evaluate` reads included)."""
 
     config: MPOConfig
     accelerator: Accelerator
@@ -178,7 +179,7 @@ def setup(config: MPOConfig) -> Run:
     train_set = _checked_pairs(config.data.train, builder, accelerator, config.data.seed)
     validation_set = None  # SFT-format data: validation loss and exact-match, as in SFT
     if config.data.validation:
-        validation_set = _checked_dataset(config.data.validation, builder, accelerator, config.data.seed)
+        validation_set = checked_dataset(config.data.validation, builder, accelerator, config.data.seed)
     optimizer = build_optimizer(optimizer_groups(model, config), config.optim)
     batches_per_epoch = len(train_set) // (loop.batch_size * accelerator.num_processes)
     total_steps = loop.max_steps or max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
@@ -325,9 +326,7 @@ def run_mpo(config: MPOConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ivl.cli import recipe_main  # the CLI imports this module: not at import time
-
-    return recipe_main("finetune.mpo", MPOConfig, run_mpo, argv)
+    return recipe_main("ivl.finetune.mpo", MPOConfig, run_mpo, argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ per pair, the reference policy without a second model, reference log-probs preco
     logps = pair_logps(model, inputs, labels)              # policy, [2B] sums over each answer's tokens
     ref = ReferencePolicy(model, frozen_copy=None)(inputs, labels)   # adapters disabled: the base, no copy
 
-Log-probs come from the LLM's final hidden states through `finetune.losses.token_logps`, which projects only the
+Log-probs come from the LLM's final hidden states through `ivl.losses.token_logps`, which projects only the
 answer positions a chunk at a time: no [2B, T, V] logits tensor ever exists.
 """
 
@@ -25,11 +25,11 @@ from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.data.preference import PairDataset, collate_pairs
-from finetune.data.samples import model_inputs
-from finetune.evaluate import _Shard
-from finetune.losses import supervised_tokens, token_logps
 from ivl.config import ConfigError
+from ivl.data.preference import PairDataset, collate_pairs
+from ivl.data.samples import model_inputs
+from ivl.evaluate import _Shard
+from ivl.losses import supervised_tokens, token_logps
 from ivl.model.forward import final_hidden_states, output_layer
 from ivl.model.partial_lora import attach_partial_lora, read_marker
 from ivl.model.parts import model_parts

@@ -3,7 +3,7 @@ LLM).
 
     ivl sft configs/sft/internvl3_1b_lora.yaml optim.lr=1e-4 loop.max_steps=500
     ivl sft configs/sft/internvl3_2b_partial_lora.yaml --dry-run      # parameter groups, LRs, memory; no training
-    accelerate launch -m finetune.sft configs/sft/internvl3_1b_lora.yaml        # DDP on several GPUs
+    accelerate launch -m ivl.finetune.sft configs/sft/internvl3_1b_lora.yaml        # DDP on several GPUs
 
 setup -> train -> save. The loop below is the whole algorithm: micro-batches of one optimizer step are fetched
 together so the loss is normalised by the *global* supervised-token count of the step (all micro-batches, all
@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,84 +28,43 @@ from accelerate.utils import gather_object
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.data.chat import SampleError
-from finetune.data.checks import check_data
-from finetune.data.loader import StepBatchSampler
-from finetune.data.packed_loader import PackedBatches, StreamingSource
-from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records
-from finetune.evaluate import batch_logps, evaluate_loss, exact_match
-from finetune.losses import LossConfig, target_weights, weighted_nll
 from ivl.config import ConfigError, to_dict
+from ivl.data.loader import StepBatchSampler
+from ivl.data.packed_loader import PackedBatches, StreamingSource
+from ivl.data.samples import SampleBuilder, SFTDataset, collate
+from ivl.evaluate import batch_logps
+from ivl.losses import target_weights, weighted_nll
 from ivl.model.adapters import (
-    AdapterConfig,
-    PartConfig,
-    Stage,
-    VisionPartConfig,
     apply_trainability,
     format_report,
-    is_peft,
-    parameter_groups,
-    resolve_modes,
-    save_trained,
     trainable_report,
-    validate_modes,
 )
 from ivl.model.checkpoint import (
-    export_final,
     load_training_checkpoint,
     resume_point,
     save_training_checkpoint,
 )
-from ivl.model.load import ModelConfig, load_model, resolve_dtype
+from ivl.model.load import load_model, resolve_dtype
 from ivl.model.packed_attention import check_packing_support
-from ivl.model.parts import layer_class_names, model_parts
+from ivl.model.parts import layer_class_names
 from ivl.model.quantize import keep_training_layout
-from ivl.model.sharded import full_state_dict, is_sharded
+from ivl.recipe import recipe_main
 from ivl.runtime import (
-    LoopConfig,
     MetricsLog,
-    OptimConfig,
     build_optimizer,
     build_scheduler,
     end_training,
     make_accelerator,
-    plot_curves,
     progress_bar,
     shard_per_layer,
     start_trackers,
 )
+from ivl.training import TrainConfig, checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
 
 
 @dataclass
-class SFTConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    stage: Stage = "none"  # stage1 | stage1.5 | stage2 | stage2-lora presets of the part modes (SPEC 8)
-    vision: VisionPartConfig = field(default_factory=VisionPartConfig)
-    projector: PartConfig = field(default_factory=PartConfig)
-    llm: PartConfig = field(default_factory=PartConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-
-    def validate(self) -> None:
-        if not self.data.train:
-            raise ConfigError("data.train: give the training data (InternVL jsonl, meta .json or HF dataset)")
-        if self.data.streaming and not self.data.packing:
-            raise ConfigError(
-                "data.streaming: SFT streams through the packer (its position in the stream is what resumes); "
-                "set data.packing=true too, or drop data.streaming"
-            )
-        if self.data.packing and not self.loop.max_steps:
-            raise ConfigError(
-                "data.packing: the number of packs per epoch is known only while packing; set loop.max_steps"
-            )
-        # Stage / mode conflicts and adapter constraints are config errors, reported before anything loads.
-        validate_modes(self.modes(), self.adapter, self.vision)
-
-    def modes(self) -> dict[str, str]:
-        return resolve_modes(self.stage, self.vision, self.projector, self.llm)
+class SFTConfig(TrainConfig):
+    """`ivl sft`'s config: the sections every fine-tuning recipe shares (`ivl.training.TrainConfig`)."""
 
 
 @dataclass
@@ -125,39 +84,6 @@ class Run:
     dtype: torch.dtype
     metrics: MetricsLog
     info: dict[str, Any]
-
-
-def _checked_dataset(path: str, builder: SampleBuilder, accelerator: Accelerator, seed: int) -> SFTDataset:
-    """Check every row before training: bad rows fail the run now, with the report, or (data.on_error=skip) are
-    left out; `dataset.num_left_out` counts them."""
-    report = check_data(path, builder, progress=accelerator.is_main_process and sys.stderr.isatty())
-    if not report.clean and builder.data.on_error == "fail":
-        raise SampleError(f"the data check failed; fix these rows or set data.on_error=skip\n{report.format()}")
-    records = load_records(path, seed)
-    if not report.clean:
-        # Dropped here rather than at batch time, so no process ever gets an empty micro-batch (DDP needs every
-        # process to run the forward pass); the collator still skips rows that fail later (e.g. a file removed).
-        bad = {location for location, _ in report.bad_rows}
-        records = [record for record in records if record.location not in bad]
-        accelerator.print(f"data.on_error=skip: {len(bad)} bad rows of {path} are left out")
-    dataset = SFTDataset(records, builder)
-    dataset.num_left_out = len(report.bad_rows)
-    return dataset
-
-
-def enable_gradient_checkpointing(model: nn.Module, config: SFTConfig) -> None:
-    parts = model_parts(model)
-    for enabled, module in (
-        (config.vision.gradient_checkpointing, parts.vision),
-        (config.llm.gradient_checkpointing, parts.llm),
-    ):
-        if enabled:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def optimizer_groups(model: nn.Module, config: SFTConfig) -> list[dict]:
-    part_lrs = {"vision": config.vision.lr, "projector": config.projector.lr, "llm": config.llm.lr}
-    return parameter_groups(model, config.optim.lr, config.optim.weight_decay, part_lrs, config.vision.lr_layer_decay)
 
 
 def setup(config: SFTConfig) -> Run:
@@ -184,10 +110,10 @@ def setup(config: SFTConfig) -> Run:
     if config.data.streaming:  # rows are checked as they are built (data.on_error): no full pass over the stream
         train_set = StreamingSource(config.data.train, builder)
     else:
-        train_set = _checked_dataset(config.data.train, builder, accelerator, config.data.seed)
+        train_set = checked_dataset(config.data.train, builder, accelerator, config.data.seed)
     validation_set = None
     if config.data.validation:
-        validation_set = _checked_dataset(config.data.validation, builder, accelerator, config.data.seed)
+        validation_set = checked_dataset(config.data.validation, builder, accelerator, config.data.seed)
     optimizer = build_optimizer(optimizer_groups(model, config), config.optim)
     total_steps = loop.max_steps  # set whenever packing (validated): a stream has no length, packs no fixed count
     if not total_steps:
@@ -242,22 +168,6 @@ def optimizer_step(run: Run, window: list[dict[str, Any]]) -> torch.Tensor:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(step_loss, "sum") / accelerator.num_processes
-
-
-def evaluate(run: Run, step: int) -> dict[str, float]:
-    loop, results = run.config.loop, {"step": step}
-    if run.validation_set is None:
-        return {}
-    pad = run.tokenizer.pad_token_id
-    loss = evaluate_loss(run.model, run.validation_set, run.accelerator, loop.eval_batch_size, pad, run.dtype)
-    results.update(eval_loss=loss["loss"], eval_tokens=loss["tokens"])
-    if loop.exact_match_samples:
-        records = run.validation_set.records[: loop.exact_match_samples]
-        match = exact_match(run.model, run.builder, records, run.accelerator, loop.eval_batch_size,
-                            loop.max_new_tokens, run.dtype)  # fmt: skip
-        results["eval_exact_match"] = match["exact_match"]
-    run.metrics.write(results)
-    return results
 
 
 def training_batches(run: Run, state: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -330,22 +240,6 @@ def train(run: Run) -> dict[str, Any]:
     return last
 
 
-def save(run: Run, recipe: str = "SFT") -> Path:
-    """The final adapter (PEFT format, `OUTPUT/adapter`) or full model (`OUTPUT/model`), with the tokenizer; `recipe`
-    titles the loss plot. The MPO recipe saves through here too."""
-    accelerator, output_dir = run.accelerator, Path(run.config.loop.output_dir)
-    accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(run.model)
-    # FSDP2: the weights are gathered whole on every process first (a collective); else the model's own state dict.
-    state_dict = full_state_dict(model, trainable_only=is_peft(model)) if is_sharded(model) else None
-    out_dir = output_dir / ("adapter" if is_peft(model) else "model")
-    if accelerator.is_main_process:
-        export_final(out_dir, model, run.tokenizer, run.info, partial(save_trained, state_dict=state_dict))
-        plot_curves(output_dir / "metrics.jsonl", output_dir / "loss.png", f"{recipe} {run.config.model.name_or_path}")
-    accelerator.wait_for_everyone()
-    return out_dir
-
-
 def run_sft(config: SFTConfig) -> dict[str, Any]:
     run = setup(config)
     metrics = train(run)
@@ -355,9 +249,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ivl.cli import recipe_main  # the CLI imports this module: not at import time
-
-    return recipe_main("finetune.sft", SFTConfig, run_sft, argv)
+    return recipe_main("ivl.finetune.sft", SFTConfig, run_sft, argv)
 
 
 if __name__ == "__main__":

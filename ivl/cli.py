@@ -24,50 +24,18 @@ import argparse
 import json
 import sys
 
-from finetune.data.chat import SampleError
-from finetune.data.records import DataSourceError
-from ivl.config import ConfigError, format_config, load_config
-from ivl.image import ImageError
-from ivl.model.checkpoint import CheckpointError
-from ivl.model.load import ModelLoadError
-from ivl.model.partial_lora import PartialLoraMergeError
-
-KNOWN_ERRORS = (
-    ConfigError,
-    DataSourceError,
-    ModelLoadError,
-    SampleError,
-    ImageError,
-    CheckpointError,
-    PartialLoraMergeError,
-)
-
-
-def recipe_main(module: str, config_class: type, run, argv: list[str] | None) -> int:
-    """`python -m MODULE CONFIG.yaml [overrides]` for a recipe (what `accelerate launch -m` runs): load the config,
-    `run(config)`, report a known error in one line (exit 2), print the output on the main process."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):
-        print(f"usage: python -m {module} CONFIG.yaml [section.key=value ...]", file=sys.stderr)
-        return 2
-    try:
-        result = run(load_config(config_class, argv[0], argv[1:]))
-    except KNOWN_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if result["is_main_process"]:
-        print(f"done: {result['output']}")
-    return 0
+from ivl.config import format_config, load_config
+from ivl.errors import KNOWN_ERRORS, ConfigError
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from finetune.sft import SFTConfig, run_sft
+    from ivl.finetune.sft import SFTConfig, run_sft
 
     config = load_config(SFTConfig, args.config, args.overrides)
     if args.show_config:
         print(format_config(config), end="")
     if args.dry_run:
-        from finetune.dry_run import dry_run, format_dry_run
+        from ivl.finetune.dry_run import dry_run, format_dry_run
 
         report = dry_run(config)
         print(json.dumps(report, indent=2) if args.json else format_dry_run(report))
@@ -79,7 +47,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_mpo(args: argparse.Namespace) -> int:
-    from finetune.mpo import MPOConfig, run_mpo
+    from ivl.finetune.mpo import MPOConfig, run_mpo
 
     config = load_config(MPOConfig, args.config, args.overrides)
     if args.show_config:
@@ -91,7 +59,7 @@ def cmd_mpo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from finetune.evaluate import EvalConfig, run_eval
+    from ivl.evaluate import EvalConfig, run_eval
 
     overrides = args.overrides + ([f"eval.adapter={args.adapter}"] if args.adapter else [])
     config = load_config(EvalConfig, args.config, overrides, only=("model", "data", "eval"))
@@ -145,14 +113,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from distill.cli import main as distill_main
+    from ivl.distill.cli import main as distill_main
 
     return distill_main(args.args)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from finetune.data.samples import DataConfig, SampleBuilder
-    from finetune.evaluate import answer_question
+    from ivl.data.samples import DataConfig, SampleBuilder
+    from ivl.evaluate import answer_question
     from ivl.model.adapters import load_trained
     from ivl.model.load import ModelConfig, load_model
     from ivl.model.parts import unwrap
@@ -172,8 +140,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from finetune.data.checks import DataCheckConfig, check_data
-    from finetune.data.samples import SampleBuilder
+    from ivl.data.checks import DataCheckConfig, check_data
+    from ivl.data.samples import SampleBuilder
     from ivl.model.load import load_model_config, load_tokenizer
 
     config = load_config(DataCheckConfig, args.config, args.overrides, only=("model", "data"))
@@ -192,7 +160,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_demo(args: argparse.Namespace) -> int:
-    from ivl.demo.shapes import write_dataset
+    from ivl.data.shapes import write_dataset
 
     meta = write_dataset(args.out_dir, args.train, args.validation, args.width, args.height)
     print(f"wrote {args.train} train / {args.validation} validation samples; meta file {meta}")
@@ -283,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard (GiB)")
     convert.set_defaults(handler=cmd_convert)
 
-    # Everything after `distill` goes to distill.cli, which has its own sub-commands (and its own --help).
+    # Everything after `distill` goes to ivl.distill.cli, which has its own sub-commands (and its own --help).
     # prefix_chars: options such as --help or --json are not this parser's, they are passed on as they are.
     distill = commands.add_parser(
         "distill", add_help=False, prefix_chars="+", help="vision-encoder distillation: train | cache | eval | export"

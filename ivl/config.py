@@ -17,11 +17,9 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from ivl.errors import ConfigError  # noqa: F401  re-exported
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or invalid; the message names the dotted key."""
 
 
 def load_config(

@@ -4,7 +4,7 @@
     plan.total_bytes, plan.items       # {"frozen weights": ..., "llm activations": ..., ...}
 
 Parameters, gradients and optimizer states are counted exactly on a meta-device model built through the recipe's own
-setup (`finetune.dry_run`). Activations are *modelled*: bytes per token per layer for each part and training mode,
+setup (`ivl.finetune.dry_run`). Activations are *modelled*: bytes per token per layer for each part and training mode,
 measured once with autograd's saved-tensor hooks on this kit's models (how: see `ACTIVATION_TABLES` in
 `ivl.plan_tables`) and scaled by the configured tokens, tiles, batch, checkpointing and attention. A few constants are
 chosen and checked against measured peaks (`bench/plan_accuracy.py`, CPU) or *assumed* (CUDA only; no GPU has
@@ -98,23 +98,6 @@ def plan_dtype(dtype: str, device: Device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def model_config_of(model) -> Any:
-    """The `InternVLConfig` of `model.name_or_path` without downloading: zoo hub ids (OpenGVLab/InternVL3-8B-hf,
-    InternVL2_5-8B, ...) are matched to `ivl.model.presets.ZOO`; presets and local checkpoints are read as training
-    reads them; anything else asks the hub for its config.json only."""
-    from ivl.model.load import load_model_config
-    from ivl.model.presets import ZOO, preset_config
-
-    def key(name: str) -> str:
-        return "".join(char for char in name.lower() if char.isalnum())
-
-    zoo = {key(name): name for name in ZOO}
-    hub_name = key(model.name_or_path.rsplit("/", 1)[-1].removesuffix("-hf").removesuffix("-HF"))
-    if hub_name in zoo and not model.name_or_path.startswith("preset:"):
-        return preset_config(zoo[hub_name])
-    return load_model_config(model)
-
-
 def sft_workload(config, pair_rows: bool = False) -> Workload:
     """Rows, tokens and tiles of one micro-batch: every row at its budget (the worst case a run meets). Packed rows
     (`data.packing`) hold `data.pack_max_tokens` tokens and up to `data.pack_max_tiles` tiles; unpacked ones
@@ -133,7 +116,7 @@ def sft_workload(config, pair_rows: bool = False) -> Workload:
 def _parameter_items(config, model_config, dtype: torch.dtype) -> tuple[dict[str, float], Any]:
     """Weights (frozen in their dtype / NF4, trainable as fp32 masters), fp32 gradients and optimizer states, counted
     on the meta-device model `ivl sft --dry-run` builds; also returns that model."""
-    from finetune.dry_run import meta_model, parameter_memory
+    from ivl.finetune.dry_run import meta_model, parameter_memory
 
     model, quantized = meta_model(config, model_config, dtype)
     memory = parameter_memory(model, quantized, config.optim.optimizer)
@@ -188,7 +171,7 @@ def _vision_items(config, model_config, model, work: Workload, act_bytes: int) -
 
 def _llm_items(config, model_config, model, work: Workload, act_bytes: int, device: Device) -> dict[str, float]:
     """LLM activations (saved for backward), the backward pass's working set, logits and loss buffers."""
-    from finetune.losses import LOGITS_CHUNK_ELEMENTS
+    from ivl.losses import LOGITS_CHUNK_ELEMENTS
 
     text = model_config.text_config
     modes = config.modes()
@@ -233,6 +216,8 @@ def _llm_items(config, model_config, model, work: Workload, act_bytes: int, devi
 def plan_sft(config, device: Device, memory_gib: float, recipe: str = "sft", pair_rows: bool = False) -> Plan:
     """The peak of an SFT (or, with `pair_rows`, MPO) run of `config` on `device`."""
     dtype = plan_dtype(config.model.dtype, device)
+    from ivl.model.load import model_config_of
+
     model_config = model_config_of(config.model)
     work = sft_workload(config, pair_rows)
     act_bytes = ACTIVATION_DTYPE_BYTES[dtype]
@@ -261,7 +246,7 @@ def _finish(plan: Plan) -> Plan:
 def plan_distill(config, device: Device, memory_gib: float) -> Plan:
     """The peak of a vision-encoder distillation run: the teacher (online mode), the student with its adaptors, and
     both forward passes over one micro-batch of 448 px tiles."""
-    from distill.plan import distill_items
+    from ivl.distill.plan import distill_items
 
     dtype = plan_dtype(config.teacher.dtype, device)
     items, workload = distill_items(config, dtype, ACTIVATION_DTYPE_BYTES[dtype])
@@ -270,15 +255,15 @@ def plan_distill(config, device: Device, memory_gib: float) -> Plan:
 
 
 def _load_sft(path: str | None, overrides: list[str]):
-    from finetune.sft import SFTConfig
     from ivl.config import load_config
+    from ivl.finetune.sft import SFTConfig
 
     return load_config(SFTConfig, path, _with_train(path, overrides))
 
 
 def _load_mpo(path: str | None, overrides: list[str]):
     try:
-        from finetune.mpo import MPOConfig
+        from ivl.finetune.mpo import MPOConfig
     except ImportError as error:
         raise ConfigError(f"{path}: an MPO config (`mpo:` section), but this kit has no MPO recipe") from error
     from ivl.config import load_config
@@ -287,8 +272,8 @@ def _load_mpo(path: str | None, overrides: list[str]):
 
 
 def _load_distill(path: str | None, overrides: list[str]):
-    from distill.train import DistillConfig
     from ivl.config import load_config
+    from ivl.distill.train import DistillConfig
 
     return load_config(DistillConfig, path, overrides)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 GIB = 2**30
 
-# MEASURED: peak RSS of a fresh process that imported the kit (finetune.sft, peft, accelerate, bitsandbytes) and loaded
+# MEASURED: peak RSS of a fresh process that imported the kit (SFT recipe, peft, accelerate, bitsandbytes) and loaded
 # the demo tokenizer, before any model exists: 395 MiB (torch 2.13 CPU, transformers 5.23, python 3.12; 404 MiB RSS).
 CPU_BASELINE_BYTES = 395 * 2**20
 # CHOSEN, then CHECKED (not fitted) by bench/plan_accuracy.py (CPU, -16% to +11% over 6 cases): glibc keeps freed
@@ -28,7 +28,7 @@ CUDA_CONTEXT_BYTES = 0.5 * GIB
 CUDA_ALLOCATOR_SLACK = 0.10
 # From the loss's design note, CHECKED by bench/plan_accuracy.py: live copies of one fp32 logits chunk at the loss's
 # peak: the chunk's logits, the logsumexp temporary, and their gradient in the recomputed backward
-# (finetune.losses.token_logps).
+# (ivl.losses.token_logps).
 LOSS_CHUNK_COPIES = 3
 
 # Bytes per token per layer = cH * H + cI * I + cKV * (KV heads x head dim) + cHeads * heads + c0, for a layer that

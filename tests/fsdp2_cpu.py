@@ -1,4 +1,4 @@
-"""`python -m finetune.sft` under FSDP2 on CPU processes (gloo), for tests/test_multigpu.py (run it with torchrun).
+"""`python -m ivl.finetune.sft` under FSDP2 on CPU processes (gloo), for tests/test_multigpu.py (run it with torchrun).
 
 Accelerate forms FSDP groups only on accelerators: on CPU it always makes a plain multi-process group. This driver
 declares the run FSDP2 once the Accelerator is built, so `prepare` shards the model with `fully_shard` on CPU (torch
@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 import ivl.runtime
-from finetune.sft import main
+from ivl.finetune.sft import main
 
 
 class CPUFSDP2Accelerator(Accelerator):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data.chat import IGNORE_INDEX, SampleError
-from finetune.data.records import DataSource, Record, read_meta
-from finetune.data.samples import (
+from ivl.data.chat import IGNORE_INDEX, SampleError
+from ivl.data.records import DataSource, Record, read_meta
+from ivl.data.samples import (
     DataConfig,
     SampleBuilder,
     SFTDataset,
@@ -19,9 +19,8 @@ from finetune.data.samples import (
     load_records,
     model_inputs,
 )
-from ivl.demo.tokenizer import load_demo_tokenizer
 from ivl.model.load import ModelConfig, load_model
-from ivl.model.presets import preset_config
+from ivl.model.presets import load_demo_tokenizer, preset_config
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, InternVLForConditionalGeneration, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from finetune.data.chat import NAMED_TEMPLATES
 from ivl.cli import main as cli_main
-from ivl.demo.tokenizer import load_demo_tokenizer
+from ivl.data.chat import NAMED_TEMPLATES
 from ivl.model.convert import convert_checkpoint, join_wqkv, load_original_model, split_wqkv
 from ivl.model.convert_config import ORIGINAL_CONFIG_KEY
 from ivl.model.load import (
@@ -30,6 +29,7 @@ from ivl.model.load import (
     load_tokenizer,
     save_checkpoint,
 )
+from ivl.model.presets import load_demo_tokenizer
 
 VIT = dict(hidden=32, heads=2, mlp=64, layers=2, image=112, patch=14)
 LLM = dict(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2, vocab=576)
@@ -541,9 +541,9 @@ def test_without_sentencepiece_the_internlm2_tokenizer_is_copied_and_said_so(tmp
 def test_converted_original_trains_merges_and_converts_back(tmp_path, tokenizer):
     from test_sft import tiny_run
 
-    from finetune.sft import SFTConfig, run_sft
     from ivl.config import load_config
-    from ivl.demo.shapes import write_dataset
+    from ivl.data.shapes import write_dataset
+    from ivl.finetune.sft import SFTConfig, run_sft
     from ivl.model.adapters import load_trained
 
     write_original(tmp_path / "orig", "internlm2", tokenizer)

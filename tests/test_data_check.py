@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ivl.cli import main
-from ivl.demo.shapes import write_dataset
+from ivl.data.shapes import write_dataset
 
 
 def png_header_only(path, width, height):

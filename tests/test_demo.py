@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.data.samples import DataConfig, SampleBuilder
-from finetune.evaluate import answer_question
+from ivl.data.samples import DataConfig, SampleBuilder
+from ivl.data.shapes import make_description_sample, make_sample
 from ivl.demo.pretrain import IMAGE_SIZE, demo_base_path
-from ivl.demo.shapes import make_description_sample, make_sample
+from ivl.evaluate import answer_question
 from ivl.model.load import ModelConfig, load_model
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def test_description_samples_name_what_is_in_the_scene():
 def test_each_question_is_answered_by_its_scene_and_answers_are_balanced():
     from collections import Counter
 
-    from ivl.demo.shapes import QUADRANTS
+    from ivl.data.shapes import QUADRANTS
 
     answers = {kind: Counter() for kind in ("color", "shape", "count", "position")}
     for index in range(800):

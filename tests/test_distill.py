@@ -12,22 +12,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, InternVLVisionModel
 
-import distill.train
-from distill.cache import CachedTiles, kept_tokens
-from distill.cli import main as distill_main
-from distill.cli import run_cache, run_eval
-from distill.clip_init import CLIP_LAYER_ROLES, clip_pixel_stats, clip_to_internvit, pre_layernorm_sigma
-from distill.data import DistillDataConfig, TileDataset, list_images
-from distill.evaluate import knn_accuracy, linear_probe_accuracy
-from distill.export import place_into_internvl
-from distill.losses import LossConfig, distill_loss
-from distill.models import CLIP_PRESETS, build_vision_model, hidden_states, vision_config, vision_name
-from distill.student import StudentConfig, build_student
-from distill.teacher import TeacherConfig, load_teacher, load_vision_checkpoint
-from distill.train import DistillConfig, run_distill
-from finetune.sft import SFTConfig, run_sft
+import ivl.distill.train
 from ivl.config import ConfigError, load_config
-from ivl.demo.shapes import write_dataset
+from ivl.data.shapes import write_dataset
+from ivl.distill.cache import CachedTiles, kept_tokens
+from ivl.distill.cli import main as distill_main
+from ivl.distill.cli import run_cache, run_eval
+from ivl.distill.clip_init import CLIP_LAYER_ROLES, clip_pixel_stats, clip_to_internvit, pre_layernorm_sigma
+from ivl.distill.data import DistillDataConfig, TileDataset, list_images
+from ivl.distill.evaluate import knn_accuracy, linear_probe_accuracy
+from ivl.distill.export import place_into_internvl
+from ivl.distill.losses import LossConfig, distill_loss
+from ivl.distill.models import CLIP_PRESETS, build_vision_model, hidden_states, vision_config, vision_name
+from ivl.distill.student import StudentConfig, build_student
+from ivl.distill.teacher import TeacherConfig, load_teacher, load_vision_checkpoint
+from ivl.distill.train import DistillConfig, run_distill
+from ivl.finetune.sft import SFTConfig, run_sft
 from ivl.image import normalize
 from ivl.model.convert import convert_checkpoint
 from ivl.model.load import ModelConfig, load_model, save_checkpoint
@@ -137,7 +137,7 @@ def test_teacher_loads_the_same_vit_from_every_checkpoint_layout(tmp_path):
 
 def test_int8_teacher_is_close_to_the_full_precision_one():
     pytest.importorskip("bitsandbytes")
-    from distill.int8 import teacher_fidelity
+    from ivl.distill.int8 import teacher_fidelity
 
     reference = load_teacher(TeacherConfig(dtype="float32"), "cpu")
     quantized = load_teacher(TeacherConfig(dtype="float32", quantize="int8"), "cpu")
@@ -229,7 +229,7 @@ def test_offline_run_reproduces_the_online_loss_curve_without_a_teacher(tmp_path
     def no_teacher(*args, **kwargs):
         raise AssertionError("offline training loaded the teacher")
 
-    monkeypatch.setattr("distill.train.load_teacher", no_teacher)
+    monkeypatch.setattr("ivl.distill.train.load_teacher", no_teacher)
     run_distill(distill_config(tmp_path, "mode=offline", f"loop.output_dir={tmp_path / 'offline'}"))
     assert online == pytest.approx(losses(tmp_path / "offline"), abs=1e-5)
     online_eval = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
@@ -246,8 +246,8 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000006")
     shutil.rmtree(tmp_path / "run" / "student")
     steps_run = []
-    original_step = distill.train.optimizer_step
-    monkeypatch.setattr(distill.train, "optimizer_step", lambda *a: steps_run.append(1) or original_step(*a))
+    original_step = ivl.distill.train.optimizer_step
+    monkeypatch.setattr(ivl.distill.train, "optimizer_step", lambda *a: steps_run.append(1) or original_step(*a))
     run_distill(distill_config(tmp_path, *overrides))
     assert len(steps_run) == 3  # it did resume: only steps 4-6 ran again
     assert losses(tmp_path / "run") == pytest.approx(uninterrupted, abs=1e-6)
@@ -262,7 +262,7 @@ def test_ddp_accumulation_and_checkpointing_give_the_same_losses(tmp_path):
     config.write_text("{}\n")
     common = [*distill_args(tmp_path), "data.validation=", "loop.max_steps=4"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29527"]
-    command = [*torchrun, "-m", "distill.train", str(config), *common, "loop.batch_size=4",
+    command = [*torchrun, "-m", "ivl.distill.train", str(config), *common, "loop.batch_size=4",
                f"loop.output_dir={tmp_path / 'ddp'}"]  # fmt: skip
     completed = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                                timeout=300)  # fmt: skip

@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from finetune.dry_run import NF4_BITS_PER_VALUE, dry_run
-from finetune.sft import SFTConfig, optimizer_groups
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config
+from ivl.finetune.dry_run import NF4_BITS_PER_VALUE, dry_run
+from ivl.finetune.sft import SFTConfig, optimizer_groups
 from ivl.model.adapters import apply_trainability
 from ivl.model.load import load_model
 

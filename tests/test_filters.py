@@ -2,7 +2,7 @@
 
 import pytest
 
-from finetune.data.filters import repetition_flags
+from ivl.data.filters import repetition_flags
 
 
 def test_clean_text_has_no_flags():

@@ -6,9 +6,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from finetune import losses
-from finetune.data.chat import IGNORE_INDEX
-from finetune.losses import num_supervised_tokens, supervised_tokens, token_cross_entropy, token_logps
+from ivl import losses
+from ivl.data.chat import IGNORE_INDEX
+from ivl.losses import num_supervised_tokens, supervised_tokens, token_cross_entropy, token_logps
 from ivl.model.forward import final_hidden_states, output_layer
 from ivl.model.load import ModelConfig, load_model
 

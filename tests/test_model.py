@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformers import InternVLForConditionalGeneration
 
-from ivl.demo.tokenizer import demo_tokenizer_path
 from ivl.model.load import ModelConfig, ModelLoadError, load_model, load_model_config, save_checkpoint, tokens_per_tile
 from ivl.model.parts import PARTS, lora_target_regex, model_parts, part_of, vision_layer_index
-from ivl.model.presets import ZOO, preset_config
+from ivl.model.presets import ZOO, demo_tokenizer_path, preset_config
 
 
 @pytest.fixture(scope="module")

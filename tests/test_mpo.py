@@ -13,14 +13,12 @@ import torch
 from safetensors.torch import load_file
 from trl.trainer.dpo_trainer import DPOTrainer
 
-from finetune.data.checks import check_data
-from finetune.data.preference import ANSWER_KEYS, PairDataset, build_pair, collate_pairs
-from finetune.data.samples import SampleBuilder, load_records, model_inputs
-from finetune.losses import mpo_loss
-from finetune.mpo import MPOConfig, run_mpo
-from finetune.preference import ReferencePolicy, pair_logps
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config
+from ivl.data.checks import check_data
+from ivl.data.preference import ANSWER_KEYS, PairDataset, build_pair, collate_pairs
+from ivl.data.samples import SampleBuilder, load_records, model_inputs
+from ivl.data.shapes import make_sample, write_split
 from ivl.demo.preference import (
     ANSWERS,
     REASONING_SUFFIX,
@@ -29,7 +27,9 @@ from ivl.demo.preference import (
     write_reasoning_split,
     write_sft_meta,
 )
-from ivl.demo.shapes import make_sample, write_split
+from ivl.finetune.mpo import MPOConfig, run_mpo
+from ivl.finetune.preference import ReferencePolicy, pair_logps
+from ivl.losses import mpo_loss
 from ivl.model.adapters import AdapterConfig, PartConfig, VisionPartConfig, apply_trainability, resolve_modes
 from ivl.model.load import ModelConfig, load_model, load_model_config, load_tokenizer
 from ivl.model.parts import model_parts
@@ -323,7 +323,7 @@ def _overrides(pairs, out):
 
 
 def test_continuing_an_sft_adapter_uses_it_as_the_reference(pairs, shapes, tmp_path):
-    from finetune.sft import SFTConfig, run_sft
+    from ivl.finetune.sft import SFTConfig, run_sft
 
     sft = run_sft(load_config(SFTConfig, None, [*_overrides(pairs, tmp_path / "sft"), "loop.max_steps=1",
                                                f"data.train={shapes / 'train.jsonl'}"]))  # fmt: skip
@@ -355,7 +355,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pairs, tmp_p
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
-    command = [*torchrun, "-m", "finetune.mpo", str(config), *common, "loop.batch_size=2",
+    command = [*torchrun, "-m", "ivl.finetune.mpo", str(config), *common, "loop.batch_size=2",
                f"loop.output_dir={tmp_path / 'ddp'}"]  # fmt: skip
     completed = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                                timeout=300)  # fmt: skip

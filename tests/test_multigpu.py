@@ -15,8 +15,8 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from transformers import InternVLForConditionalGeneration
 
-from finetune.sft import SFTConfig, run_sft
 from ivl.config import ConfigError, load_config
+from ivl.finetune.sft import SFTConfig, run_sft
 from ivl.model.load import ModelConfig, load_model
 from ivl.model.parts import layer_class_names, part_of
 from ivl.runtime import _check_backend
@@ -27,7 +27,7 @@ ACCELERATE_CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
 
 
 def _fsdp2(tmp_path: Path, out: Path, *overrides: str, port: int) -> None:
-    """`finetune.sft` on 2 CPU processes under FSDP2 (tests/fsdp2_cpu.py), batch 2 each."""
+    """`ivl.finetune.sft` on 2 CPU processes under FSDP2 (tests/fsdp2_cpu.py), batch 2 each."""
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
@@ -79,7 +79,7 @@ def test_fsdp2_refuses_mid_run_evaluation(shapes, tmp_path, monkeypatch):
     class Fsdp2:
         is_fsdp2 = True
 
-    monkeypatch.setattr("finetune.sft.make_accelerator", lambda loop, dtype: Fsdp2())
+    monkeypatch.setattr("ivl.finetune.sft.make_accelerator", lambda loop, dtype: Fsdp2())
     config = load_config(SFTConfig, None, [*tiny_run(shapes), f"data.validation={shapes / 'validation.jsonl'}"])
     with pytest.raises(ConfigError, match="ivl eval"):
         run_sft(config)

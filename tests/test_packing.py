@@ -8,15 +8,15 @@ import shutil
 import pytest
 import torch
 
-from finetune.data.chat import IGNORE_INDEX, SampleError
-from finetune.data.packed_loader import make_packer
-from finetune.data.packing import PackBudget, Packer, collate_packs, image_spans, split_sample
-from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records
-from finetune.evaluate import batch_logps
-from finetune.losses import target_weights, weighted_nll
-from finetune.sft import SFTConfig, run_sft
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config
+from ivl.data.chat import IGNORE_INDEX, SampleError
+from ivl.data.packed_loader import make_packer
+from ivl.data.packing import PackBudget, Packer, collate_packs, image_spans, split_sample
+from ivl.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records
+from ivl.evaluate import batch_logps
+from ivl.finetune.sft import SFTConfig, run_sft
+from ivl.losses import target_weights, weighted_nll
 from ivl.model.load import ModelConfig, load_model
 
 START, END, CONTEXT = 1, 2, 3

@@ -11,9 +11,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from test_sft import tiny_run
 
-from finetune.sft import SFTConfig, run_sft
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config, to_dict
+from ivl.finetune.sft import SFTConfig, run_sft
 from ivl.model.adapters import (
     DEFAULT_MODES,
     AdapterConfig,
@@ -289,8 +289,8 @@ def test_targets_and_layers_choose_the_adapted_linear_layers():
 def test_ivl_eval_and_chat_load_a_partial_lora_adapter(shapes, tmp_path, capsys):
     from accelerate import Accelerator
 
-    from finetune.data.samples import DataConfig, SampleBuilder, SFTDataset, load_records
-    from finetune.evaluate import answer_question, evaluate_loss
+    from ivl.data.samples import DataConfig, SampleBuilder, SFTDataset, load_records
+    from ivl.evaluate import answer_question, evaluate_loss
 
     model, tokenizer = partial_model()
     out_dir = _export(model, tokenizer, tmp_path / "adapter")

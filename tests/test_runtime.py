@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data.loader import StepBatchSampler
-from finetune.losses import token_cross_entropy
 from ivl.config import ConfigError
+from ivl.data.loader import StepBatchSampler
+from ivl.losses import token_cross_entropy
 from ivl.model.checkpoint import CheckpointError, list_checkpoints, resolve_resume
 from ivl.runtime import LoopConfig, make_accelerator, plot_curves
 

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import InternVLForConditionalGeneration
 
-from finetune.data.chat import SampleError
-from finetune.sft import SFTConfig, enable_gradient_checkpointing, run_sft
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config
+from ivl.data.chat import SampleError
+from ivl.finetune.sft import SFTConfig, enable_gradient_checkpointing, run_sft
 from ivl.model.adapters import load_trained, merge_adapter
 from ivl.model.checkpoint import CheckpointError
 from ivl.model.load import ModelConfig, load_model
@@ -222,7 +222,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(shapes, tmp_
     command = [
         *torchrun,
         "-m",
-        "finetune.sft",
+        "ivl.finetune.sft",
         str(config),
         *common,
         "loop.batch_size=2",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ivl.demo.shapes import (
+from ivl.data.shapes import (
     ANSWER_SUFFIX,
     COLORS,
     QUADRANTS,
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     exact-match."""
     import sys
 
+    from ivl.data.shapes import write_split
     from ivl.demo.pretrain import IMAGE_SIZE
-    from ivl.demo.shapes import write_split
 
     argv = sys.argv[1:] if argv is None else argv
     out_dir, num_pairs = Path(argv[0]), int(argv[1]) if len(argv) > 1 else 1000

@@ -23,9 +23,9 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from finetune.sft import SFTConfig, run_sft
 from ivl.config import load_config
-from ivl.demo.shapes import write_dataset
+from ivl.data.shapes import write_dataset
+from ivl.finetune.sft import SFTConfig, run_sft
 
 IMAGE_SIZE = 224  # as the demo: 2x2 tiles of 112 px (data.max_tiles: 4), one quadrant of the scene per tile
 

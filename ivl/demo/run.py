@@ -10,11 +10,11 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from finetune.evaluate import EvalConfig, EvalOptions, run_eval
-from finetune.sft import SFTConfig, run_sft
 from ivl.config import load_config
+from ivl.data.shapes import write_dataset
 from ivl.demo.pretrain import IMAGE_SIZE, demo_base_path
-from ivl.demo.shapes import write_dataset
+from ivl.evaluate import EvalConfig, EvalOptions, run_eval
+from ivl.finetune.sft import SFTConfig, run_sft
 
 
 def demo_config_path() -> Path:

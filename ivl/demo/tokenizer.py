@@ -7,12 +7,12 @@ accepts it. Rebuild with `python -m ivl.demo.tokenizer` (deterministic).
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from ivl.demo.shapes import training_text
+from ivl.data.shapes import training_text
+from ivl.model.presets import demo_tokenizer_path
 
 VOCAB_SIZE = 1024
 # Order follows the Qwen2-based InternVL tokenizers: ChatML tokens, then InternVL's image/grounding tokens.
@@ -65,15 +65,6 @@ def build_demo_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerBase:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
-
-
-def demo_tokenizer_path() -> Path:
-    """Directory of the shipped demo tokenizer."""
-    return Path(str(resources.files("ivl") / "assets" / "demo_tokenizer"))
-
-
-def load_demo_tokenizer() -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(demo_tokenizer_path())
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ivl.errors import CheckpointError  # noqa: F401  re-exported
 from ivl.model.sharded import (
     full_optimizer_state,
     full_state_dict,
@@ -37,10 +38,6 @@ from ivl.model.sharded import (
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 TRAINING_INFO = "ivl_training.json"  # what the kit needs to rebuild the model around an adapter
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be resumed from; the message says why and what to do."""
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from torch import Tensor
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from ivl.config import ConfigError
+from ivl.errors import ModelLoadError
 from ivl.model.convert_config import (
     hf_config_from_original,
     hf_family,
@@ -45,7 +46,6 @@ from ivl.model.convert_tokenizer import (
     save_original_tokenizer_from,
     token_id_from_files,
 )
-from ivl.model.load import ModelLoadError
 from ivl.model.parts import HF_NAMES, loaded_name, saved_name
 from ivl.model.tensor_io import TensorGroup, TensorSource, open_tensors, tensors_in_memory, write_shards
 

@@ -110,7 +110,7 @@ def load_original_tokenizer(path: Path, template: str | None, trust_remote_code:
 
 def named_template(name: str) -> str | None:
     """The Jinja chat template of one of InternVL's conversation templates (None for a name the kit does not know)."""
-    from finetune.data.chat import NAMED_TEMPLATES
+    from ivl.data.chat import NAMED_TEMPLATES
 
     return NAMED_TEMPLATES[name].jinja if name in NAMED_TEMPLATES else None
 

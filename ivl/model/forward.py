@@ -2,7 +2,7 @@
 
 A [B, T, V] logits tensor is the largest activation of LLM training: 8,192 tokens x 151,674 vocabulary entries are
 2.5 GB in bf16 and 5 GB once cast to fp32 for the cross-entropy, more than the whole LoRA-adapted 2B model. The losses
-(`finetune.losses.token_logps`) project only the supervised positions, a chunk at a time; this module gives them the
+(`ivl.losses.token_logps`) project only the supervised positions, a chunk at a time; this module gives them the
 LLM's final hidden states instead of logits.
 """
 

@@ -17,19 +17,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoTokenizer, InternVLForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
 from ivl.config import ConfigError
-from ivl.demo.tokenizer import demo_tokenizer_path
-from ivl.model.presets import PRESETS, preset_config
+from ivl.errors import ModelLoadError  # noqa: F401  re-exported
+from ivl.model.presets import PRESETS, demo_tokenizer_path, preset_config
 from ivl.model.presets import tokens_per_tile_of as _tokens_per_tile_of
 
 PRESET_PREFIX = "preset:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """The model or tokenizer cannot be loaded; the message says what was tried and what to do."""
 
 
 @dataclass
@@ -190,3 +186,19 @@ def load_model_config(config: ModelConfig):
         return AutoConfig.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot read a model config from {config.name_or_path!r}: {error}") from error
+
+
+def model_config_of(model: ModelConfig) -> InternVLConfig:
+    """The `InternVLConfig` of `model.name_or_path` without downloading: zoo hub ids (OpenGVLab/InternVL3-8B-hf,
+    InternVL2_5-8B, ...) are matched to `ivl.model.presets.ZOO`; presets and local checkpoints are read as training
+    reads them; anything else asks the hub for its config.json only."""
+    from ivl.model.presets import ZOO
+
+    def key(name: str) -> str:
+        return "".join(char for char in name.lower() if char.isalnum())
+
+    zoo = {key(name): name for name in ZOO}
+    hub_name = key(model.name_or_path.rsplit("/", 1)[-1].removesuffix("-hf").removesuffix("-HF"))
+    if hub_name in zoo and not model.name_or_path.startswith("preset:"):
+        return preset_config(zoo[hub_name])
+    return load_model_config(model)

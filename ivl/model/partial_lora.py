@@ -38,14 +38,11 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
+from ivl.errors import PartialLoraMergeError  # noqa: F401  re-exported
 from ivl.model.parts import llm_attention, model_parts, part_of, unwrap
 
 MARKER_FILE = "partial_lora.json"
 POSITIONS_KWARG = "ivl_image_positions"  # the keyword argument that carries the positions through the LLM
-
-
-class PartialLoraMergeError(RuntimeError):
-    """A partial-LoRA adapter was asked to merge into the weights; it cannot be."""
 
 
 @dataclass(frozen=True)

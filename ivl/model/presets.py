@@ -7,9 +7,11 @@ by hub id or path.
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from transformers import InternVLConfig, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, InternVLConfig, PreTrainedTokenizerBase
 
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
@@ -132,3 +134,13 @@ def tokens_per_tile_of(image_size: int, patch_size: int, downsample_ratio: float
             f"token count per tile ({tokens})"
         )
     return int(tokens)
+
+
+def demo_tokenizer_path() -> Path:
+    """Directory of the small tokenizer shipped with the kit (built by `python -m ivl.demo.tokenizer`); the tiny
+    presets use it."""
+    return Path(str(resources.files("ivl") / "assets" / "demo_tokenizer"))
+
+
+def load_demo_tokenizer() -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(demo_tokenizer_path())

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from finetune.data.chat import IGNORE_INDEX
+from ivl.data.chat import IGNORE_INDEX
 
 # fp32 logits elements projected at once by `token_logps` (128 MiB): 221 positions of a 151,674-entry vocabulary. A
 # chunk's logits, their fp32 copy and the softmax's temporary exist together, so the loss adds ~3x this at its peak.

@@ -18,13 +18,10 @@ from typing import Any
 
 from PIL import Image
 
-from finetune.data.chat import Conversation, SampleError, normalise_role
+from ivl.data.chat import Conversation, SampleError, normalise_role
+from ivl.errors import DataSourceError  # noqa: F401  re-exported
 
 META_KEYS = {"root", "annotation", "data_augment", "repeat_time", "length", "max_dynamic_patch"}
-
-
-class DataSourceError(ValueError):
-    """A data file or meta file that cannot be read at all (as opposed to one bad row)."""
 
 
 @dataclass

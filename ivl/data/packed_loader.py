@@ -21,12 +21,12 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from finetune.data.chat import IMG_END, IMG_START
-from finetune.data.loader import StepBatchSampler
-from finetune.data.packing import PackBudget, Packer, PackItem, collate_packs
-from finetune.data.records import Record, iter_records, sources_for
-from finetune.data.samples import SampleBuilder
 from ivl.config import ConfigError
+from ivl.data.chat import IMG_END, IMG_START
+from ivl.data.loader import StepBatchSampler
+from ivl.data.packing import PackBudget, Packer, PackItem, collate_packs
+from ivl.data.records import Record, iter_records, sources_for
+from ivl.data.samples import SampleBuilder
 
 Sample = dict[str, Any] | None  # None: a bad row skipped under data.on_error=skip
 

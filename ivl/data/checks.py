@@ -16,11 +16,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from finetune.data.chat import SampleError
-from finetune.data.filters import repetition_flags
-from finetune.data.preference import is_preference_row, measure_pair
-from finetune.data.records import DataSourceError, iter_records, sources_for
-from finetune.data.samples import DataConfig, SampleBuilder
+from ivl.data.chat import SampleError
+from ivl.data.filters import repetition_flags
+from ivl.data.preference import is_preference_row, measure_pair
+from ivl.data.records import DataSourceError, iter_records, sources_for
+from ivl.data.samples import DataConfig, SampleBuilder
 from ivl.image import ImageError
 from ivl.model.load import ModelConfig
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from finetune.data.chat import IGNORE_INDEX, SampleError
+from ivl.data.chat import IGNORE_INDEX, SampleError
 
 
 @dataclass(frozen=True)

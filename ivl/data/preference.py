@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from finetune.data.chat import SampleError
-from finetune.data.records import Record
-from finetune.data.samples import SampleBuilder, collate
+from ivl.data.chat import SampleError
+from ivl.data.records import Record
+from ivl.data.samples import SampleBuilder, collate
 from ivl.image import ImageError
 
 ANSWER_KEYS = ("chosen", "rejected")

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ivl.errors import SampleError  # noqa: F401  re-exported
+
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -67,10 +69,6 @@ NAMED_TEMPLATES = {
     "phi3-chat": ChatTemplate("phi3-chat", _phi3(_INTERNVL2_SYSTEM), "<|end|>"),
 }
 TEMPLATE_CHOICES = ("auto", "tokenizer", *NAMED_TEMPLATES)
-
-
-class SampleError(ValueError):
-    """A sample that cannot become a correct training example; the message says why."""
 
 
 def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:

@@ -17,10 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from finetune.data.chat import SampleError
-from finetune.data.packed_loader import packed_batches_of
-from finetune.data.records import DataSource, Record
-from finetune.data.samples import (
+from ivl.config import ConfigError
+from ivl.data.chat import SampleError
+from ivl.data.packed_loader import packed_batches_of
+from ivl.data.records import DataSource, Record
+from ivl.data.samples import (
     DataConfig,
     SampleBuilder,
     SFTDataset,
@@ -29,9 +30,8 @@ from finetune.data.samples import (
     load_records,
     model_inputs,
 )
-from finetune.losses import SupervisedTokens, supervised_tokens, token_logps
-from ivl.config import ConfigError
 from ivl.image import ImageError
+from ivl.losses import SupervisedTokens, supervised_tokens, token_logps
 from ivl.model.adapters import load_trained
 from ivl.model.forward import final_hidden_states, output_layer
 from ivl.model.load import ModelConfig, load_model

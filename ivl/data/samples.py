@@ -21,7 +21,8 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from finetune.data.chat import (
+from ivl.config import ConfigError
+from ivl.data.chat import (
     IGNORE_INDEX,
     TEMPLATE_CHOICES,
     Conversation,
@@ -30,9 +31,8 @@ from finetune.data.chat import (
     insert_image_placeholders,
     resolve_template,
 )
-from finetune.data.filters import repetition_flags
-from finetune.data.records import Record, iter_records, repeat_records, sources_for, to_conversation
-from ivl.config import ConfigError
+from ivl.data.filters import repetition_flags
+from ivl.data.records import Record, iter_records, repeat_records, sources_for, to_conversation
 from ivl.image import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGENET_MEAN,
@@ -67,7 +67,7 @@ class DataConfig:
     drop_repetitive: bool = False  # treat samples flagged by the repetition filters (SPEC 7) as bad rows
     streaming: bool = False  # read the data as a stream (no full download; needs packing); see StreamingSource
     seed: int = 0
-    # Packing (SPEC 6, finetune/data/packing.py): several samples per sequence, each attending only to itself.
+    # Packing (SPEC 6, ivl/data/packing.py): several samples per sequence, each attending only to itself.
     packing: bool = False
     pack_max_tokens: int = 8192  # L_max: tokens per packed sequence (a longer sample is split between images)
     pack_max_tiles: int = 48  # T_max: image tiles per packed sequence (not data.max_tiles, which is per image)
