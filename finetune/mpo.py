@@ -130,7 +130,8 @@ def _checked_pairs(path: str, builder: SampleBuilder, accelerator: Accelerator, 
     if not report.clean and builder.data.on_error == "fail":
         raise SampleError(f"the data check failed; fix these rows or set data.on_error=skip\n{report.format()}")
     bad = {location for location, _ in report.bad_rows}
-    dataset = PairDataset([r for r in load_records(path, seed) if r.location not in bad], builder)
+    records = load_records(path, seed, builder.data.image_root)
+    dataset = PairDataset([record for record in records if record.location not in bad], builder)
     dataset.num_left_out = len(report.bad_rows)
     return dataset
 

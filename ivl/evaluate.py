@@ -199,7 +199,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         model, tokenizer = load_model(config.model, accelerator.device)
     path = config.data.validation or config.data.train
     builder = SampleBuilder(tokenizer, unwrap(model).config, config.data)
-    records = load_records(path, config.data.seed)
+    records = load_records(path, config.data.seed, config.data.image_root)
     dtype = unwrap(model).dtype
     dataset = SFTDataset(records, builder)
     result = {"data": str(path), **evaluate_loss(model, dataset, accelerator, options.batch_size,

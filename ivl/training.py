@@ -78,7 +78,7 @@ def checked_dataset(path: str, builder: SampleBuilder, accelerator: Accelerator,
     report = check_data(path, builder, progress=accelerator.is_main_process and sys.stderr.isatty())
     if not report.clean and builder.data.on_error == "fail":
         raise SampleError(f"the data check failed; fix these rows or set data.on_error=skip\n{report.format()}")
-    records = load_records(path, seed)
+    records = load_records(path, seed, builder.data.image_root)
     if not report.clean:
         # Dropped here rather than at batch time, so no process ever gets an empty micro-batch (DDP needs every
         # process to run the forward pass); the collator still skips rows that fail later (e.g. a file removed).

@@ -12,6 +12,7 @@ once with one `<IMG_CONTEXT>` per image, which is then expanded at the id level 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,9 @@ VIDEO_PLACEHOLDER = "<video>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IGNORE_INDEX = -100
 RESERVED_MARKERS = (IMG_START, IMG_END, IMG_CONTEXT)
+# InternVL's grounding markup: special tokens of its tokenizers that its own data writes in the text of both turns
+# ("<ref>the cat</ref><box>[[x1, y1, x2, y2]]</box>"). They open no turn and no image slot, so they stay allowed.
+GROUNDING_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>")
 
 _INTERNVL_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -96,6 +100,13 @@ class Conversation:
 def insert_image_placeholders(conversation: Conversation) -> None:
     """Validate placeholders against the media; an image sample whose text has none gets `<image>\\n` prepended
     to its first user turn (one per image), as InternVL does."""
+    for message in conversation.messages:
+        for placeholder in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+            if message["role"] != "user" and placeholder in message["content"]:
+                raise SampleError(
+                    f"{placeholder} in an {message['role']} turn: media belong in user turns (the model would be "
+                    "trained to reply with the image's tokens)"
+                )
     text = "".join(message["content"] for message in conversation.messages)
     for marker in RESERVED_MARKERS:
         if marker in text:
@@ -138,6 +149,7 @@ class ConversationTokenizer:
         self.tokens_per_tile = tokens_per_tile
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         self.end_token = template.end_token or tokenizer.eos_token
+        self.control_tokens = _control_token_pattern(tokenizer)
         if not tokenizer.is_fast:
             raise ValueError("a fast tokenizer is required (offsets are used to find the assistant spans)")
 
@@ -192,6 +204,13 @@ class ConversationTokenizer:
         return input_ids
 
     def _marked(self, conversation: Conversation) -> list[dict[str, str]]:
+        for message in conversation.messages:
+            found = sorted(set(self.control_tokens.findall(message["content"])))
+            if found:
+                raise SampleError(
+                    f"the text of a {message['role']} turn contains {', '.join(found)}: control tokens of the "
+                    "tokenizer, which would open or close turns or image slots in training; remove them"
+                )
         num_frames = len(conversation.video_frames)
         return [{"role": m["role"], "content": _with_markers(m["content"], num_frames)} for m in conversation.messages]
 
@@ -215,6 +234,16 @@ class ConversationTokenizer:
         input_ids += ids[start:]
         labels += masked[start:]
         return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def _control_token_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern:
+    """Every special token of the tokenizer (the chat markup, end / pad tokens, image markers) except the media
+    placeholders, which are replaced before tokenizing, and InternVL's grounding markup. The tokenizer turns any of
+    them written in a turn's text into its control id, so such text is refused rather than tokenized."""
+    special = set(tokenizer.all_special_tokens) | set(RESERVED_MARKERS)
+    special |= {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    special -= {IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, *GROUNDING_TOKENS}
+    return re.compile("|".join(re.escape(token) for token in sorted(special, key=len, reverse=True) if token))
 
 
 def _inside_spans(token_starts: list[int], spans: list[tuple[int, int]]) -> list[bool]:

@@ -91,7 +91,7 @@ def check_data(path: str | Path, builder: SampleBuilder, progress: bool = True) 
     """Check every row of `path` (jsonl, meta file or HF dataset) with the pipeline training will use."""
     report = CheckReport(str(path))
     try:
-        sources = sources_for(path)
+        sources = sources_for(path, builder.data.image_root)
     except DataSourceError as error:
         report.bad_rows.append((str(path), str(error)))
         return report
@@ -100,8 +100,8 @@ def check_data(path: str | Path, builder: SampleBuilder, progress: bool = True) 
             records = iter_records(source, streaming=builder.data.streaming)
             for record in tqdm(records, desc=f"checking {source.name}", unit=" rows", disable=not progress):
                 _check_record(record, builder, report)
-        except DataSourceError as error:
-            report.bad_rows.append((source.annotation, str(error)))
+        except DataSourceError as error:  # its message starts with the file already
+            report.bad_rows.append((source.annotation, str(error).removeprefix(f"{source.annotation}: ")))
     return report
 
 

@@ -54,7 +54,7 @@ class StreamingSource(IterableDataset):
         """(position, record) of this process's rows, endlessly; positions count the stream's rows over all passes."""
         position = 0
         for _ in count():
-            for source in sources_for(self.path):
+            for source in sources_for(self.path, self.builder.data.image_root):
                 for record in iter_records(source, streaming=True):
                     if position % self.world_size == self.rank:
                         yield position, record

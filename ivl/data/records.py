@@ -22,6 +22,7 @@ from ivl.data.chat import Conversation, SampleError, normalise_role
 from ivl.errors import DataSourceError  # noqa: F401  re-exported
 
 META_KEYS = {"root", "annotation", "data_augment", "repeat_time", "length", "max_dynamic_patch"}
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # files read as data; a folder is a saved dataset
 
 
 @dataclass
@@ -48,7 +49,7 @@ def is_meta_file(path: Path) -> bool:
     if path.suffix != ".json" or not path.is_file():
         return False
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is not an error
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(content, dict) and all(isinstance(v, dict) and "annotation" in v for v in content.values())
@@ -58,7 +59,7 @@ def read_meta(path: str | Path) -> list[DataSource]:
     """Parse an InternVL meta file: `{name: {root, annotation, data_augment, repeat_time, length, ...}}`."""
     path = Path(path)
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataSourceError(f"{path}: cannot read the meta file: {error}") from error
     if not isinstance(content, dict) or not content:
@@ -89,38 +90,55 @@ def read_meta(path: str | Path) -> list[DataSource]:
     return sources
 
 
-def sources_for(path: str | Path) -> list[DataSource]:
-    """The data sources behind a path: a meta file, a jsonl file, or an HF dataset (directory, file or hub id)."""
+def sources_for(path: str | Path, image_root: str | Path | None = None) -> list[DataSource]:
+    """The data sources behind a path: a meta file, a jsonl file, or an HF dataset (directory, file or hub id).
+
+    Relative media paths resolve against each meta entry's `root`; without a meta file, against `image_root`, by
+    default the data file's own folder (a dataset folder or hub id: that path itself)."""
     path = Path(path)
     if is_meta_file(path):
+        if image_root is not None:
+            raise DataSourceError(
+                f"{path}: data.image_root applies to a plain jsonl or dataset; a meta file sets 'root' per dataset"
+            )
         return read_meta(path)
-    return [DataSource(path.stem if path.suffix else str(path), str(path), path.parent if path.is_file() else path)]
+    root = Path(image_root) if image_root is not None else path.parent if path.is_file() else path
+    return [DataSource(path.stem if path.suffix else str(path), str(path), root)]
 
 
 def _read_jsonl(source: DataSource) -> Iterator[Record]:
     path = Path(source.annotation)
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open(encoding="utf-8-sig")  # -sig: a byte-order mark is not an error
     except OSError as error:
         raise DataSourceError(f"{path}: cannot open the annotation file: {error}") from error
     with handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            location = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield Record(location, None, source, f"bad JSON: {error.msg} at column {error.colno}")
-                continue
-            if not isinstance(row, dict):
-                yield Record(location, None, source, f"a row must be a JSON object, got {type(row).__name__}")
-                continue
-            yield Record(location, row, source)
+        try:
+            yield from _parse_lines(handle, source)
+        except UnicodeDecodeError as error:
+            raise DataSourceError(f"{path}: not UTF-8 text ({error.reason}): is it a jsonl file?") from error
+
+
+def _parse_lines(handle, source: DataSource) -> Iterator[Record]:
+    path = Path(source.annotation)
+    for line_number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        location = f"{path}:{line_number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            yield Record(location, None, source, f"bad JSON: {error.msg} at column {error.colno}")
+            continue
+        if not isinstance(row, dict):
+            yield Record(location, None, source, f"a row must be a JSON object, got {type(row).__name__}")
+            continue
+        yield Record(location, row, source)
 
 
 def _read_hf(source: DataSource, streaming: bool) -> Iterator[Record]:
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     path = Path(source.annotation)
     try:
@@ -134,7 +152,7 @@ def _read_hf(source: DataSource, streaming: bool) -> Iterator[Record]:
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
         else:
             dataset = datasets.load_dataset(str(path), split="train", streaming=streaming)
-    except (ValueError, OSError, ConnectionError) as error:  # FileNotFoundError and hub errors are OSErrors
+    except (ValueError, OSError, ConnectionError, DatasetGenerationError) as error:  # hub errors are OSErrors
         raise DataSourceError(f"{path}: cannot load it as a dataset: {error}") from error
     for index, row in enumerate(dataset):
         yield Record(f"{path}[{index}]", dict(row), source)
@@ -142,7 +160,13 @@ def _read_hf(source: DataSource, streaming: bool) -> Iterator[Record]:
 
 def iter_records(source: DataSource, streaming: bool = False) -> Iterator[Record]:
     """Every row of a source, in file order (bad rows included, with their error)."""
-    if Path(source.annotation).suffix == ".jsonl":
+    path = Path(source.annotation)
+    if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:
+        raise DataSourceError(
+            f"{path}: not a data file ({path.suffix or 'no suffix'}); give an InternVL jsonl, a meta .json, or a "
+            f"dataset ({', '.join(DATA_SUFFIXES[1:])}, a saved dataset folder or a hub id)"
+        )
+    if path.suffix == ".jsonl":
         yield from _read_jsonl(source)
     else:
         yield from _read_hf(source, streaming)
@@ -194,6 +218,7 @@ def to_conversation(record: Record) -> Conversation:
         video = row.get("video")
     else:
         raise SampleError("no 'conversations' (InternVL layout) or 'messages' (TRL layout) field")
+    _check_turn_order([message["role"] for message in messages])
     for message in messages:
         if not isinstance(message["content"], str):
             raise SampleError(f"a {message['role']} turn has non-text content: {message['content']!r}")
@@ -204,6 +229,19 @@ def to_conversation(record: Record) -> Conversation:
         images=[_media_path(image, root) for image in images],
         video_frames=_video_frames(video, root),
     )
+
+
+def _check_turn_order(roles: list[str]) -> None:
+    """An optional system turn first, then a user turn: a reply with no question before it has no prompt to be
+    supervised against (and the chat template cannot render an empty prefix)."""
+    if "system" in roles[1:]:
+        raise SampleError(f"a system turn must come first; this one is turn {roles.index('system', 1) + 1}")
+    turns = roles[1:] if roles[:1] == ["system"] else roles
+    if turns and turns[0] != "user":
+        raise SampleError(
+            f"a conversation must start with a user turn (after an optional system turn); this one starts with "
+            f"an {turns[0]} turn"
+        )
 
 
 def _trl_message(message: Any) -> dict[str, str]:

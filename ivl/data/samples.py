@@ -55,6 +55,9 @@ class DataConfig:
 
     train: str | None = None  # InternVL jsonl, meta .json, or HF dataset (saved dir, data file, or hub id)
     validation: str | None = None
+    # Folder that relative image / video paths of a plain jsonl or dataset (no meta file) resolve against, for
+    # data.train and data.validation; None: the data file's own folder. A meta file sets `root` per dataset instead.
+    image_root: str | None = None
     template: str = "auto"  # auto | tokenizer | internvl2_5 | internlm2-chat | Hermes-2 | phi3-chat
     max_length: int = 4096  # tokens after image expansion; longer samples are bad rows, never truncated
     min_tiles: int = 1
@@ -213,10 +216,10 @@ class SampleBuilder:
             raise SampleError("no supervised tokens (empty assistant replies)")
 
 
-def load_records(path: str | Path, seed: int = 0) -> list[Record]:
-    """All records behind a path, with each source's repeat_time applied."""
+def load_records(path: str | Path, seed: int = 0, image_root: str | Path | None = None) -> list[Record]:
+    """All records behind a path, with each source's repeat_time applied (`image_root`: see `sources_for`)."""
     records: list[Record] = []
-    for index, source in enumerate(sources_for(path)):
+    for index, source in enumerate(sources_for(path, image_root)):
         rows = list(iter_records(source))
         records += repeat_records(rows, source.repeat_time, seed + index)
     return records
@@ -250,7 +253,7 @@ class StreamingSFTDataset(IterableDataset):
         worker = get_worker_info()
         shard, num_shards = (worker.id, worker.num_workers) if worker else (0, 1)
         index = 0
-        for source in sources_for(self.path):
+        for source in sources_for(self.path, self.builder.data.image_root):
             for record in iter_records(source, streaming=True):
                 if index % num_shards == shard:
                     sample = self.builder.build_indexed(record, index)
