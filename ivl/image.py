@@ -124,7 +124,7 @@ def image_to_tiles(
     """
     width, height = image.size
     cols, rows = best_grid(width, height, min_tiles, max_tiles, tile_size)
-    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
+    pixels = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
     canvas = _resize(pixels, tile_size * rows, tile_size * cols)[0]
     # [3, rows*S, cols*S] -> [rows*cols, 3, S, S], row-major like InternVL's crop boxes.
     tiles = canvas.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4).reshape(-1, 3, tile_size, tile_size)
@@ -195,7 +195,7 @@ def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
 
 
 def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image as RGB, refusing missing, unreadable or oversized files with an `ImageError`.
+    """Open an image as RGB (`to_rgb`), refusing missing, unreadable or oversized files with an `ImageError`.
 
     The size is read from the header before decoding, so a decompression bomb is refused without decoding it.
     """
@@ -215,8 +215,30 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXE
                 )
             if width < 1 or height < 1:
                 raise ImageError(f"image has no pixels: {path}")
-            return image.convert("RGB")
+            return to_rgb(image)
     except Image.DecompressionBombError as error:
         raise ImageError(f"image too large (decompression bomb): {path} ({error})") from error
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageError(f"unreadable image: {path} ({type(error).__name__}: {error})") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB exactly as transformers' image processors convert it (`image_transforms.convert_to_rgb`), so
+    training pixels equal serving pixels: transparency (an alpha band, or a palette / gray level marked transparent)
+    is composited onto white; every other mode (1, L, P, CMYK, ...) goes through PIL's `convert("RGB")`.
+
+    One deliberate difference: 16-bit grayscale (PNG's `I;16`, or `I` in older Pillow). PIL's conversion, and so
+    transformers', clips its 0..65535 values at 255, which turns the image almost all white; here they are scaled to
+    8 bits, round(v / 257). Serving such an image through transformers' processor needs the same conversion first.
+    """
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image).astype(np.float64)
+        gray = np.clip(np.round(values / 257), 0, 255).astype(np.uint8)
+        transparent = image.info.get("transparency")
+        if isinstance(transparent, int):  # a tRNS gray level, on the 16-bit scale: transparent onto white
+            gray[values == transparent] = 255
+        return Image.fromarray(gray, "L").convert("RGB")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")

@@ -17,6 +17,7 @@ from ivl.image import (
     open_image,
     sample_frame_indices,
     tiles_per_image,
+    to_rgb,
 )
 
 
@@ -141,3 +142,83 @@ def test_open_image_refuses_missing_unreadable_and_oversized(tmp_path):
     with pytest.raises(ImageError, match="too large"):
         open_image(big, max_pixels=300 * 299)
     assert open_image(big).size == (300, 300)
+
+
+def images_of_every_mode(folder):
+    """{name: path} of files in every PIL mode a user's data holds, with random pixels and (where the mode has one)
+    random transparency, saved and reopened so the file's own mode and transparency info are what is read."""
+    rng = np.random.default_rng(11)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    gray, alpha = rgb[..., 0], rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    palette = Image.fromarray(rgb).quantize(32)
+    images = {
+        "1": Image.fromarray(gray > 127),
+        "L": Image.fromarray(gray),
+        "P": palette,
+        "RGB": Image.fromarray(rgb),
+        "LA": Image.fromarray(np.dstack([gray, alpha]), "LA"),
+        "RGBA": Image.fromarray(np.dstack([rgb, alpha])),
+    }
+    paths = {}
+    for name, image in images.items():
+        paths[name] = folder / f"{name}.png"
+        image.save(paths[name])
+    palette.save(folder / "P_transparent.png", transparency=5)  # tRNS: palette entry 5 is transparent
+    Image.fromarray(gray).save(folder / "L_transparent.png", transparency=int(gray[0, 0]))  # tRNS: one gray level
+    Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8), "CMYK").save(folder / "CMYK.tiff")
+    for name in ("P_transparent", "L_transparent"):
+        paths[name] = folder / f"{name}.png"
+    paths["CMYK"] = folder / "CMYK.tiff"
+    return paths
+
+
+def test_every_pil_mode_converts_exactly_as_transformers_processor_does(tmp_path):
+    from transformers.image_transforms import convert_to_rgb
+
+    paths = images_of_every_mode(tmp_path)
+    for name, path in paths.items():
+        with Image.open(path) as image:
+            assert image.mode == name.split("_")[0], (name, image.mode)
+            expected = convert_to_rgb(image, return_numpy=True)  # what the processor feeds on at inference
+            in_memory = np.asarray(to_rgb(image))
+        assert np.array_equal(np.asarray(open_image(path)), expected), name
+        assert np.array_equal(in_memory, expected), name
+    with Image.open(paths["RGBA"]) as image:  # transparent pixels are white, not black: composited onto white
+        alpha = np.asarray(image)[..., 3]
+    assert (np.asarray(open_image(paths["RGBA"]))[alpha == 0] == 255).all()
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path):
+    """transformers' conversion (PIL's `convert("RGB")`) clips 16-bit gray at 255, so a 16-bit PNG becomes almost all
+    white; the kit scales it to 8 bits instead: round(v / 257), v in 0..65535."""
+    from transformers.image_transforms import convert_to_rgb
+
+    values = np.random.default_rng(3).integers(0, 65536, (29, 31), dtype=np.uint16)
+    values[0, :3] = (0, 128, 65535)
+    path = tmp_path / "gray16.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as image:
+        assert image.mode == "I;16"
+        clipped = convert_to_rgb(image, return_numpy=True)
+    assert (clipped == 255).mean() > 0.99  # transformers' result: the image is lost
+    expected = np.round(values / 257).astype(np.uint8)
+    ours = np.asarray(open_image(path))
+    assert np.array_equal(ours, np.repeat(expected[..., None], 3, axis=-1))
+    assert ours[0, :3, 0].tolist() == [0, 0, 255]
+    Image.fromarray(values).save(path, transparency=int(values[5, 5]))  # a transparent 16-bit level: white
+    assert (np.asarray(open_image(path))[values == values[5, 5]] == 255).all()
+    assert np.array_equal(np.asarray(open_image(path))[values != values[5, 5]][:, 0], expected[values != values[5, 5]])
+
+
+def test_transparent_image_pixel_values_agree_with_transformers_image_processor(tmp_path):
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    processor = GotOcr2ImageProcessorPil(crop_to_patches=True, min_patches=1, max_patches=6,
+                                         size={"height": 448, "width": 448}, image_mean=[0.485, 0.456, 0.406],
+                                         image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    rng = np.random.default_rng(4)
+    rgba = Image.fromarray(np.dstack([rng.integers(0, 256, (300, 500, 3)), np.zeros((300, 500))]).astype(np.uint8))
+    expected = processor(images=rgba, return_tensors="pt")["pixel_values"]
+    ours = image_to_pixel_values(rgba, max_tiles=6)
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max().item() <= 0.1

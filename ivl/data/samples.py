@@ -45,6 +45,7 @@ from ivl.image import (
     open_image,
     sample_frame_indices,
     tiles_per_image,
+    to_rgb,
 )
 from ivl.model.load import tile_size, tokens_per_tile
 
@@ -128,7 +129,7 @@ class SampleBuilder:
         return min(self.data.min_tiles, budget), budget
 
     def _load(self, image: Any) -> Image.Image:
-        return open_image(image, self.data.max_image_pixels) if isinstance(image, (str, Path)) else image.convert("RGB")
+        return open_image(image, self.data.max_image_pixels) if isinstance(image, (str, Path)) else to_rgb(image)
 
     def _frames(self, conversation: Conversation) -> list[Image.Image]:
         indices = sample_frame_indices(len(conversation.video_frames), self.data.num_video_frames)
