@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -91,8 +92,18 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
         try:
             validate()
         except ConfigError as error:
-            raise ConfigError(f"{prefix}{error}") from error
+            raise ConfigError(_prefixed(prefix, str(error))) from error
     return instance
+
+
+def _prefixed(prefix: str, message: str) -> str:
+    """A section's validation message under its dotted key: `lr must ...` under `optim.` is `optim.lr must ...`; a
+    message that already names the section (`optim.lr must ...`) keeps it once."""
+    sections = prefix.rstrip(".").split(".") if prefix else []
+    for start in range(len(sections)):
+        if message.startswith(".".join(sections[start:]) + "."):
+            return ".".join([*sections[:start], message])
+    return prefix + message
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -149,6 +160,8 @@ def _coerce_scalar(value: Any, hint: Any, key: str) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # no option means anything at inf or nan; a learning rate there trains NaNs
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         if hint is int:
             if not number.is_integer():
                 raise ConfigError(f"{key}: expected an integer, got {value!r}")

@@ -37,6 +37,13 @@ class OptimConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps must be positive, got {self.eps}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -71,8 +78,9 @@ class LoopConfig:
                 raise ConfigError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps < 0 or self.epochs <= 0:
             raise ConfigError("loop.max_steps must be >= 0 and loop.epochs > 0")
-        if self.num_workers < 0:
-            raise ConfigError("loop.num_workers must be >= 0")
+        for name in ("num_workers", "save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loop.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:

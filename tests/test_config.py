@@ -65,3 +65,37 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(Run, bad)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.betas=[0.9, 1.0]", "optim.betas"),
+        ("optim.betas=[-0.1, 0.999]", "optim.betas"),
+        ("optim.eps=0", "optim.eps"),
+        ("optim.eps=-1e-8", "optim.eps"),
+        ("optim.weight_decay=-0.01", "optim.weight_decay"),
+        ("optim.max_grad_norm=-1", "optim.max_grad_norm"),
+        ("loop.save_every=-10", "loop.save_every"),
+        ("loop.eval_every=-1", "loop.eval_every"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.lr=nan", "optim.lr"),
+        ("optim.lr=1e400", "optim.lr"),
+        ("llm.lr=.nan", "llm.lr"),
+        ("vision.lr=-inf", "vision.lr"),
+        ("loop.epochs=.inf", "loop.epochs"),
+        ("vision.lr_layer_decay=2", "vision.lr_layer_decay"),
+        ("adapter.dropout=1", "adapter.dropout"),
+    ],
+)
+def test_bad_training_values_are_one_line_naming_the_key_once(tmp_path, capsys, override, key):
+    from ivl.cli import main
+
+    config = tmp_path / "sft.yaml"
+    config.write_text("model:\n  name_or_path: preset:tiny-112\ndata:\n  train: x.jsonl\n")
+    assert main(["sft", str(config), override, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {key}") and err.count("\n") == 1, err
+    section = key.split(".")[0]
+    assert f"{section}.{section}." not in err, err
