@@ -148,7 +148,7 @@ def _build_model(config: MPOConfig, accelerator: Accelerator) -> tuple[nn.Module
         keep_training_layout(model)
     enable_gradient_checkpointing(model, config)
     if config.mpo.init_adapter:
-        model = continue_adapter(model, config.mpo.init_adapter)
+        model = continue_adapter(model, config.mpo.init_adapter, config.model.name_or_path)
     else:
         model = apply_trainability(model, config.modes(), config.vision, config.adapter)
     accelerator.print(format_report(trainable_report(model, info["modes"])))

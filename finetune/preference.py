@@ -30,6 +30,7 @@ from ivl.data.preference import PairDataset, collate_pairs
 from ivl.data.samples import model_inputs
 from ivl.evaluate import _Shard
 from ivl.losses import supervised_tokens, token_logps
+from ivl.model.adapters import load_adapter_onto
 from ivl.model.forward import final_hidden_states, output_layer
 from ivl.model.partial_lora import attach_partial_lora, read_marker
 from ivl.model.parts import model_parts
@@ -110,10 +111,10 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return reference.requires_grad_(False)
 
 
-def continue_adapter(model: nn.Module, adapter_dir: str | Path) -> PeftModel:
-    """`model` with a run's trained adapter loaded trainable (SFT -> MPO), partial LoRA restored from its marker;
-    trainable weights in fp32 as `apply_trainability` keeps them."""
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+def continue_adapter(model: nn.Module, adapter_dir: str | Path, base_name: str) -> PeftModel:
+    """`model` (the base `base_name`) with a run's trained adapter loaded trainable (SFT -> MPO), partial LoRA
+    restored from its marker; trainable weights in fp32 as `apply_trainability` keeps them."""
+    peft_model = load_adapter_onto(model, adapter_dir, base_name, trainable=True)
     marker = read_marker(adapter_dir)
     if marker is not None:
         attach_partial_lora(peft_model, marker["image_token_id"])

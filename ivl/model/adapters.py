@@ -24,7 +24,7 @@ from torch import nn
 
 from ivl.config import ConfigError, from_dict, to_dict
 from ivl.model.checkpoint import read_training_info
-from ivl.model.load import ModelConfig, ModelLoadError, load_model, load_tokenizer, save_checkpoint
+from ivl.model.load import ModelConfig, ModelLoadError, adapter_base, load_model, load_tokenizer, save_checkpoint
 from ivl.model.partial_lora import (
     NOT_MERGEABLE,
     PartialLoraMergeError,
@@ -279,9 +279,10 @@ def load_trained(path: str | Path, base: ModelConfig | None = None, device=None)
         config = from_dict(ModelConfig, {**options, "name_or_path": str(path), "tokenizer": None})
         model, tokenizer = load_model(config, device)
         return model, tokenizer, info
-    model, _ = load_model(_recorded_base(path, info, base), device, quantize_llm=bool(info.get("qlora")))
+    base = _recorded_base(path, info, base)
+    model, _ = load_model(base, device, quantize_llm=bool(info.get("qlora")))
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))
-    peft_model = PeftModel.from_pretrained(model, path).eval()
+    peft_model = load_adapter_onto(model, path, base.name_or_path).eval()
     marker = read_marker(path)
     if marker is not None:
         if marker["image_token_id"] != model.config.image_token_id:
@@ -291,6 +292,21 @@ def load_trained(path: str | Path, base: ModelConfig | None = None, device=None)
             )
         attach_partial_lora(peft_model, marker["image_token_id"])
     return peft_model, tokenizer, info
+
+
+def load_adapter_onto(model: nn.Module, adapter_dir: str | Path, base_name: str, trainable: bool = False) -> PeftModel:
+    """`PeftModel.from_pretrained`, with a base of other shapes refused in one line that names the base the adapter
+    was trained on (PEFT's own error lists every mismatched tensor)."""
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    except RuntimeError as error:
+        mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), None)
+        if mismatch is None:
+            raise
+        raise ModelLoadError(
+            f"{adapter_dir} does not fit the base {base_name!r} ({mismatch}); it was trained on "
+            f"{adapter_base(adapter_dir)}: load it on that base (--base / model.name_or_path)"
+        ) from error
 
 
 def _recorded_base(path: Path, info: dict, base: ModelConfig | None) -> ModelConfig:
@@ -321,10 +337,11 @@ def merge_adapter(
     if read_marker(adapter_dir) is not None:
         raise PartialLoraMergeError(f"{adapter_dir}: {NOT_MERGEABLE}")
     info = read_training_info(adapter_dir)
-    model, _ = load_model(_recorded_base(adapter_dir, info, base), quantize_llm=bool(info.get("qlora")))
+    base = _recorded_base(adapter_dir, info, base)
+    model, _ = load_model(base, quantize_llm=bool(info.get("qlora")))
     if info.get("qlora"):
         model = model.dequantize()  # transformers swaps each 4-bit linear for a plain one with the dequantised weight
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged = load_adapter_onto(model, adapter_dir, base.name_or_path).merge_and_unload()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)))
     if out_format == "original":
         from ivl.model.convert import save_model_as_original

@@ -11,6 +11,9 @@ ones for tests and the demo, zoo ones at real size for GPU benchmarks and the me
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +24,12 @@ from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGe
 
 from ivl.config import ConfigError
 from ivl.errors import ModelLoadError  # noqa: F401  re-exported
+from ivl.model.checkpoint import TRAINING_INFO
 from ivl.model.presets import PRESETS, demo_tokenizer_path, preset_config
 from ivl.model.presets import tokens_per_tile_of as _tokens_per_tile_of
 
 PRESET_PREFIX = "preset:"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `name` or `owner/name`
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,6 +64,51 @@ def preset_name(name_or_path: str) -> str | None:
     return name_or_path[len(PRESET_PREFIX) :] if name_or_path.startswith(PRESET_PREFIX) else None
 
 
+def is_local_path(name_or_path: str) -> bool:
+    """Whether a model name means a folder on this machine, never to be looked up on the hub: it exists, starts with
+    `/`, `.` or `~`, or has a path separator but is not a hub id (`owner/name`)."""
+    if preset_name(name_or_path) is not None:
+        return False
+    if name_or_path.startswith(("/", ".", "~")) or Path(name_or_path).expanduser().exists():
+        return True
+    return os.sep in name_or_path and not HUB_ID.fullmatch(name_or_path)
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """Which base an adapter folder says it was trained on: the run's ivl_training.json, else PEFT's record."""
+    adapter_dir = Path(adapter_dir)
+    found = []
+    for name, read in (
+        (TRAINING_INFO, lambda info: (info.get("base_model") or {}).get("name_or_path")),
+        ("adapter_config.json", lambda info: info.get("base_model_name_or_path")),
+    ):
+        try:
+            value = read(json.loads((adapter_dir / name).read_text()))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value:
+            found.append(f"{value} ({name})")
+    return ", ".join(dict.fromkeys(found)) or f"not recorded (no base in {TRAINING_INFO} or adapter_config.json)"
+
+
+def _check_local_model(name_or_path: str) -> None:
+    """A local base must be a model folder: not missing, not an adapter (refused with the options that take one)."""
+    if not is_local_path(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        what = "is a file, not a model folder" if path.exists() else "no such model folder"
+        raise ModelLoadError(f"{name_or_path}: {what} (a local path is never looked up on the hub)")
+    if (path / "adapter_config.json").is_file():
+        raise ModelLoadError(
+            f"{name_or_path} is a LoRA adapter folder, not a base model: set model.name_or_path to its base "
+            f"[{adapter_base(path)}] and pass the adapter as --adapter / eval.adapter (ivl eval, ivl chat), "
+            "mpo.init_adapter (continue it with MPO) or ivl merge --adapter (fold it into the base)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{name_or_path}: no config.json, so not a model checkpoint folder")
+
+
 def _original_checkpoint(name_or_path: str) -> Path | None:
     """The directory, when `name_or_path` is a local original-format checkpoint."""
     from ivl.model.convert import is_original_checkpoint
@@ -78,8 +128,12 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
 
         template = read_checkpoint_config(original).get("template")
         return load_original_tokenizer(original, template, config.trust_remote_code)
+    if is_local_path(source) and not Path(source).expanduser().is_dir():
+        raise ModelLoadError(f"{source}: no such tokenizer folder (a local path is never looked up on the hub)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=config.trust_remote_code, local_files_only=is_local_path(source)
+        )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load a tokenizer from {source!r}: {error}") from error
     if "<IMG_CONTEXT>" not in tokenizer.get_vocab():
@@ -102,6 +156,7 @@ def load_model(config: ModelConfig, device: torch.device | str | None = None, qu
     `quantize_llm`: the LLM in 4-bit NF4 for QLoRA (`ivl.model.quantize`); the rest keeps `config.dtype`.
     """
     name = preset_name(config.name_or_path)
+    _check_local_model(config.name_or_path)
     original = _original_checkpoint(config.name_or_path)
     tokenizer = load_tokenizer(config)
     dtype = resolve_dtype(config.dtype)
@@ -143,6 +198,7 @@ def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, quant
             attn_implementation=config.attn_implementation,
             trust_remote_code=config.trust_remote_code,
             use_safetensors=True,
+            local_files_only=is_local_path(source),
             **extra,
         )
     except (OSError, ValueError) as error:
@@ -175,6 +231,7 @@ def load_model_config(config: ModelConfig):
     name = preset_name(config.name_or_path)
     if name is not None:
         return preset_config(name, load_tokenizer(config))
+    _check_local_model(config.name_or_path)
     original = _original_checkpoint(config.name_or_path)
     if original is not None:
         from ivl.model.convert import hf_model_config
@@ -183,7 +240,11 @@ def load_model_config(config: ModelConfig):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            config.name_or_path,
+            trust_remote_code=config.trust_remote_code,
+            local_files_only=is_local_path(config.name_or_path),
+        )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot read a model config from {config.name_or_path!r}: {error}") from error
 
