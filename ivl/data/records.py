@@ -102,7 +102,7 @@ def sources_for(path: str | Path, image_root: str | Path | None = None) -> list[
                 f"{path}: data.image_root applies to a plain jsonl or dataset; a meta file sets 'root' per dataset"
             )
         return read_meta(path)
-    root = Path(image_root) if image_root is not None else path.parent if path.is_file() else path
+    root = Path(image_root).expanduser() if image_root is not None else path.parent if path.is_file() else path
     return [DataSource(path.stem if path.suffix else str(path), str(path), root)]
 
 
