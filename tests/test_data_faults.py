@@ -154,7 +154,7 @@ def test_sft_skips_them_under_on_error_skip(shapes, tmp_path):
                  "loop.max_steps=1", "loop.batch_size=2", "loop.num_workers=0"]  # fmt: skip
     overrides.append(f"loop.output_dir={tmp_path / 'out'}")
     result = run_sft(load_config(SFTConfig, None, overrides))
-    assert result["skipped_rows"] == 3
+    assert result.metrics["skipped_rows"] == 3
 
 
 # Item: byte-order marks, and files that are not data.
