@@ -29,6 +29,7 @@ from ivl.distill.student import StudentWithAdaptors
 from ivl.model.checkpoint import TRAINING_INFO, read_training_info
 from ivl.model.load import ModelConfig, load_model, save_checkpoint, tile_size
 from ivl.model.parts import model_parts, part_modules, unwrap
+from ivl.model.processor import save_processor
 from ivl.runtime import plot_curves
 
 STUDENT_DIR = "student"
@@ -96,4 +97,5 @@ def place_into_internvl(student_dir: str | Path, base: ModelConfig, out_dir: str
     else:
         notes.append("projector kept; it was trained on the old ViT's features, so start with stage=stage1 anyway")
     save_checkpoint(model, tokenizer, out_dir)
+    save_processor(out_dir, base, config)  # the tiles and tokens per tile are the base's (checked above)
     return notes

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, InternVLVisionModel
+from transformers import AutoImageProcessor, CLIPVisionConfig, CLIPVisionModel, InternVLVisionModel
 
 import ivl.distill.train
 from ivl.config import ConfigError, load_config
@@ -331,6 +331,9 @@ def test_export_places_the_student_into_internvl_ready_for_stage1(tmp_path):
     notes = place_into_internvl(tmp_path / "same", ModelConfig(name_or_path="preset:tiny-112"), tmp_path / "kept")
     kept, _ = load_model(ModelConfig(name_or_path=str(tmp_path / "kept"), dtype="float32"))
     assert any("projector kept" in note for note in notes)
+    processor = json.loads((tmp_path / "kept" / "processor_config.json").read_text())
+    assert processor["image_seq_length"] == 16  # what the tiles of 112 px give in 14 px patches, pixel-shuffled
+    assert AutoImageProcessor.from_pretrained(tmp_path / "kept").size["height"] == 112
     assert all(torch.equal(p, before[name]) for name, p in kept.named_parameters() if part_of(name) != "vision")
     wide = build_vision_model(vision_config("tiny-teacher"), seed=3)  # 64 wide: the projector must be rebuilt
     wide.save_pretrained(tmp_path / "vit")
