@@ -18,9 +18,9 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -29,14 +29,18 @@ from torch.utils.data import DataLoader
 
 from ivl.config import ConfigError, to_dict
 from ivl.data.loader import StepBatchSampler
-from ivl.distill.cache import CacheConfig, CachedTargets, CachedTiles
-from ivl.distill.data import DistillDataConfig, TileDataset, collate, list_images
-from ivl.distill.evaluate import ProbeConfig, heldout_cosine
+from ivl.distill.cache import CachedTargets, CachedTiles
+from ivl.distill.data import TileDataset, collate, list_images
+from ivl.distill.evaluate import heldout_cosine
 from ivl.distill.export import save_run
-from ivl.distill.losses import LossConfig, distill_loss
+from ivl.distill.losses import distill_loss
 from ivl.distill.models import image_size_of
-from ivl.distill.student import StudentConfig, StudentWithAdaptors, build_student
-from ivl.distill.teacher import TeacherConfig, TeacherTargets, load_teacher
+from ivl.distill.options import (
+    DistillConfig,
+    DistillDataConfig,
+)
+from ivl.distill.student import StudentWithAdaptors, build_student
+from ivl.distill.teacher import TeacherTargets, load_teacher
 from ivl.image import normalize
 from ivl.model.checkpoint import (
     load_training_checkpoint,
@@ -46,9 +50,7 @@ from ivl.model.checkpoint import (
 from ivl.model.load import resolve_dtype
 from ivl.recipe import recipe_main
 from ivl.runtime import (
-    LoopConfig,
     MetricsLog,
-    OptimConfig,
     build_optimizer,
     build_scheduler,
     end_training,
@@ -56,24 +58,6 @@ from ivl.runtime import (
     progress_bar,
     start_trackers,
 )
-
-
-@dataclass
-class DistillConfig:
-    mode: Literal["online", "offline"] = "online"  # offline: teacher features from cache.dir (ivl distill cache)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DistillDataConfig = field(default_factory=DistillDataConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    eval: ProbeConfig = field(default_factory=ProbeConfig)
-
-    def validate(self) -> None:
-        if self.mode == "offline" and not self.cache.dir:
-            raise ConfigError("mode=offline reads the teacher's features from cache.dir: set it and run "
-                              "`ivl distill cache CONFIG` first")  # fmt: skip
 
 
 @dataclass

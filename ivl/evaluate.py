@@ -6,7 +6,6 @@ Both shard the work across processes and reduce the sums, so the numbers do not 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ivl.config import ConfigError
 from ivl.data.chat import SampleError
 from ivl.data.packed_loader import packed_batches_of
 from ivl.data.records import DataSource, Record
 from ivl.data.samples import (
-    DataConfig,
     SampleBuilder,
     SFTDataset,
     collate,
@@ -34,9 +31,10 @@ from ivl.image import ImageError
 from ivl.losses import SupervisedTokens, supervised_tokens, token_logps
 from ivl.model.adapters import load_trained
 from ivl.model.forward import final_hidden_states, output_layer
-from ivl.model.load import ModelConfig, load_model
+from ivl.model.load import load_model
 from ivl.model.packed_attention import check_packing_support, packed_forward_inputs
 from ivl.model.parts import unwrap
+from ivl.options import EvalConfig
 
 
 class _Shard(Dataset):
@@ -159,34 +157,6 @@ def exact_match(
     generator.train(was_training)
     total = int(counts[1].item())
     return {"exact_match": counts[0].item() / max(total, 1), "samples": total, "examples": examples}
-
-
-@dataclass
-class EvalOptions:
-    adapter: str | None = None  # a run's adapter/ or model/ directory
-    batch_size: int = 8
-    exact_match_samples: int = -1  # -1: every sample, 0: loss only
-    max_new_tokens: int = 16
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError("eval.batch_size must be >= 1")
-
-
-@dataclass
-class EvalConfig:
-    """`ivl eval`: a model, or a run's adapter on its base, on a data set. An SFT config works as is (its model and
-    data sections are read)."""
-
-    model: ModelConfig | None = None  # with eval.adapter: defaults to the base recorded at training time
-    data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalOptions = field(default_factory=EvalOptions)
-
-    def validate(self) -> None:
-        if self.model is None and not self.eval.adapter:
-            raise ConfigError("give model.name_or_path, or eval.adapter (a run's adapter/ or model/ dir), or both")
-        if not (self.data.validation or self.data.train):
-            raise ConfigError("data.validation (or data.train): give the data to evaluate on")
 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:

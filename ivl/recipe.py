@@ -1,21 +1,51 @@
-"""`python -m RECIPE CONFIG.yaml [overrides]`, shared by every recipe module (what `accelerate launch -m` runs)."""
+"""`python -m RECIPE CONFIG.yaml [overrides]`, shared by every recipe module (what `accelerate launch -m` runs), and
+the command-line pieces the CLI and the recipes share: `OptionsParser` (a --help that lists a config's options) and
+`load_object` (a "module:name" imported when it is needed). Torch-free."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from ivl.config import load_config
+from ivl.config import load_config, options_help
 from ivl.errors import KNOWN_ERRORS
+
+
+def load_object(path: str) -> Any:
+    """`"package.module:name"` -> that object, importing the module now (and only now)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class OptionsParser(argparse.ArgumentParser):
+    """An ArgumentParser whose --help ends with every option of a config class (`options_of`, "module:Class"; only
+    its top-level sections `options_only` when given). The config's module is imported when the help is printed,
+    not before, so a command line with many recipes stays fast."""
+
+    def __init__(self, *args: Any, options_of: str = "", options_only: tuple[str, ...] = (), **kwargs: Any):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.options_of, self.options_only = options_of, options_only
+
+    def format_help(self) -> str:
+        if self.options_of:
+            self.epilog = options_help(load_object(self.options_of), self.options_only)
+        return super().format_help()
 
 
 def recipe_main(module: str, config_class: type, run: Callable[[Any], dict[str, Any]], argv: list[str] | None) -> int:
     """Load the config, `run(config)`, report a known error in one line (exit 2), print the output on the main
-    process."""
+    process. `--help` lists the config's options."""
     argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: python -m {module} CONFIG.yaml [section.key=value ...]"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{options_help(config_class)}")
+        return 0
     if not argv or argv[0].startswith("-"):
-        print(f"usage: python -m {module} CONFIG.yaml [section.key=value ...]", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     try:
         result = run(load_config(config_class, argv[0], argv[1:]))

@@ -7,9 +7,8 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -18,61 +17,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ivl.config import ConfigError
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer and learning-rate schedule. Per-part learning rates (`vision.lr` ...) override `lr`."""
-
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"  # 8-bit ones via bitsandbytes
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.03  # of the total optimizer steps
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-
-    def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-
-
-@dataclass
-class LoopConfig:
-    """Steps, batching, precision, evaluation, checkpointing and logging of a training run."""
-
-    output_dir: str = "outputs/run"
-    batch_size: int = 4  # per device, per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 0  # optimizer steps; 0: as many as `epochs` gives
-    epochs: float = 1.0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 autocast when the model is bf16
-    seed: int = 42
-    log_every: int = 10
-    eval_every: int = 0  # optimizer steps; 0: only at the end (when data.validation is set)
-    eval_batch_size: int = 8
-    exact_match_samples: int = 0  # also measure greedy exact-match on this many validation samples (short answers)
-    max_new_tokens: int = 16
-    save_every: int = 0  # optimizer steps; 0: only the final adapter / model
-    keep_last: int = 2  # resumable checkpoints kept
-    resume: str = "auto"  # auto: from the newest checkpoint in output_dir if any | never | a checkpoint directory
-    num_workers: int = 2  # DataLoader worker processes building samples
-    report_to: list[str] = field(default_factory=list)  # Accelerate trackers: tensorboard, wandb, ...
-
-    def validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.epochs <= 0:
-            raise ConfigError("loop.max_steps must be >= 0 and loop.epochs > 0")
-        if self.num_workers < 0:
-            raise ConfigError("loop.num_workers must be >= 0")
+from ivl.options import LoopConfig, OptimConfig
 
 
 def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:

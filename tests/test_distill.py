@@ -17,8 +17,8 @@ from ivl.config import ConfigError, load_config
 from ivl.data.shapes import write_dataset
 from ivl.distill.cache import CachedTiles, kept_tokens
 from ivl.distill.cli import main as distill_main
-from ivl.distill.cli import run_cache, run_eval
 from ivl.distill.clip_init import CLIP_LAYER_ROLES, clip_pixel_stats, clip_to_internvit, pre_layernorm_sigma
+from ivl.distill.commands import run_cache, run_eval
 from ivl.distill.data import DistillDataConfig, TileDataset, list_images
 from ivl.distill.evaluate import knn_accuracy, linear_probe_accuracy
 from ivl.distill.export import place_into_internvl

@@ -14,7 +14,6 @@ the whole model is saved. Trainable parameters are kept in fp32 (master weights)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -44,10 +43,7 @@ from ivl.model.parts import (
     vision_depth,
     vision_layer_module,
 )
-
-Mode = Literal["frozen", "lora", "full"]
-AdapterKind = Literal["lora", "partial_lora"]
-Stage = Literal["none", "stage1", "stage1.5", "stage2", "stage2-lora"]
+from ivl.options import AdapterConfig, Mode, PartConfig, VisionPartConfig
 
 # SPEC 8: stage 1 aligns the projector, stage 1.5 adds the ViT, stage 2 trains everything (or LoRA on the LLM).
 STAGES: dict[str, dict[Part, Mode]] = {
@@ -58,64 +54,6 @@ STAGES: dict[str, dict[Part, Mode]] = {
 }
 # Without a stage: the official InternVL LoRA recipe (frozen ViT, trained projector, LoRA on the LLM).
 DEFAULT_MODES: dict[Part, Mode] = STAGES["stage2-lora"]
-
-
-@dataclass
-class PartConfig:
-    """How one model part trains. `mode` unset: as the stage says (or the default LoRA recipe)."""
-
-    mode: Mode | None = None
-    lr: float | None = None  # None: optim.lr
-    gradient_checkpointing: bool = False  # recompute this part's activations in the backward pass
-
-    def validate(self) -> None:
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-
-
-@dataclass
-class VisionPartConfig(PartConfig):
-    unfreeze_last_layers: int = 0  # with mode frozen: train the last N ViT layers fully
-    # Layer-wise LR decay (InternLM-XComposer2): ViT layer i of L (1-based) trains at lr * decay^(L - i), the
-    # embeddings at lr * decay^L, anything after the last layer at lr. 1.0: off; XComposer2 used 0.9.
-    lr_layer_decay: float = 1.0
-
-    def validate(self) -> None:
-        super().validate()
-        if self.unfreeze_last_layers < 0:
-            raise ConfigError("vision.unfreeze_last_layers must be >= 0")
-        if not 0 < self.lr_layer_decay <= 1:
-            raise ConfigError(f"vision.lr_layer_decay must be in (0, 1] (1 turns it off), got {self.lr_layer_decay}")
-
-
-@dataclass
-class AdapterConfig:
-    """LoRA settings shared by every LoRA part (SPEC 8: r 16 for domain SFT up to 128, alpha = 2r).
-
-    `kind: partial_lora` (InternLM-XComposer2, which used r 256): the LLM's LoRA update only at image-token
-    positions, so text goes through the frozen LLM unchanged; ViT / projector LoRA stays ordinary.
-    """
-
-    kind: AdapterKind = "lora"
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    use_dora: bool = False
-    use_rslora: bool = False
-    qlora: bool = False  # the LLM in 4-bit NF4 (double quantisation) via bitsandbytes; ViT and projector unquantised
-    llm_targets: list[str] = field(default_factory=list)  # LLM linear layers to adapt; empty: the family's full set
-    llm_layers: list[int] = field(default_factory=list)  # LLM decoder layers (0-based) to adapt; empty: all
-
-    def validate(self) -> None:
-        if self.r < 1 or self.alpha < 1:
-            raise ConfigError(f"adapter.r and adapter.alpha must be >= 1, got {self.r} and {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
-        if self.kind == "partial_lora" and self.use_dora:
-            raise ConfigError(
-                "adapter.use_dora: DoRA rescales the whole weight matrix, so it cannot be limited to image tokens; "
-                "drop use_dora or use adapter.kind=lora"
-            )
 
 
 def resolve_modes(stage: str, vision: PartConfig, projector: PartConfig, llm: PartConfig) -> dict[Part, Mode]:
