@@ -73,7 +73,7 @@ def run_eval(config: DistillConfig) -> dict[str, Any]:
     if config.data.validation:
         dataset = TileDataset(list_images(config.data.validation, config.data.validation_images), tile, config.data)
         targets = TeacherTargets(teacher, [t for _, t in pairs])
-        results.update(heldout_cosine(model, dataset, targets, config.loss, accelerator, config.loop.eval_batch_size))
+        results.update(heldout_cosine(model, dataset, targets, config.loss, accelerator, config.eval.batch_size))
         results["eval_tiles"] = len(dataset)
     probe = config.eval
     train_tiles, train_labels = probe_set("train", probe.train_images, tile, probe.label)

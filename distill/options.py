@@ -153,7 +153,7 @@ class CacheConfig:
 
 @dataclass
 class ProbeConfig:
-    """`ivl distill eval`: the labelled probe sets and the run to evaluate."""
+    """Evaluation: the held-out cosine (during training too) and `ivl distill eval`'s labelled probe sets."""
 
     run_dir: str = option("", "a distillation run's output (student/, adaptors.safetensors); empty: loop.output_dir")
     label: Literal["color", "shape"] = option("color", "what the probes predict for single-object shapes images")
@@ -161,7 +161,7 @@ class ProbeConfig:
     test_images: int = option(120, "probe-test images (shapes validation split)")
     k: int = option(10, "kNN neighbours (cosine similarity, similarity-weighted vote)")
     probe_steps: int = option(100, "L-BFGS iterations of the linear probe")
-    batch_size: int = option(32, "tiles per forward pass while computing probe features")
+    batch_size: int = option(32, "tiles per forward pass in evaluation (held-out cosine, probe features)")
 
     def validate(self) -> None:
         if min(self.train_images, self.test_images, self.k, self.probe_steps, self.batch_size) < 1:

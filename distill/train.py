@@ -205,9 +205,8 @@ def optimizer_step(run: Run, window: list[dict[str, Any]]) -> torch.Tensor:
 def evaluate(run: Run, step: int) -> dict[str, float]:
     if run.validation_set is None:
         return {}
-    loop = run.config.loop
     results = {"step": step, **heldout_cosine(run.model, run.validation_set, run.validation_targets, run.config.loss,
-                                              run.accelerator, loop.eval_batch_size)}  # fmt: skip
+                                              run.accelerator, run.config.eval.batch_size)}  # fmt: skip
     run.metrics.write(results)
     return results
 

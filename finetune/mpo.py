@@ -132,7 +132,7 @@ def _reference_logps(config: MPOConfig, run_parts: dict[str, Any], reference: Re
                  "records": [r.location for r in dataset.records]}  # fmt: skip
     key = reference_cache_key(key_parts, reference.frozen_copy or reference.model)
     pad = run_parts["tokenizer"].pad_token_id
-    compute = partial(compute_reference_logps, reference, dataset, accelerator, config.loop.eval_batch_size, pad,
+    compute = partial(compute_reference_logps, reference, dataset, accelerator, config.eval.batch_size, pad,
                       run_parts["dtype"])  # fmt: skip
     accelerator.print(f"reference log-probs: {path}")
     return load_or_compute_reference(path, key, compute, accelerator)

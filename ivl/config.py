@@ -124,8 +124,9 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
     if validate is not None:
         try:
             validate()
-        except ConfigError as error:
-            raise ConfigError(f"{prefix}{error}") from error
+        except ConfigError as error:  # the message names the key from inside the section, or in full already
+            message = str(error)
+            raise ConfigError(message if message.startswith(prefix) else f"{prefix}{message}") from error
     return instance
 
 

@@ -174,8 +174,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     dataset = SFTDataset(records, builder)
     result = {"data": str(path), **evaluate_loss(model, dataset, accelerator, options.batch_size,
                                                  tokenizer.pad_token_id, dtype, config.data.packing)}  # fmt: skip
-    if options.exact_match_samples:
-        subset = records if options.exact_match_samples < 0 else records[: options.exact_match_samples]
+    subset = options.exact_match_records(records)
+    if subset:
         result.update(exact_match(model, builder, subset, accelerator, options.batch_size,
                                   options.max_new_tokens, dtype))  # fmt: skip
     return result

@@ -216,18 +216,19 @@ class LoopConfig:
     )
     seed: int = option(42, "training randomness: data order and the global RNG (adapter init, dropout)")
     log_every: int = option(10, "optimizer steps between metric lines")
-    eval_every: int = option(0, "optimizer steps between evaluations; 0: only at the end (when data.validation)")
-    eval_batch_size: int = option(8, "samples per evaluation batch")
-    exact_match_samples: int = option(0, "also measure greedy exact-match on this many validation samples")
-    max_new_tokens: int = option(16, "longest generated answer in exact-match")
+    eval_every: int = option(0, "optimizer steps between evaluations (the eval section); 0: only at the end")
     save_every: int = option(0, "optimizer steps between resumable checkpoints; 0: only the final adapter / model")
     keep_last: int = option(2, "resumable checkpoints kept")
     resume: str = option("auto", "auto: from the newest checkpoint in output_dir, if any | never | a checkpoint dir")
     num_workers: int = option(2, "DataLoader worker processes building samples")
     report_to: list[str] = option(help="Accelerate trackers: tensorboard, wandb, ...", factory=list)
 
+    # What evaluates, and how, is the eval section's: one name for the evaluation batch size everywhere.
+    RENAMED = {"eval_batch_size": "eval.batch_size", "exact_match_samples": "eval.exact_match_samples",
+               "max_new_tokens": "eval.max_new_tokens"}  # fmt: skip
+
     def validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_last"):
+        for name in ("batch_size", "grad_accum", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps < 0 or self.epochs <= 0:
@@ -237,8 +238,28 @@ class LoopConfig:
 
 
 @dataclass
+class EvalSettings:
+    """Evaluation on data.validation: the token-weighted loss, and greedy exact-match on short answers."""
+
+    batch_size: int = option(8, "samples per evaluation batch (MPO: also per reference log-prob pass)")
+    exact_match_samples: int = option(0, "greedy exact-match on the first N validation samples; -1: all, 0: off")
+    max_new_tokens: int = option(16, "longest generated answer in exact-match")
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.exact_match_samples < -1:
+            raise ConfigError(f"eval.exact_match_samples: N, -1 (all) or 0 (off), got {self.exact_match_samples}")
+
+    def exact_match_records(self, records: list) -> list:
+        """The records exact-match runs on: the first `exact_match_samples` (all for -1, none for 0)."""
+        return list(records) if self.exact_match_samples < 0 else list(records[: self.exact_match_samples])
+
+
+@dataclass
 class TrainConfig:
-    """The sections every fine-tuning recipe (SFT, MPO) shares: model, parts, adapter, data, loss, optimizer, loop."""
+    """The sections every fine-tuning recipe (SFT, MPO) shares: model, parts, adapter, data, loss, optimizer, loop,
+    evaluation."""
 
     model: ModelConfig = section(ModelConfig)
     stage: Stage = option("none", "stage1 | stage1.5 | stage2 | stage2-lora: InternVL's presets of the part modes")
@@ -250,6 +271,7 @@ class TrainConfig:
     loss: LossConfig = section(LossConfig)
     optim: OptimConfig = section(OptimConfig)
     loop: LoopConfig = section(LoopConfig)
+    eval: EvalSettings = section(EvalSettings)
 
     def validate(self) -> None:
         from ivl.model.adapters import validate_modes
@@ -275,17 +297,11 @@ class TrainConfig:
 
 
 @dataclass
-class EvalOptions:
-    """What `ivl eval` measures, and on which adapter."""
+class EvalOptions(EvalSettings):
+    """What `ivl eval` measures, and on which adapter (an SFT config's eval section works as is)."""
 
+    exact_match_samples: int = option(-1, "greedy exact-match on the first N samples; -1: all (the default), 0: off")
     adapter: str | None = option(None, "a run's adapter/ or model/ directory; null: the model as it is")
-    batch_size: int = option(8, "samples per evaluation batch")
-    exact_match_samples: int = option(-1, "greedy exact-match on this many samples; -1: every sample, 0: loss only")
-    max_new_tokens: int = option(16, "longest generated answer in exact-match")
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError("eval.batch_size must be >= 1")
 
 
 @dataclass

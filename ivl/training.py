@@ -64,16 +64,16 @@ def optimizer_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
 
 def evaluate(run: Any, step: int) -> dict[str, float]:
     """Validation loss (and exact-match) of `run.model` on `run.validation_set`, written to `run.metrics`."""
-    loop, results = run.config.loop, {"step": step}
+    settings, results = run.config.eval, {"step": step}
     if run.validation_set is None:
         return {}
     pad = run.tokenizer.pad_token_id
-    loss = evaluate_loss(run.model, run.validation_set, run.accelerator, loop.eval_batch_size, pad, run.dtype)
+    loss = evaluate_loss(run.model, run.validation_set, run.accelerator, settings.batch_size, pad, run.dtype)
     results.update(eval_loss=loss["loss"], eval_tokens=loss["tokens"])
-    if loop.exact_match_samples:
-        records = run.validation_set.records[: loop.exact_match_samples]
-        match = exact_match(run.model, run.builder, records, run.accelerator, loop.eval_batch_size,
-                            loop.max_new_tokens, run.dtype)  # fmt: skip
+    records = settings.exact_match_records(run.validation_set.records)
+    if records:
+        match = exact_match(run.model, run.builder, records, run.accelerator, settings.batch_size,
+                            settings.max_new_tokens, run.dtype)  # fmt: skip
         results["eval_exact_match"] = match["exact_match"]
     run.metrics.write(results)
     return results

@@ -110,6 +110,12 @@ def test_every_shipped_config_loads_with_its_class(path):
     assert dataclasses.is_dataclass(config)
 
 
+def test_every_recipe_has_shipped_real_model_configs():
+    for kind in ("sft", "mpo", "distill"):
+        names = [p.name for p in (ROOT / "configs" / kind).glob("*.yaml")]
+        assert any(not name.startswith(("demo", "tiny")) for name in names), f"configs/{kind} has no real-model config"
+
+
 def test_renamed_key_names_its_new_key():
     @dataclasses.dataclass
     class Section:
@@ -126,3 +132,40 @@ def test_renamed_key_names_its_new_key():
 
     with pytest.raises(ConfigError, match=r"'part.old' is now 'other.new'"):
         load_config(Config, None, ["part.old=1"])
+
+
+@pytest.mark.parametrize("old", ["eval_batch_size", "exact_match_samples", "max_new_tokens"])
+def test_evaluation_keys_moved_out_of_loop_fail_with_the_new_name(old):
+    new = {"eval_batch_size": "batch_size"}.get(old, old)
+    with pytest.raises(ConfigError, match=rf"'loop.{old}' is now 'eval.{new}'"):
+        load_config(SFTConfig, None, ["data.train=x", f"loop.{old}=4"])
+
+
+@pytest.mark.parametrize("cls", [EvalConfig, SFTConfig, MPOConfig])
+def test_exact_match_samples_means_the_same_in_training_and_ivl_eval(cls):
+    records, given = list(range(10)), ["data.train=x", "model.name_or_path=preset:tiny"]
+    chosen = {}
+    for value in (-1, 0, 3, 20):
+        config = load_config(cls, None, [*given, f"eval.exact_match_samples={value}"])
+        chosen[value] = config.eval.exact_match_records(records)
+    assert chosen == {-1: records, 0: [], 3: [0, 1, 2], 20: records}
+    with pytest.raises(ConfigError, match="eval.exact_match_samples: N, -1 \\(all\\) or 0 \\(off\\)"):
+        load_config(cls, None, [*given, "eval.exact_match_samples=-2"])
+
+
+def test_ivl_eval_reads_an_sft_configs_eval_section(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_text("data: {train: t.jsonl}\nmodel: {name_or_path: preset:tiny}\neval: {batch_size: 3}\nloop: {}\n")
+    config = load_config(EvalConfig, path, only=("model", "data", "eval"))
+    assert config.eval.batch_size == 3 and config.eval.exact_match_samples == -1  # ivl eval's default: every sample
+    assert load_config(SFTConfig, path).eval.exact_match_samples == 0  # training's default: off
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("loop.batch_size=0", "loop.batch_size must be >= 1"), ("data.max_length=8", "data.max_length: 8 is too short")],
+)
+def test_a_section_error_names_its_key_once(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(SFTConfig, None, ["data.train=x", override])
+    assert str(error.value).startswith(message)

@@ -46,9 +46,9 @@ def run_demo(
             model=config.model,
             data=config.data,
             eval=EvalOptions(
-                batch_size=64,
-                exact_match_samples=config.loop.exact_match_samples,
-                max_new_tokens=config.loop.max_new_tokens,
+                batch_size=config.eval.batch_size,
+                exact_match_samples=config.eval.exact_match_samples,
+                max_new_tokens=config.eval.max_new_tokens,
             ),
         )
     )
