@@ -27,7 +27,9 @@ def _device() -> torch.device:
 
 def _progress(split: str):
     def report(done: int, total: int) -> None:
-        print(f"\r{split}: shard {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        # One line per shard in a log; on a terminal the next shard's line overwrites this one.
+        last_or_log = done == total or not sys.stderr.isatty()
+        print(f"{split}: shard {done}/{total}", end="\n" if last_or_log else "\r", file=sys.stderr, flush=True)
 
     return report
 

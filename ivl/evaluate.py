@@ -14,7 +14,6 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ivl.data.chat import SampleError
 from ivl.data.packed_loader import packed_batches_of
@@ -35,6 +34,7 @@ from ivl.model.load import load_model
 from ivl.model.packed_attention import check_packing_support, packed_forward_inputs
 from ivl.model.parts import unwrap
 from ivl.options import EvalConfig
+from ivl.runtime import progress
 
 
 class _Shard(Dataset):
@@ -52,7 +52,7 @@ class _Shard(Dataset):
 
 
 def _progress(accelerator: Accelerator, iterable, description: str, total: int):
-    return tqdm(iterable, desc=description, total=total, leave=False, disable=not accelerator.is_main_process)
+    return progress(iterable, total, description, "batch", accelerator.is_main_process)
 
 
 def batch_logps(
@@ -199,8 +199,10 @@ def greedy_answers(model: nn.Module, builder: SampleBuilder, inputs: dict[str, A
     """Greedy continuations of left-padded prompts, decoded, stopping at the template's end token or EOS."""
     tokenizer = builder.tokenize.tokenizer
     end_ids = sorted({tokenizer.convert_tokens_to_ids(builder.tokenize.end_token), tokenizer.eos_token_id} - {None})
+    # No `pixel_values: None` for a text-only batch: transformers >= 5.24 runs the vision tower for any
+    # pixel_values key before generating, and fails on None.
     output = model.generate(
-        **inputs,
+        **{key: value for key, value in inputs.items() if value is not None},
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=end_ids,

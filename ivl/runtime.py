@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,15 +170,64 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def progress_bar(accelerator: Accelerator, total: int, initial: int, description: str) -> tqdm:
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=description,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not accelerator.is_main_process,
-    )
+def progress_bar(accelerator: Accelerator, total: int, initial: int, description: str) -> tqdm | LogProgress:
+    """The training loop's progress, on the main process only."""
+    return progress(None, total, description, "step", accelerator.is_main_process, initial=initial)
+
+
+def progress(
+    iterable: Iterable | None, total: int, description: str, unit: str = "it", enabled: bool = True, initial: int = 0
+) -> tqdm | LogProgress:
+    """A tqdm bar on a terminal; in a log (stderr is a file or a pipe) plain periodic lines instead, which a log
+    file shows as they are rather than as a string of carriage-return frames."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, initial=initial, desc=description, unit=unit, dynamic_ncols=True,
+                    leave=iterable is None, disable=not enabled)  # fmt: skip
+    return LogProgress(iterable, total, description, unit, enabled, initial)
+
+
+class LogProgress:
+    """Progress for logs: one line `sft: 120/1000 step (12%), 2.50 step/s, loss=0.3127` when it starts, then at most
+    every `interval` seconds, and when it ends. The same calls as tqdm's that the kit uses (iterate, update,
+    set_postfix, close)."""
+
+    interval = 30.0  # seconds between lines
+
+    def __init__(self, iterable: Iterable | None, total: int, description: str, unit: str, enabled: bool, initial: int):
+        self.iterable, self.total, self.description, self.unit = iterable, total, description, unit
+        self.enabled, self.n, self.start_n, self.postfix = enabled, initial, initial, ""
+        self.start = self.last_line = time.monotonic()
+        self.printed_n: int | None = None
+        self._line()
+
+    def __iter__(self) -> Iterator:
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last_line >= self.interval:
+            self._line()
+
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
+
+    def close(self) -> None:
+        if self.printed_n != self.n:
+            self._line()
+
+    def _line(self) -> None:
+        self.last_line, self.printed_n = time.monotonic(), self.n
+        if not self.enabled:
+            return
+        elapsed, done = self.last_line - self.start, self.n - self.start_n
+        rate = f", {done / elapsed:.2f} {self.unit}/s" if elapsed > 0 and done > 0 else ""
+        percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        postfix = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.description}: {self.n}/{self.total} {self.unit}{percent}{rate}{postfix}", file=sys.stderr,
+              flush=True)  # fmt: skip
 
 
 def plot_curves(metrics_path: str | Path, out_path: str | Path, title: str) -> Path | None:

@@ -14,6 +14,9 @@ the whole model is saved. Trainable parameters are kept in fp32 (master weights)
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +57,17 @@ STAGES: dict[str, dict[Part, Mode]] = {
 }
 # Without a stage: the official InternVL LoRA recipe (frozen ViT, trained projector, LoRA on the LLM).
 DEFAULT_MODES: dict[Part, Mode] = STAGES["stage2-lora"]
+
+
+@contextmanager
+def peft_wrap_quietly() -> Iterator[None]:
+    """PEFT (0.21 and before) reads `model.is_gradient_checkpointing` when it wraps a model; transformers 5 renamed
+    that property `is_activation_checkpointing` and warns (FutureWarning) on every read of the old name, so every
+    adapter load and training run printed the warning. Both names give the same value: only that one warning is
+    silenced, and only while PEFT wraps a model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def resolve_modes(stage: str, vision: PartConfig, projector: PartConfig, llm: PartConfig) -> dict[Part, Mode]:
@@ -121,7 +135,8 @@ def apply_trainability(
             target_modules=lora_target_regex(model, lora_parts, tuple(adapter.llm_targets), tuple(adapter.llm_layers)),
             modules_to_save=full_modules or None,
         )
-        model = get_peft_model(model, config)
+        with peft_wrap_quietly():
+            model = get_peft_model(model, config)
         if adapter.kind == "partial_lora":
             attach_partial_lora(model, unwrap(model).config.image_token_id)
     else:
@@ -219,7 +234,8 @@ def load_trained(path: str | Path, base: ModelConfig | None = None, device=None)
         return model, tokenizer, info
     model, _ = load_model(_recorded_base(path, info, base), device, quantize_llm=bool(info.get("qlora")))
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))
-    peft_model = PeftModel.from_pretrained(model, path).eval()
+    with peft_wrap_quietly():
+        peft_model = PeftModel.from_pretrained(model, path).eval()
     marker = read_marker(path)
     if marker is not None:
         if marker["image_token_id"] != model.config.image_token_id:
@@ -262,7 +278,8 @@ def merge_adapter(
     model, _ = load_model(_recorded_base(adapter_dir, info, base), quantize_llm=bool(info.get("qlora")))
     if info.get("qlora"):
         model = model.dequantize()  # transformers swaps each 4-bit linear for a plain one with the dequantised weight
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    with peft_wrap_quietly():
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)))
     if out_format == "original":
         from ivl.model.convert import save_model_as_original
