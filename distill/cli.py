@@ -15,7 +15,7 @@ import json
 
 from ivl.config import format_config, load_config
 from ivl.distill.options import DistillConfig
-from ivl.recipe import OptionsParser
+from ivl.recipe import OptionsParser, print_result
 
 SUBCOMMANDS = ("cache", "eval", "export")
 CONFIG_OPTIONS = "ivl.distill.options:DistillConfig"
@@ -58,9 +58,7 @@ def main(argv: list[str]) -> int:
     if args.command == "train":
         from ivl.distill.train import run_distill
 
-        result = run_distill(config)
-        if result.pop("is_main_process"):
-            print(json.dumps(result, indent=2))
+        print_result(run_distill(config))
     elif args.command == "cache":
         from ivl.distill.commands import run_cache
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from ivl.config import format_config, load_config
 from ivl.errors import KNOWN_ERRORS, ConfigError
-from ivl.recipe import OptionsParser, load_object
+from ivl.recipe import OptionsParser, load_object, print_result
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
         report = module.dry_run(config)
         print(json.dumps(report, indent=2) if args.json else module.format_dry_run(report))
         return 0
-    result = load_object(recipe.run)(config)
-    if result.pop("is_main_process"):
-        print(json.dumps(result, indent=2))
+    print_result(load_object(recipe.run)(config))
     return 0
 
 

@@ -1,6 +1,7 @@
 """`python -m RECIPE CONFIG.yaml [overrides]`, shared by every recipe module (what `accelerate launch -m` runs), and
-the command-line pieces the CLI and the recipes share: `OptionsParser` (a --help that lists a config's options) and
-`load_object` (a "module:name" imported when it is needed). Torch-free."""
+the command-line pieces the CLI and the recipes share: `OptionsParser` (a --help that lists a config's options),
+`load_object` (a "module:name" imported when it is needed) and `print_result` (the one summary every way of launching
+a training run prints). Torch-free."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ivl.config import load_config, options_help
 from ivl.errors import KNOWN_ERRORS
+
+if TYPE_CHECKING:  # ivl.loop imports torch: `ivl --help` must not
+    from ivl.loop import RunResult
 
 
 def load_object(path: str) -> Any:
@@ -36,9 +40,15 @@ class OptionsParser(argparse.ArgumentParser):
         return super().format_help()
 
 
-def recipe_main(module: str, config_class: type, run: Callable[[Any], dict[str, Any]], argv: list[str] | None) -> int:
-    """Load the config, `run(config)`, report a known error in one line (exit 2), print the output on the main
-    process. `--help` lists the config's options."""
+def print_result(result: RunResult) -> None:
+    """The run's JSON summary (output directory and last metrics), printed by the main process only."""
+    if result.is_main_process:
+        print(result.summary())
+
+
+def recipe_main(module: str, config_class: type, run: Callable[[Any], RunResult], argv: list[str] | None) -> int:
+    """Load the config, `run(config)`, report a known error in one line (exit 2), print the result's summary on the
+    main process. `--help` lists the config's options."""
     argv = sys.argv[1:] if argv is None else argv
     usage = f"usage: python -m {module} CONFIG.yaml [section.key=value ...]"
     if argv[:1] in (["-h"], ["--help"]):
@@ -48,10 +58,8 @@ def recipe_main(module: str, config_class: type, run: Callable[[Any], dict[str, 
         print(usage, file=sys.stderr)
         return 2
     try:
-        result = run(load_config(config_class, argv[0], argv[1:]))
+        print_result(run(load_config(config_class, argv[0], argv[1:])))
     except KNOWN_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if result["is_main_process"]:
-        print(f"done: {result['output']}")
     return 0

@@ -211,8 +211,8 @@ class LogProgress:
         if time.monotonic() - self.last_line >= self.interval:
             self._line()
 
-    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
-        self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
+    def set_postfix(self, ordered_dict: dict[str, Any] | None = None, refresh: bool = True, **values: Any) -> None:
+        self.postfix = ", ".join(f"{key}={value}" for key, value in {**(ordered_dict or {}), **values}.items())
 
     def close(self) -> None:
         if self.printed_n != self.n:

@@ -23,7 +23,7 @@ def test_progress_in_a_log_is_plain_lines(capsys, monkeypatch):
     bar = progress(None, 50, "sft", "step", initial=10)
     for _ in range(40):
         bar.update(1)
-    bar.set_postfix(loss="0.3127")
+    bar.set_postfix({"loss": "0.3127"})
     bar.close()
     err = capsys.readouterr().err  # pytest's capture is not a terminal, as a log file is not
     assert "\r" not in err
