@@ -14,6 +14,7 @@
     ivl data demo OUT_DIR [--train N] [--validation N]
     ivl presets                                the model presets (zoo shapes and tiny test models)
 
+`ivl COMMAND --help` lists every config option of that command; `--show-config` prints the resolved config.
 Known failures (bad config, bad data, unloadable model) end with a one-line `error:` message and exit code 2,
 never a traceback; `ivl data check` exits 1 when any row is bad.
 """
@@ -206,7 +207,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OptionsParser(prog="ivl", description="Adapt InternVL models on one GPU.")
+    parser = OptionsParser(
+        prog="ivl",
+        description="Adapt InternVL models on one GPU.",
+        epilog="`ivl COMMAND --help` lists the command's options (for sft, mpo, eval, distill and data check: every "
+        "config key with its type, default and help).",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OptionsParser)
 
     demo = commands.add_parser("demo", help="run the built-in default job on the synthetic shapes task")
