@@ -48,6 +48,7 @@ from ivl.runtime import (
     MetricsLog,
     build_optimizer,
     build_scheduler,
+    checkpoint_activations,
     end_training,
     make_accelerator,
     start_trackers,
@@ -141,7 +142,7 @@ def setup(config: DistillConfig) -> Run:
         calibration = torch.stack([side.train_set[i]["pixels"] for i in range(count)])
     student, init_report = build_student(config.student, calibration)
     if config.student.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(student)
     if "cosine_to_clip" in init_report:
         cosine, pre_layernorm = init_report["cosine_to_clip"], config.student.pre_layernorm
         accelerator.print(f"student initialised from {config.student.clip}: cosine to CLIP {cosine:.4f} "

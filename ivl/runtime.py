@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -111,6 +112,17 @@ def end_training(accelerator: Accelerator) -> None:
     if accelerator.num_processes > 1:
         time.sleep(0.5)
     accelerator.end_training()
+
+
+def checkpoint_activations(module: nn.Module) -> None:
+    """Recompute `module`'s activations in the backward pass (non-reentrant checkpointing). transformers 5.24 renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable` and warns on every call of the old name;
+    the 5.x releases before it have only the old one."""
+    enable = getattr(module, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:

@@ -26,7 +26,7 @@ from ivl.model.checkpoint import export_final
 from ivl.model.parts import model_parts
 from ivl.model.sharded import full_state_dict, is_sharded
 from ivl.options import TrainConfig
-from ivl.runtime import plot_curves
+from ivl.runtime import checkpoint_activations, plot_curves
 
 
 def checked_dataset(path: str, builder: SampleBuilder, accelerator: Accelerator, seed: int) -> SFTDataset:
@@ -54,7 +54,7 @@ def enable_gradient_checkpointing(model: nn.Module, config: TrainConfig) -> None
         (config.llm.gradient_checkpointing, parts.llm),
     ):
         if enabled:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_activations(module)
 
 
 def optimizer_groups(model: nn.Module, config: TrainConfig) -> list[dict]:

@@ -44,3 +44,16 @@ def test_a_text_only_question_gets_an_answer():
     from ivl.cli import main
 
     assert main(["chat", "--base", "preset:tiny-112", "--max-new-tokens", "4", "what is a circle?"]) == 0
+
+
+def test_gradient_checkpointing_is_enabled_without_a_deprecation_warning():
+    from ivl.model.parts import model_parts
+    from ivl.runtime import checkpoint_activations
+
+    model, _ = load_model(ModelConfig(name_or_path="preset:tiny-112"))
+    llm = model_parts(model).llm
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint_activations(llm)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    assert any(getattr(module, "gradient_checkpointing", False) for module in llm.modules())
