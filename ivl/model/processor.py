@@ -20,7 +20,8 @@ from typing import Any
 
 from transformers.utils.hub import cached_file
 
-from ivl.model.load import ModelConfig, preset_name, tile_size, tokens_per_tile
+from ivl.model.load import preset_name, tile_size, tokens_per_tile
+from ivl.options import DataConfig, ModelConfig
 
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 PROCESSOR_FILE = "processor_config.json"
@@ -79,8 +80,6 @@ def _implied_tiling(base: ModelConfig, tiling: dict[str, Any] | None) -> dict[st
     path = Path(base.name_or_path)
     if preset_name(base.name_or_path) is None and path.is_dir() and is_original_checkpoint(path):
         return tiling_of_original(read_checkpoint_config(path))
-    from ivl.data.samples import DataConfig
-
     data = {**vars(DataConfig()), **(tiling or {})}
     return {"crop_to_patches": True, "min_patches": data["min_tiles"], "max_patches": data["max_tiles"]}
 
