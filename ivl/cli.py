@@ -178,7 +178,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     import torch
     from transformers import InternVLForConditionalGeneration
 
-    from ivl.model.presets import ZOO, preset_config
+    from ivl.model.presets import TINY, ZOO, preset_config
 
     print(f"{'preset':<28} {'vision':<16} {'llm':<16} {'parameters':>11}")
     for name, (vision, llm, _) in ZOO.items():
@@ -186,7 +186,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
             model = InternVLForConditionalGeneration(preset_config(name))
         billions = sum(p.numel() for p in model.parameters()) / 1e9
         print(f"{name:<28} {vision:<16} {llm:<16} {billions:>10.2f}B")
-    print("tiny presets (random weights, demo tokenizer): tiny, tiny-112, tiny-llama, tiny-phi3, tiny-6b-style")
+    print(f"tiny presets (random weights, demo tokenizer): {', '.join(TINY)}")
     print("use as model.name_or_path=preset:NAME")
     return 0
 

@@ -4,8 +4,11 @@
     model = apply_trainability(model, modes, vision, adapter)   # a PeftModel when any part uses LoRA
 
 LoRA parts get PEFT LoRA layers on the linear layers `parts.lora_target_regex` names for that part and LLM family
-(`adapter.llm_targets` / `adapter.llm_layers` narrow the LLM's). `adapter.kind: partial_lora` makes the LLM's LoRA
-update apply at image-token positions only (`ivl.model.partial_lora`); such an adapter cannot be merged.
+(`adapter.llm_targets` / `adapter.llm_layers` narrow the LLM's); a mixture-of-experts LLM also gets LoRA on its fused
+expert weights (PEFT `target_parameters`, `parts.lora_target_parameters`), its router only when named.
+`adapter.kind: partial_lora` makes the LLM's LoRA update apply at image-token positions only
+(`ivl.model.partial_lora`); such an adapter cannot be merged, and leaves the experts out (their LoRA changes the fused
+weights, which no token mask can limit).
 Fully trained parts (and `vision.unfreeze_last_layers`) become PEFT `modules_to_save` when any part uses LoRA, so
 `PeftModel.from_pretrained(base, adapter_dir)` restores everything that trained; without LoRA nothing is wrapped and
 the whole model is saved. Trainable parameters are kept in fp32 (master weights) even when the frozen base is bf16 or
@@ -36,6 +39,8 @@ from ivl.model.partial_lora import (
 from ivl.model.parts import (
     PARTS,
     Part,
+    llm_lora_targets,
+    lora_target_parameters,
     lora_target_regex,
     model_parts,
     part_modules,
@@ -103,7 +108,9 @@ class AdapterConfig:
     use_dora: bool = False
     use_rslora: bool = False
     qlora: bool = False  # the LLM in 4-bit NF4 (double quantisation) via bitsandbytes; ViT and projector unquantised
-    llm_targets: list[str] = field(default_factory=list)  # LLM linear layers to adapt; empty: the family's full set
+    # LLM layers to adapt: linear layers by name, and in a mixture-of-experts LLM "experts.gate_up_proj",
+    # "experts.down_proj", "router". Empty: every linear layer of the family, and the experts (not the router)
+    llm_targets: list[str] = field(default_factory=list)
     llm_layers: list[int] = field(default_factory=list)  # LLM decoder layers (0-based) to adapt; empty: all
 
     def validate(self) -> None:
@@ -174,13 +181,24 @@ def apply_trainability(
     lora_parts = tuple(part for part in PARTS if modes[part] == "lora")
     model.requires_grad_(False)
     if lora_parts:
+        targets, layers = tuple(adapter.llm_targets), tuple(adapter.llm_layers)
+        parameters = lora_target_parameters(model, targets, layers) if modes["llm"] == "lora" else []
+        if parameters and (adapter.kind == "partial_lora" or adapter.use_dora):
+            if targets:  # asked for explicitly: refuse; by default: the experts are left out
+                named = sorted(set(targets) - set(llm_lora_targets(model)))
+                raise ConfigError(
+                    f"adapter.llm_targets: expert / router LoRA is a change of the fused weights, so it can be neither "
+                    f"limited to image tokens nor DoRA-rescaled; drop {named}"
+                )
+            parameters = []
         config = LoraConfig(
             r=adapter.r,
             lora_alpha=adapter.alpha,
             lora_dropout=adapter.dropout,
             use_dora=adapter.use_dora,
             use_rslora=adapter.use_rslora,
-            target_modules=lora_target_regex(model, lora_parts, tuple(adapter.llm_targets), tuple(adapter.llm_layers)),
+            target_modules=lora_target_regex(model, lora_parts, targets, layers) or [],
+            target_parameters=parameters or None,
             modules_to_save=full_modules or None,
         )
         model = get_peft_model(model, config)

@@ -46,7 +46,7 @@ from ivl.model.convert_tokenizer import (
     save_original_tokenizer_from,
     token_id_from_files,
 )
-from ivl.model.parts import HF_NAMES, loaded_name, saved_name
+from ivl.model.parts import HF_NAMES, attention_implementation, loaded_name, saved_name
 from ivl.model.tensor_io import TensorGroup, TensorSource, open_tensors, tensors_in_memory, write_shards
 
 Format = Literal["hf", "original"]
@@ -279,7 +279,8 @@ def load_original_model(path: Path, dtype: torch.dtype, attn_implementation: str
     config.dtype = dtype
     # Parameters on the meta device until the converted tensors are assigned; buffers (rotary frequencies) are real.
     with init_empty_weights(include_buffers=False):
-        model = InternVLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+        attention = attention_implementation(config, attn_implementation)
+        model = InternVLForConditionalGeneration._from_config(config, attn_implementation=attention)
     state = {}
     for group in groups:
         for name, tensor in group.run(source).items():

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGe
 
 from ivl.config import ConfigError
 from ivl.errors import ModelLoadError  # noqa: F401  re-exported
+from ivl.model.parts import attention_implementation
 from ivl.model.presets import PRESETS, demo_tokenizer_path, preset_config
 from ivl.model.presets import tokens_per_tile_of as _tokens_per_tile_of
 
@@ -87,12 +88,16 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_preset_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0, dtype=torch.float32):
+def build_preset_model(
+    name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0, dtype=torch.float32, attn_implementation="sdpa"
+):
     """A random-weight model of preset `name` (deterministic for a given seed)."""
     config = preset_config(name, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config)
+        model = InternVLForConditionalGeneration._from_config(
+            config, attn_implementation=attention_implementation(config, attn_implementation)
+        )
     return model.to(dtype)
 
 
@@ -106,7 +111,7 @@ def load_model(config: ModelConfig, device: torch.device | str | None = None, qu
     tokenizer = load_tokenizer(config)
     dtype = resolve_dtype(config.dtype)
     if name is not None and not quantize_llm:
-        model = build_preset_model(name, tokenizer, config.init_seed, dtype)
+        model = build_preset_model(name, tokenizer, config.init_seed, dtype, config.attn_implementation)
     elif original is not None and not quantize_llm:
         from ivl.model.convert import load_original_model
 
@@ -120,7 +125,8 @@ def load_model(config: ModelConfig, device: torch.device | str | None = None, qu
 
                 convert_checkpoint(original, tmp, to="hf")
             else:
-                build_preset_model(name, tokenizer, config.init_seed, dtype).save_pretrained(tmp)
+                preset = build_preset_model(name, tokenizer, config.init_seed, dtype, config.attn_implementation)
+                preset.save_pretrained(tmp)
             model = _from_pretrained(tmp, config, dtype, quantize_llm, device)
     else:
         model = _from_pretrained(config.name_or_path, config, dtype, quantize_llm, device)
@@ -137,10 +143,11 @@ def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, quant
 
         extra = {"quantization_config": nf4_config(dtype), "device_map": {"": device or "cpu"}}
     try:
+        model_config = InternVLConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
         return InternVLForConditionalGeneration.from_pretrained(
             source,
             dtype=dtype,
-            attn_implementation=config.attn_implementation,
+            attn_implementation=attention_implementation(model_config, config.attn_implementation),
             trust_remote_code=config.trust_remote_code,
             use_safetensors=True,
             **extra,
