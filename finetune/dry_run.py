@@ -53,7 +53,11 @@ def _layout(model: nn.Module, config: SFTConfig, modes: dict[str, str]) -> dict[
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             targets, layers = found[part_of(name)]
-            targets.add(name.rsplit(".", 1)[-1])
+            if hasattr(module, "parameter_name"):  # LoRA on a parameter (fused MoE experts): "experts.down_proj"
+                owner = name.replace(".base_layer", "").rsplit(".", 1)[-1]
+                targets.add(f"{owner}.{module.parameter_name}")
+            else:
+                targets.add(name.rsplit(".", 1)[-1])
             index = llm_layer_index(name)
             if index is not None:
                 layers.add(index)

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from ivl.model.checkpoint import (
     save_training_checkpoint,
 )
 from ivl.model.load import load_model, resolve_dtype
+from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_logits_caught
 from ivl.model.packed_attention import check_packing_support
 from ivl.model.parts import layer_class_names
 from ivl.model.quantize import keep_training_layout
@@ -84,6 +85,7 @@ class Run:
     dtype: torch.dtype
     metrics: MetricsLog
     info: dict[str, Any]
+    router_losses: list[torch.Tensor] = field(default_factory=list)  # this logging window's, for the metrics
 
 
 def setup(config: SFTConfig) -> Run:
@@ -137,13 +139,22 @@ def setup(config: SFTConfig) -> Run:
                total_steps, dtype, metrics, info)  # fmt: skip
 
 
-def forward_loss(run: Run, batch: dict[str, Any], denominator: torch.Tensor) -> torch.Tensor:
-    """This micro-batch's share of the step loss: its weighted CE sum / the step's global weight sum (SPEC 5)."""
+def forward_loss(
+    run: Run, batch: dict[str, Any], denominator: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(this micro-batch's share of the step loss: its weighted CE sum / the step's global weight sum (SPEC 5), the
+    routers' load-balancing loss of a mixture-of-experts LLM that trains, else None). The step's share of the latter,
+    weighted as the model's own loss weighs it, is in the first."""
     if batch["input_ids"] is None:  # every row skipped: a zero loss that still touches every trainable weight (DDP)
-        return sum(p.sum() for p in run.model.parameters() if p.requires_grad) * 0.0
-    supervised, logps, labels = batch_logps(run.model, batch, run.accelerator.device, run.dtype)
+        return sum(p.sum() for p in run.model.parameters() if p.requires_grad) * 0.0, None
+    with router_logits_caught(run.model, enabled=run.info["modes"]["llm"] != "frozen") as router_logits:
+        supervised, logps, labels = batch_logps(run.model, batch, run.accelerator.device, run.dtype)
     weights = target_weights(labels, batch["sample_tokens"].to(labels.device), run.config.loss.reduction)
-    return weighted_nll(logps, weights[supervised.rows, supervised.cols], denominator)
+    loss = weighted_nll(logps, weights[supervised.rows, supervised.cols], denominator)
+    if not router_logits:
+        return loss, None
+    aux = load_balancing_loss(run.model, router_logits, batch["attention_mask"])
+    return loss + router_aux_coefficient(run.model) * aux / run.config.loop.grad_accum, aux
 
 
 def optimizer_step(run: Run, window: list[dict[str, Any]]) -> torch.Tensor:
@@ -155,13 +166,16 @@ def optimizer_step(run: Run, window: list[dict[str, Any]]) -> torch.Tensor:
     # DDP averages gradients over processes, so each process divides by global_weight / num_processes.
     denominator = global_weight.clamp(min=1e-12) / accelerator.num_processes
     step_loss = torch.zeros((), device=accelerator.device)
+    router_losses = []
     for index, batch in enumerate(window):
         last = index == len(window) - 1
         with nullcontext() if last else accelerator.no_sync(model):  # gradients all-reduce on the last one only
             with accelerator.autocast():
-                loss = forward_loss(run, batch, denominator)
+                loss, router_loss = forward_loss(run, batch, denominator)
             accelerator.backward(loss)
         step_loss += loss.detach()
+        router_losses += [router_loss.detach()] if router_loss is not None else []
+    run.router_losses += router_losses
     if run.config.optim.max_grad_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), run.config.optim.max_grad_norm)
     run.optimizer.step()
@@ -221,6 +235,9 @@ def train(run: Run) -> dict[str, Any]:
                 "tokens_per_second": tokens * accelerator.num_processes / seconds,
                 "skipped_rows": state["skipped_rows"],
             }
+            if run.router_losses:  # mixture-of-experts LLM: the load-balancing loss (unweighted), mean of the window
+                last["router_aux_loss"] = accelerator.reduce(torch.stack(run.router_losses).mean(), "mean").item()
+                run.router_losses.clear()
             run.metrics.write(last)
             progress.set_postfix(
                 loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_second']:.0f}"

@@ -121,3 +121,20 @@ def test_partial_lora_changes_image_tokens_only(family_checkpoint):
         adapter = AdapterConfig(kind="partial_lora", llm_targets=["q_proj", "experts.down_proj"])
         with pytest.raises(ConfigError, match="image tokens"):
             apply_trainability(fresh, LORA_LLM, VisionPartConfig(), adapter)
+
+
+def test_dry_run_shows_expert_adapters_and_default_dropout_is_refused_for_experts():
+    from ivl.config import load_config
+    from ivl.finetune.dry_run import dry_run
+    from ivl.finetune.sft import SFTConfig
+
+    common = ["data.train=unused.jsonl", "model.dtype=float32", "model.name_or_path=preset:tiny-qwen3-moe"]
+    layout = dry_run(load_config(SFTConfig, None, [*common, "adapter.dropout=0"]))["layout"]["llm"]
+    assert layout["targets"] == ["experts.down_proj", "experts.gate_up_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
+    attention_only = ["adapter.dropout=0.05", "adapter.llm_targets=[q_proj,v_proj]"]
+    assert dry_run(load_config(SFTConfig, None, [*common, *attention_only]))["layout"]["llm"]["targets"] == [
+        "q_proj",
+        "v_proj",
+    ]
+    with pytest.raises(ConfigError, match="adapter.dropout=0.05: PEFT's LoRA on the fused expert weights"):
+        dry_run(load_config(SFTConfig, None, [*common, "adapter.dropout=0.05"]))

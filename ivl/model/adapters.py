@@ -191,6 +191,12 @@ def apply_trainability(
                     f"limited to image tokens nor DoRA-rescaled; drop {named}"
                 )
             parameters = []
+        if parameters and adapter.dropout:
+            raise ConfigError(
+                f"adapter.dropout={adapter.dropout}: PEFT's LoRA on the fused expert weights of this "
+                "mixture-of-experts LLM has no dropout; set adapter.dropout=0 (or leave the experts out with "
+                "adapter.llm_targets)"
+            )
         config = LoraConfig(
             r=adapter.r,
             lora_alpha=adapter.alpha,

@@ -272,6 +272,21 @@ def llm_expert_targets(model: nn.Module) -> dict[str, str]:
     return LLM_EXPERT_TARGETS.get(llm_family(model), {})
 
 
+def llm_routers(model: nn.Module) -> list[nn.Module]:
+    """The router (gate) of every mixture-of-experts decoder layer, in layer order; empty for a dense LLM."""
+    router = LLM_EXPERT_TARGETS.get(llm_family(model), {}).get("router")
+    if router is None:
+        return []
+    path = router.rpartition(".")[0]
+    routers = []
+    for layer in model_parts(model).llm_layers:
+        try:  # a dense layer among MoE ones (Qwen3-MoE's mlp_only_layers) has none
+            routers.append(layer.get_submodule(path))
+        except AttributeError:
+            continue
+    return routers
+
+
 def _check_llm_choice(model: nn.Module, targets: tuple[str, ...], layers: tuple[int, ...]) -> None:
     known = (*llm_lora_targets(model), *llm_expert_targets(model))
     unknown = sorted(set(targets) - set(known))
