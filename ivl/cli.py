@@ -135,7 +135,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         (model, tokenizer), data = load_model(base), {}
     builder = SampleBuilder(tokenizer, unwrap(model).config, DataConfig(**data))
     question = " ".join(args.question)
-    print(answer_question(model, builder, question, args.image, args.max_new_tokens))
+    print(answer_question(model, builder, question, args.image, args.max_new_tokens, thinking=args.thinking))
     return 0
 
 
@@ -264,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--adapter", help="a run's adapter/ or model/ directory")
     chat.add_argument("--image", action="append", default=[], help="an image path (repeat for several)")
     chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument(
+        "--thinking",
+        action="store_true",
+        help="reason in <think>...</think> before answering (InternVL3.5: the thinking system prompt); without it, "
+        "thinking-mode templates answer directly (empty think block)",
+    )
     chat.add_argument("question", nargs="+")
     chat.set_defaults(handler=cmd_chat)
 

@@ -55,7 +55,7 @@ class DataConfig:
 
     train: str | None = None  # InternVL jsonl, meta .json, or HF dataset (saved dir, data file, or hub id)
     validation: str | None = None
-    template: str = "auto"  # auto | tokenizer | internvl2_5 | internlm2-chat | Hermes-2 | phi3-chat
+    template: str = "auto"  # auto | tokenizer | internvl2_5 | internlm2-chat | Hermes-2 | phi3-chat | internvl3_5
     max_length: int = 4096  # tokens after image expansion; longer samples are bad rows, never truncated
     min_tiles: int = 1
     max_tiles: int = 6  # InternVL's max_dynamic_patch; a meta file entry's max_dynamic_patch overrides it
@@ -139,14 +139,15 @@ class SampleBuilder:
         self._check_length(input_ids, labels)
         return {"input_ids": input_ids, "labels": labels, "tiles": tiles, "num_tiles": num_tiles}
 
-    def build_prompt(self, record: Record) -> dict[str, Any]:
+    def build_prompt(self, record: Record, thinking: bool | None = None) -> dict[str, Any]:
         """A generation prompt from a record: its conversation up to the last assistant reply, which becomes the
-        `reference` answer (empty if the record has none). No augmentation."""
+        `reference` answer (empty if the record has none). No augmentation. `thinking`: see
+        `ConversationTokenizer.prompt`."""
         conversation = self.conversation(record)
         last = conversation.messages[-1] if conversation.messages else None
         reference = last["content"] if last and last["role"] == "assistant" else ""
         tiles, num_tiles = self._tiles(record, conversation, None, augment=False)
-        input_ids = self.tokenize.prompt(conversation, num_tiles)
+        input_ids = self.tokenize.prompt(conversation, num_tiles, thinking)
         return {"input_ids": input_ids, "tiles": tiles, "num_tiles": num_tiles, "reference": reference}
 
     def _tiles(
