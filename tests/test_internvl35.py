@@ -138,3 +138,13 @@ def test_dry_run_shows_expert_adapters_and_default_dropout_is_refused_for_expert
     ]
     with pytest.raises(ConfigError, match="adapter.dropout=0.05: PEFT's LoRA on the fused expert weights"):
         dry_run(load_config(SFTConfig, None, [*common, "adapter.dropout=0.05"]))
+
+
+def test_image_token_comes_from_the_checkpoint_and_a_mismatched_tokenizer_is_refused():
+    from ivl.data.samples import DataConfig, SampleBuilder
+    from ivl.model.presets import load_demo_tokenizer
+
+    assert preset_config("internvl3.5-8b").image_token_id == 151671
+    assert preset_config("internvl3-8b").image_token_id == 151667
+    with pytest.raises(ConfigError, match="<IMG_CONTEXT> is id 525 but the model's config says image_token_id 151671"):
+        SampleBuilder(load_demo_tokenizer(), preset_config("internvl3.5-8b"), DataConfig())

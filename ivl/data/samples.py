@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from ivl.config import ConfigError
 from ivl.data.chat import (
     IGNORE_INDEX,
+    IMG_CONTEXT,
     TEMPLATE_CHOICES,
     Conversation,
     ConversationTokenizer,
@@ -108,6 +109,14 @@ class SampleBuilder:
         self.tokenize = ConversationTokenizer(
             tokenizer, resolve_template(data.template, tokenizer), self.tokens_per_tile
         )
+        # The image token is whatever the checkpoint says (InternVL3: 151667, InternVL3.5: 151671): tokenizer and
+        # model config must agree, or the image features would land nowhere.
+        model_token = getattr(model_config, "image_token_id", None)
+        if model_token is not None and model_token != self.tokenize.image_token_id:
+            raise ConfigError(
+                f"model.tokenizer: its {IMG_CONTEXT} is id {self.tokenize.image_token_id} but the model's config says "
+                f"image_token_id {model_token}; use the checkpoint's own tokenizer"
+            )
 
     def conversation(self, record: Record) -> Conversation:
         conversation = to_conversation(record)
