@@ -26,6 +26,8 @@ from ivl.model.presets import PRESETS, demo_tokenizer_path, preset_config
 from ivl.model.presets import tokens_per_tile_of as _tokens_per_tile_of
 
 PRESET_PREFIX = "preset:"
+# InternVL3.5 ships each size in four training stages (InternVL3_5-8B-Pretrained / -Instruct / -MPO / final).
+STAGE_SUFFIXES = ("-Pretrained", "-Instruct", "-MPO")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -197,15 +199,18 @@ def load_model_config(config: ModelConfig):
 
 def model_config_of(model: ModelConfig) -> InternVLConfig:
     """The `InternVLConfig` of `model.name_or_path` without downloading: zoo hub ids (OpenGVLab/InternVL3-8B-hf,
-    InternVL2_5-8B, ...) are matched to `ivl.model.presets.ZOO`; presets and local checkpoints are read as training
-    reads them; anything else asks the hub for its config.json only."""
+    InternVL2_5-8B, InternVL3_5-8B-Instruct-HF, ...) are matched to `ivl.model.presets.ZOO`; presets and local
+    checkpoints are read as training reads them; anything else asks the hub for its config.json only."""
     from ivl.model.presets import ZOO
 
     def key(name: str) -> str:
         return "".join(char for char in name.lower() if char.isalnum())
 
     zoo = {key(name): name for name in ZOO}
-    hub_name = key(model.name_or_path.rsplit("/", 1)[-1].removesuffix("-hf").removesuffix("-HF"))
+    hub_name = model.name_or_path.rsplit("/", 1)[-1].removesuffix("-hf").removesuffix("-HF")
+    for stage in STAGE_SUFFIXES:  # a release's training stages share its shapes
+        hub_name = hub_name.removesuffix(stage)
+    hub_name = key(hub_name)
     if hub_name in zoo and not model.name_or_path.startswith("preset:"):
         return preset_config(zoo[hub_name])
     return load_model_config(model)

@@ -287,6 +287,22 @@ def llm_routers(model: nn.Module) -> list[nn.Module]:
     return routers
 
 
+def llm_expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The fused expert weights of every MoE decoder layer (not the router, not biases); empty for a dense LLM."""
+    experts = LLM_EXPERT_TARGETS.get(llm_family(model), {})
+    found = []
+    for layer in model_parts(model).llm_layers:
+        for target in DEFAULT_EXPERT_TARGETS:
+            module_path, _, parameter = experts.get(target, "").rpartition(".")
+            try:
+                module = layer.get_submodule(module_path) if module_path else None
+            except AttributeError:
+                continue
+            if module is not None and isinstance(getattr(module, parameter, None), nn.Parameter):
+                found.append(getattr(module, parameter))
+    return found
+
+
 def _check_llm_choice(model: nn.Module, targets: tuple[str, ...], layers: tuple[int, ...]) -> None:
     known = (*llm_lora_targets(model), *llm_expert_targets(model))
     unknown = sorted(set(targets) - set(known))
