@@ -57,6 +57,7 @@ from ivl.model.checkpoint import (
     save_training_checkpoint,
 )
 from ivl.model.load import load_model, resolve_dtype
+from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_logits_caught
 from ivl.model.quantize import keep_training_layout
 from ivl.recipe import recipe_main
 from ivl.runtime import (
@@ -122,6 +123,7 @@ class Run:
     dtype: torch.dtype
     metrics: MetricsLog
     info: dict[str, Any]
+    router_losses: list[torch.Tensor] = field(default_factory=list)  # this step's load-balancing losses (MoE LLM)
 
 
 def _checked_pairs(path: str, builder: SampleBuilder, accelerator: Accelerator, seed: int) -> PairDataset:
@@ -214,7 +216,8 @@ def forward_loss(run: Run, batch: dict[str, Any], shift: float, pairs_per_proces
     inputs = model_inputs(batch, run.accelerator.device, run.dtype)
     labels = inputs.pop("labels")
     pairs = len(batch["indices"])
-    policy = pair_logps(run.model, inputs, labels)  # [2B]: chosen rows, then rejected rows
+    with router_logits_caught(run.model, enabled=run.info["modes"]["llm"] != "frozen") as router_logits:
+        policy = pair_logps(run.model, inputs, labels)  # [2B]: chosen rows, then rejected rows
     if run.reference_logps is not None:
         ref = run.reference_logps[torch.tensor(batch["indices"], device=labels.device)].T.flatten()
     else:
@@ -230,6 +233,10 @@ def forward_loss(run: Run, batch: dict[str, Any], shift: float, pairs_per_proces
                              reward_shift=shift)  # fmt: skip
     metrics["loss"] = loss.detach()
     sums = torch.stack([metrics[name] * pairs for name in METRICS] + [metrics["reward_sum"], metrics["reward_count"]])
+    if router_logits:  # a mixture-of-experts LLM that trains: its routers' load-balancing loss, as in SFT
+        aux = load_balancing_loss(run.model, router_logits, inputs.get("attention_mask"))
+        run.router_losses.append(aux.detach())
+        return loss * scale + router_aux_coefficient(run.model) * aux / run.config.loop.grad_accum, sums
     return loss * scale, sums
 
 
@@ -260,6 +267,9 @@ def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift) -
     run.optimizer.zero_grad(set_to_none=True)
     sums = accelerator.reduce(sums.double(), "sum")
     step_metrics = {name: (sums[i] / global_pairs.clamp(min=1)).item() for i, name in enumerate(METRICS)}
+    if run.router_losses:
+        step_metrics["router_aux_loss"] = accelerator.reduce(torch.stack(run.router_losses).mean(), "mean").item()
+        run.router_losses.clear()
     if run.config.mpo.reward_shift:
         shift.update(sums[-2].item(), sums[-1].item())
     return step_metrics
@@ -301,6 +311,9 @@ def train(run: Run) -> dict[str, Any]:
             last = {"step": step, **means, "reward_shift": shift.mean, "lr": run.scheduler.get_last_lr()[0],
                     "tokens_per_second": tokens * accelerator.num_processes / seconds,
                     "skipped_rows": state["skipped_rows"]}  # fmt: skip
+            router = [m["router_aux_loss"] for m in window_metrics if "router_aux_loss" in m]
+            if router:  # mixture-of-experts LLM: the load-balancing loss (unweighted), mean of the window
+                last["router_aux_loss"] = sum(router) / len(router)
             run.metrics.write(last)
             progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards_accuracy']:.2f}",
                                  margin=f"{last['rewards_margin']:.3f}")  # fmt: skip

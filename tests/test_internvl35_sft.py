@@ -136,3 +136,22 @@ def test_load_balancing_loss_is_the_switch_formula_and_reaches_the_expert_lora(c
     assert not any(
         p.requires_grad for name, p in model.named_parameters() if name.endswith(("gate.weight", "router.weight"))
     )
+
+
+def test_mpo_on_a_moe_checkpoint_trains_the_experts_and_logs_the_load_balancing_loss(checkpoints, tmp_path):
+    from ivl.demo.preference import write_preference_split
+    from ivl.finetune.mpo import MPOConfig, run_mpo
+
+    write_preference_split(tmp_path / "pairs", "train", 8, 112, 112)
+    run_mpo(load_config(MPOConfig, None, [
+        f"model.name_or_path={checkpoints['tiny-qwen3-moe']}",
+        f"data.train={tmp_path / 'pairs' / 'train_preference.jsonl'}",
+        "data.max_tiles=1", "data.use_thumbnail=false", "model.dtype=float32", "adapter.dropout=0", "optim.lr=5e-3",
+        "optim.warmup_ratio=0", "loop.max_steps=2", "loop.log_every=1", "loop.num_workers=0", "loop.batch_size=4",
+        f"loop.output_dir={tmp_path / 'run'}",
+    ]))  # fmt: skip
+    steps = [row for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "rewards_accuracy" in row]  # fmt: skip
+    assert [row["step"] for row in steps] == [1, 2] and all(row["router_aux_loss"] > 0 for row in steps)
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert any(".experts." in key and "lora_B" in key and adapter[key].abs().sum() > 0 for key in adapter)
