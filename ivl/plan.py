@@ -210,7 +210,6 @@ def _moe_items(config, text, moe, model, tokens: int, act_bytes: int, trains: bo
     return items, 2 * moe["active"] * hidden * act_bytes
 
 
-
 def _llm_items(config, model_config, model, work: Workload, act_bytes: int, device: Device) -> dict[str, float]:
     """LLM activations (saved for backward), the backward pass's working set, logits and loss buffers."""
     from ivl.losses import LOGITS_CHUNK_ELEMENTS
@@ -320,11 +319,8 @@ def _load_sft(path: str | None, overrides: list[str]):
 
 
 def _load_mpo(path: str | None, overrides: list[str]):
-    try:
-        from ivl.finetune.mpo import MPOConfig
-    except ImportError as error:
-        raise ConfigError(f"{path}: an MPO config (`mpo:` section), but this kit has no MPO recipe") from error
     from ivl.config import load_config
+    from ivl.finetune.mpo import MPOConfig
 
     return load_config(MPOConfig, path, _with_train(path, overrides))
 

@@ -61,8 +61,8 @@ def test_lora_trains_merges_and_reloads_with_plain_transformers(shapes, checkpoi
     assert bool(expert_b) == moe and all(adapter[key].abs().sum() > 0 for key in expert_b)
     assert all(("router_aux_loss" in row) == moe for row in metrics)
     assert all(row["router_aux_loss"] > 0 for row in metrics if moe)
-    adapter_model, _, _ = load_trained(result["output"])
-    merge_adapter(result["output"], tmp_path / "merged")
+    adapter_model, _, _ = load_trained(result.output)
+    merge_adapter(result.output, tmp_path / "merged")
     merged = InternVLForConditionalGeneration.from_pretrained(tmp_path / "merged")
     assert merged.config.text_config.model_type == adapter_model.config.text_config.model_type
     base, _ = load_model(ModelConfig(name_or_path=str(checkpoints[preset]), dtype="float32"))
