@@ -148,3 +148,16 @@ def test_image_token_comes_from_the_checkpoint_and_a_mismatched_tokenizer_is_ref
     assert preset_config("internvl3-8b").image_token_id == 151667
     with pytest.raises(ConfigError, match="<IMG_CONTEXT> is id 525 but the model's config says image_token_id 151671"):
         SampleBuilder(load_demo_tokenizer(), preset_config("internvl3.5-8b"), DataConfig())
+
+
+def test_internvl35_hub_ids_of_every_stage_are_known_offline():
+    from ivl.model.load import model_config_of
+
+    stages = {
+        "InternVL3_5-30B-A3B-Instruct-HF": "qwen3_moe",
+        "InternVL3_5-8B-MPO-HF": "qwen3",
+        "InternVL3_5-2B-HF": "qwen3",
+    }
+    for hub_id, family in stages.items():
+        config = model_config_of(ModelConfig(name_or_path=f"OpenGVLab/{hub_id}"))
+        assert config.text_config.model_type == family and config.image_token_id == 151671
