@@ -154,3 +154,12 @@ def test_data_check_counts_the_rows_that_think(tmp_path, capsys):
     assert cli_main(["data", "check", str(data), "--json", "data.template=internvl3_5"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rows_ok"] == 3 and report["rows_thinking"] == 2
+
+
+def test_templates_without_a_thinking_mode_train_reasoning_rows_as_written(tokenizer):
+    messages = [QUESTION, {"role": "assistant", "content": REASONED}]
+    template = NAMED_TEMPLATES["internvl2_5"]
+    ids, labels = _tokenize(tokenizer, template, messages)
+    expected, text = _reference_ids(tokenizer, messages, template.jinja)
+    assert ids.tolist() == expected and THINKING_SYSTEM_PROMPT not in text
+    assert _supervised_text(tokenizer, ids, labels) == [REASONED + "<|im_end|>"]

@@ -190,6 +190,9 @@ class ConversationTokenizer:
         self.tokens_per_tile = tokens_per_tile
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         self.end_token = template.end_token or tokenizer.eos_token
+        # A template with a thinking mode (InternVL3.5's, Qwen3-style ones) knows the think block; others do not, and
+        # their rows are trained as written, without the thinking system prompt.
+        self.thinking_mode = THINK_END in (template.jinja or tokenizer.chat_template or "")
         if not tokenizer.is_fast:
             raise ValueError("a fast tokenizer is required (offsets are used to find the assistant spans)")
 
@@ -258,12 +261,12 @@ class ConversationTokenizer:
         return input_ids
 
     def _marked(self, conversation: Conversation) -> list[dict[str, str]]:
-        """The messages with image markers; a conversation whose answers reason and that has no system turn gets the
-        thinking system prompt, which is what switches thinking on."""
+        """The messages with image markers; under a thinking-mode template, a conversation whose answers reason and
+        that has no system turn gets the thinking system prompt, which is what switches thinking on."""
         num_frames = len(conversation.video_frames)
         messages = [{"role": m["role"], "content": _with_markers(m["content"], num_frames)}
                     for m in conversation.messages]  # fmt: skip
-        if thinks(messages) and messages[0]["role"] != "system":
+        if thinks(messages) and self.thinking_mode and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": THINKING_SYSTEM_PROMPT})
         return messages
 
