@@ -107,8 +107,9 @@ def _lora(model, init: bool = True):
     return get_peft_model(model, config)
 
 
-def test_expert_lora_on_4bit_experts_gets_gradients_and_trains(tokenizer):
-    model = _model(tokenizer)
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_expert_lora_on_4bit_experts_gets_gradients_and_trains(tokenizer, family):
+    model = _model(tokenizer, family)
     quantize_experts(model, torch.float32)
     peft_model = _lora(model).train()
     expert_lora = {name: p for name, p in peft_model.named_parameters() if "experts" in name and "lora_" in name}
@@ -126,9 +127,11 @@ def test_expert_lora_on_4bit_experts_gets_gradients_and_trains(tokenizer):
     assert all(not torch.equal(p, before[name]) for name, p in expert_lora.items())
 
 
-def test_qlora_load_stores_moe_experts_in_4bit_and_merge_folds_expert_lora(tmp_path, tokenizer):
-    save_checkpoint(_model(tokenizer), tokenizer, tmp_path / "base")
-    base = ModelConfig(name_or_path=str(tmp_path / "base"), dtype="float32")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_qlora_load_stores_moe_experts_in_4bit_and_merge_folds_expert_lora(tmp_path, tokenizer, family):
+    save_checkpoint(_model(tokenizer, family), tokenizer, tmp_path / "base")
+    # GPT-OSS's attention sinks need the eager implementation.
+    base = ModelConfig(name_or_path=str(tmp_path / "base"), dtype="float32", attn_implementation="eager")
     model, _ = load_model(base, quantize_llm=True)
     assert all(isinstance(experts, Experts4bit) for experts in _experts(model))
     assert type(model.model.language_model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
