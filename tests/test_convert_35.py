@@ -17,7 +17,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from ivl.model.convert import convert_checkpoint, load_original_model, save_model_as_original
 from ivl.model.convert_config import ORIGINAL_CONFIG_KEY
-from ivl.model.load import save_checkpoint
+from ivl.model.load import ModelLoadError, save_checkpoint
 from ivl.model.presets import load_demo_tokenizer, preset_config
 
 LLM = dict(hidden=64, heads=4, kv_heads=2, head_dim=16, mlp=128, experts=4, expert_mlp=32, layers=2, vocab=576)
@@ -235,3 +235,14 @@ def test_tied_embeddings_stay_tied_through_the_original_layout(tmp_path, tokeniz
     with torch.no_grad():
         expected = reference(**_batch(reference)).logits
         torch.testing.assert_close(loaded(**_batch(loaded)).logits, expected, rtol=0, atol=0)
+
+
+def test_mxfp4_gpt_oss_experts_are_refused_with_the_fix(tmp_path, tokenizer):
+    state = write_original_35(tmp_path / "orig", "gpt_oss", tokenizer)
+    name = "language_model.model.layers.0.mlp.experts.gate_up_proj"
+    state[name + "_blocks"] = torch.zeros(4, 64, 2, 16, dtype=torch.uint8)  # gpt-oss's own MXFP4 layout
+    state[name + "_scales"] = torch.zeros(4, 64, 2, dtype=torch.uint8)
+    del state[name]
+    save_file(state, tmp_path / "orig" / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"gate_up_proj_blocks: MXFP4-quantised experts.*dequantise"):
+        convert_checkpoint(tmp_path / "orig", tmp_path / "hf", to="hf")

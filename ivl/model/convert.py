@@ -243,6 +243,11 @@ def plan_conversion(keys: list[str], rules: list[Rule], to: Format, family: str)
     present, seen, groups = set(keys), set(), []
     for key in keys:
         found = next(((match, rule) for pattern, rule in matchers if (match := pattern.match(key))), None)
+        if found is None and key.endswith(("_blocks", "_scales")):
+            raise ModelLoadError(
+                f"{key}: MXFP4-quantised experts (gpt-oss's release format); dequantise them first, e.g. load with "
+                "transformers' Mxfp4Config(dequantize=True) and save_pretrained"
+            )
         if found is None:
             layout = "original" if to == "hf" else "HF-native"
             raise ModelLoadError(f"{key}: not a parameter of a {layout} InternVL with a {family} LLM")
