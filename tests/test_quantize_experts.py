@@ -75,6 +75,10 @@ def test_4bit_experts_are_small_and_compute_what_their_dequantised_weights_compu
     weight_bytes = sum(_resident_bytes(e) - sum(p.nbytes for n, p in e.named_parameters() if "bias" in n)
                        for e in quantized)  # fmt: skip
     assert weight_bytes <= 0.3 * bf16_bytes, (weight_bytes, bf16_bytes)  # measured: 0.26x
+    moved = quantized[0].to(torch.float64)  # a cast keeps the zero stacks one element, the NF4 as is
+    assert moved.gate_up_proj.dtype == torch.float64 and moved.gate_up_proj.untyped_storage().nbytes() == 8
+    assert moved.gate_up_proj_nf4.packed.dtype == torch.uint8
+    moved.to(torch.float32)
     with torch.no_grad():
         expected = reference(**_batch(reference)).logits
         got = model(**_batch(model)).logits
