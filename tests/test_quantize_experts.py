@@ -13,12 +13,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from test_convert_35 import _batch, _tiny_35_config
 from transformers import InternVLForConditionalGeneration
 
+from ivl.finetune.dry_run import NF4_BITS_PER_VALUE
 from ivl.model.adapters import merge_adapter
 from ivl.model.checkpoint import TRAINING_INFO
 from ivl.model.load import ModelConfig, load_model, save_checkpoint
 from ivl.model.presets import load_demo_tokenizer
 from ivl.model.quantize import dequantized, keep_training_layout
-from ivl.model.quantize_experts import Experts4bit, quantize_experts
+from ivl.model.quantize_experts import Experts4bit, expert_weights, quantize_experts
 
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -75,6 +76,8 @@ def test_4bit_experts_are_small_and_compute_what_their_dequantised_weights_compu
     weight_bytes = sum(_resident_bytes(e) - sum(p.nbytes for n, p in e.named_parameters() if "bias" in n)
                        for e in quantized)  # fmt: skip
     assert weight_bytes <= 0.3 * bf16_bytes, (weight_bytes, bf16_bytes)  # measured: 0.26x
+    # What the planner counts for them (dry run, `ivl plan`): NF4's bits per value, within 1% of the measured bytes.
+    assert weight_bytes / bf16_bytes == pytest.approx(NF4_BITS_PER_VALUE / 16, rel=0.01)
     moved = quantized[0].to(torch.float64)  # a cast keeps the zero stacks one element, the NF4 as is
     assert moved.gate_up_proj.dtype == torch.float64 and moved.gate_up_proj.untyped_storage().nbytes() == 8
     assert moved.gate_up_proj_nf4.packed.dtype == torch.uint8
@@ -86,6 +89,18 @@ def test_4bit_experts_are_small_and_compute_what_their_dequantised_weights_compu
         # The test tells 4-bit from dense: the unquantised weights give other logits.
         dense = _model(tokenizer, family)
         assert (dense(**_batch(dense)).logits - expected).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family, count", [("qwen3_moe", 4), ("gpt_oss", 4), ("qwen3", 0)])
+def test_planning_finds_the_expert_stacks_on_the_meta_device(tokenizer, family, count):
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(_tiny_35_config(tokenizer, family))
+    weights = expert_weights(model)
+    assert len(weights) == count and all(weight.dim() == 3 and weight.is_meta for weight in weights)
+    experts = _experts(model) if count else []
+    assert {id(weight) for weight in weights} == {id(e.gate_up_proj) for e in experts} | {
+        id(e.down_proj) for e in experts
+    }
 
 
 def test_only_routed_experts_are_dequantised(tokenizer, monkeypatch):
