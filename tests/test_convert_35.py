@@ -246,3 +246,15 @@ def test_mxfp4_gpt_oss_experts_are_refused_with_the_fix(tmp_path, tokenizer):
     save_file(state, tmp_path / "orig" / "model.safetensors")
     with pytest.raises(ModelLoadError, match=r"gate_up_proj_blocks: MXFP4-quantised experts.*dequantise"):
         convert_checkpoint(tmp_path / "orig", tmp_path / "hf", to="hf")
+
+
+def test_in_memory_tied_model_is_written_tied(tmp_path, tokenizer):
+    """`ivl merge --format original` of a tied model: the original says tied and holds the matrix once."""
+    model = InternVLForConditionalGeneration(_tiny_35_config(tokenizer, "qwen3", tied=True)).eval()
+    save_model_as_original(model, tokenizer, tmp_path / "orig")
+    assert json.loads((tmp_path / "orig" / "config.json").read_text())["llm_config"]["tie_word_embeddings"] is True
+    assert "language_model.lm_head.weight" not in _files(tmp_path / "orig")
+    loaded = load_original_model(tmp_path / "orig", torch.float32)
+    assert loaded.lm_head.weight is loaded.model.language_model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**_batch(loaded)).logits, model(**_batch(model)).logits, rtol=0, atol=0)
