@@ -21,7 +21,6 @@ from ivl.model.adapters import apply_trainability, trainable_report
 from ivl.model.load import load_model_config, resolve_dtype
 from ivl.model.partial_lora import partial_lora_of
 from ivl.model.parts import PARTS, llm_layer_index, model_parts, part_of
-from ivl.model.quantize_experts import expert_weights
 
 GIB = 2**30
 # NF4 with double quantisation: 4-bit values, one 8-bit absmax per 64 values, one fp32 scale per 256 absmaxes.
@@ -36,15 +35,13 @@ ACTIVATIONS_NOTE = (
 def meta_model(config: SFTConfig, model_config: Any, dtype: torch.dtype) -> tuple[nn.Module, set[int]]:
     """The configured model (`model_config`, in `dtype`) on the meta device, its trainability applied; also the ids
     of the parameters a QLoRA run would hold in NF4 (the LLM's linear weights, as `ivl.model.quantize` leaves ViT,
-    projector and lm_head, and the fused MoE expert stacks, `ivl.model.quantize_experts`). `ivl plan` counts its
-    parameters through this too."""
+    projector and lm_head). `ivl plan` counts its parameters through this too."""
     with torch.device("meta"):
         model = InternVLForConditionalGeneration(model_config).to(dtype)
     quantized = set()
     if config.adapter.qlora:
         llm = model_parts(model).llm
         quantized = {id(module.weight) for module in llm.modules() if isinstance(module, nn.Linear)}
-        quantized |= {id(weight) for weight in expert_weights(llm)}
     model = apply_trainability(model, config.modes(), config.vision, config.adapter)
     return model, quantized
 

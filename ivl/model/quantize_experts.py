@@ -180,12 +180,6 @@ def _replace(model: nn.Module, build) -> int:
     return replaced
 
 
-def expert_weights(model: nn.Module) -> list[Tensor]:
-    """The fused expert weight stacks `quantize_experts` stores in NF4 (works on the meta device: for planning)."""
-    classes = _expert_classes()
-    return [getattr(m, name) for m in model.modules() if type(m) in classes for name in WEIGHTS]
-
-
 def quantize_experts(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """Store the weights of every fused-experts module of `model` in NF4, in place; returns how many were replaced.
     Each module's dense weights are freed as soon as it is quantised."""
