@@ -299,7 +299,9 @@ def merge_adapter(
     info = read_training_info(adapter_dir)
     model, _ = load_model(_recorded_base(adapter_dir, info, base), quantize_llm=bool(info.get("qlora")))
     if info.get("qlora"):
-        model = model.dequantize()  # transformers swaps each 4-bit linear for a plain one with the dequantised weight
+        from ivl.model.quantize import dequantized
+
+        model = dequantized(model)  # 4-bit linear layers and MoE experts, dequantised
     with peft_wrap_quietly():
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)))
