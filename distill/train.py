@@ -56,6 +56,7 @@ from ivl.runtime import (
     progress_bar,
     start_trackers,
 )
+from ivl.update import finish_step
 
 
 @dataclass
@@ -199,8 +200,9 @@ def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     return per_tile.sum() / (loop.batch_size * loop.grad_accum)
 
 
-def optimizer_step(run: Run, window: list[dict[str, Any]]) -> torch.Tensor:
-    """Forward + backward over the step's micro-batches and one optimizer update; returns the step's loss."""
+def optimizer_step(run: Run, window: list[dict[str, Any]], step: int) -> torch.Tensor | None:
+    """Forward + backward over the step's micro-batches and one optimizer update (step number `step`); returns the
+    step's loss, or None when the step was not finite and skipped (loop.on_nonfinite=skip)."""
     accelerator, model = run.accelerator, run.model
     step_loss = torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(window):
@@ -209,13 +211,12 @@ def optimizer_step(run: Run, window: list[dict[str, Any]]) -> torch.Tensor:
             loss = forward_loss(run, batch)
             accelerator.backward(loss)
         step_loss += loss.detach()
-    if run.config.optim.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), run.config.optim.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
     # DDP averages gradients over processes; the logged loss is averaged the same way.
-    return accelerator.reduce(step_loss, "sum") / accelerator.num_processes
+    step_loss = accelerator.reduce(step_loss, "sum") / accelerator.num_processes
+    sources = [run.train_set.source(int(index)) for batch in window for index in batch["index"]]
+    applied = finish_step(accelerator, model, run.optimizer, run.scheduler, step_loss, run.config.optim.max_grad_norm,
+                          run.config.loop.on_nonfinite, step, sources)  # fmt: skip
+    return step_loss if applied else None
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
@@ -233,7 +234,7 @@ def train(run: Run) -> dict[str, Any]:
     loop, accelerator = run.config.loop, run.accelerator
     layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
               "seed": loop.seed, "train_tiles": len(run.train_set), "mode": run.config.mode}  # fmt: skip
-    state = {"step": 0, "micro_batches": 0}
+    state = {"step": 0, "micro_batches": 0, "nonfinite_steps": 0}
     resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
                                accelerator.num_processes, start=state["micro_batches"])  # fmt: skip
@@ -251,23 +252,30 @@ def train(run: Run) -> dict[str, Any]:
         window = [next(batches) for _ in range(loop.grad_accum)]
         state["micro_batches"] += len(window)
         tiles += sum(len(batch["pixels"]) for batch in window)
-        losses.append(optimizer_step(run, window))
+        loss = optimizer_step(run, window, state["step"] + 1)
+        if loss is None:
+            state["nonfinite_steps"] += 1
+        else:
+            losses.append(loss)
         state["step"] += 1
         step = state["step"]
         saving = bool(loop.save_every) and step % loop.save_every == 0
         # A checkpoint closes the logging window too, so a resumed run logs the same windows as an uninterrupted one.
         if step % loop.log_every == 0 or step == run.total_steps or saving:
             seconds = time.perf_counter() - clock
-            last = {"step": step, "loss": torch.stack(losses).mean().item(), "lr": run.scheduler.get_last_lr()[0],
+            last = {"step": step, "lr": run.scheduler.get_last_lr()[0], "nonfinite_steps": state["nonfinite_steps"],
                     "tiles_per_second": tiles * accelerator.num_processes / seconds}  # fmt: skip
+            if losses:  # none when every step of the window was skipped (loop.on_nonfinite=skip)
+                last["loss"] = torch.stack(losses).mean().item()
+                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
             run.metrics.write(last)
-            progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
             losses, tiles, clock = [], 0, time.perf_counter()
         if loop.eval_every and step % loop.eval_every == 0 and step < run.total_steps:
             last.update(evaluate(run, step))
         if saving:
             save_training_checkpoint(loop.output_dir, step, accelerator, run.model, run.optimizer, run.scheduler,
-                                     {**layout, "micro_batches": state["micro_batches"]}, loop.keep_last)  # fmt: skip
+                                     {**layout, "micro_batches": state["micro_batches"],
+                                      "nonfinite_steps": state["nonfinite_steps"]}, loop.keep_last)  # fmt: skip
         progress.update(1)
     progress.close()
     last.update(evaluate(run, state["step"]))

@@ -69,6 +69,7 @@ from ivl.runtime import (
     start_trackers,
 )
 from ivl.training import TrainConfig, checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
+from ivl.update import finish_step
 
 METRICS = ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
 
@@ -233,9 +234,10 @@ def forward_loss(run: Run, batch: dict[str, Any], shift: float, pairs_per_proces
     return loss * scale, sums
 
 
-def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift) -> dict[str, float]:
-    """Forward + backward over the step's micro-batches, one optimizer update, one reward-shift update; returns the
-    step's metrics (pair-weighted means over all processes)."""
+def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift, step: int) -> dict[str, float] | None:
+    """Forward + backward over the step's micro-batches, one optimizer update, one reward-shift update (step number
+    `step`); returns the step's metrics (pair-weighted means over all processes), or None when the step was not
+    finite and skipped (loop.on_nonfinite=skip: neither the weights nor the reward shift take it)."""
     accelerator, model = run.accelerator, run.model
     kept = [b for b in window if b["input_ids"] is not None]
     local_pairs = sum(len(b["indices"]) for b in kept)
@@ -253,13 +255,12 @@ def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift) -
                 loss, batch_sums = forward_loss(run, batch, shift.mean, pairs_per_process, tokens_per_process)
             accelerator.backward(loss)
         sums += batch_sums.float()
-    if run.config.optim.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), run.config.optim.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
     sums = accelerator.reduce(sums.double(), "sum")
     step_metrics = {name: (sums[i] / global_pairs.clamp(min=1)).item() for i, name in enumerate(METRICS)}
+    sources = [location for batch in kept for location in batch["locations"]]
+    if not finish_step(accelerator, model, run.optimizer, run.scheduler, torch.tensor(step_metrics["loss"]),
+                       run.config.optim.max_grad_norm, run.config.loop.on_nonfinite, step, sources):  # fmt: skip
+        return None
     if run.config.mpo.reward_shift:
         shift.update(sums[-2].item(), sums[-1].item())
     return step_metrics
@@ -270,7 +271,7 @@ def train(run: Run) -> dict[str, Any]:
     loop, accelerator = run.config.loop, run.accelerator
     layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
               "seed": loop.seed, "train_samples": len(run.train_set), "recipe": "mpo"}  # fmt: skip
-    state = {"step": 0, "micro_batches": 0, "skipped_rows": run.train_set.num_left_out}
+    state = {"step": 0, "micro_batches": 0, "skipped_rows": run.train_set.num_left_out, "nonfinite_steps": 0}
     resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
     shift = RewardShift.from_state(state)
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
@@ -290,20 +291,27 @@ def train(run: Run) -> dict[str, Any]:
         state["micro_batches"] += len(window)
         state["skipped_rows"] += sum(batch["num_skipped"] for batch in window)
         tokens += sum(int(b["attention_mask"].sum()) for b in window if b["input_ids"] is not None)
-        window_metrics.append(optimizer_step(run, window, shift))
+        step_metrics = optimizer_step(run, window, shift, state["step"] + 1)
+        if step_metrics is None:
+            state["nonfinite_steps"] += 1
+        else:
+            window_metrics.append(step_metrics)
         state["step"] += 1
         step = state["step"]
         saving = bool(loop.save_every) and step % loop.save_every == 0
         # A checkpoint closes the logging window too, so a resumed run logs the same windows as an uninterrupted one.
         if step % loop.log_every == 0 or step == run.total_steps or saving:
             seconds = time.perf_counter() - clock
-            means = {name: sum(m[name] for m in window_metrics) / len(window_metrics) for name in METRICS}
+            # A window whose every step was skipped (loop.on_nonfinite=skip) logs no loss.
+            means = {name: sum(m[name] for m in window_metrics) / len(window_metrics)
+                     for name in METRICS if window_metrics}  # fmt: skip
             last = {"step": step, **means, "reward_shift": shift.mean, "lr": run.scheduler.get_last_lr()[0],
                     "tokens_per_second": tokens * accelerator.num_processes / seconds,
-                    "skipped_rows": state["skipped_rows"]}  # fmt: skip
+                    "skipped_rows": state["skipped_rows"], "nonfinite_steps": state["nonfinite_steps"]}  # fmt: skip
             run.metrics.write(last)
-            progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards_accuracy']:.2f}",
-                                 margin=f"{last['rewards_margin']:.3f}")  # fmt: skip
+            if means:
+                progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards_accuracy']:.2f}",
+                                     margin=f"{last['rewards_margin']:.3f}")  # fmt: skip
             window_metrics, tokens, clock = [], 0, time.perf_counter()
         if loop.eval_every and step % loop.eval_every == 0 and step < run.total_steps:
             last.update(evaluate(run, step))

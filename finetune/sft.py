@@ -60,6 +60,7 @@ from ivl.runtime import (
     start_trackers,
 )
 from ivl.training import TrainConfig, checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
+from ivl.update import finish_step
 
 
 @dataclass
@@ -146,8 +147,9 @@ def forward_loss(run: Run, batch: dict[str, Any], denominator: torch.Tensor) -> 
     return weighted_nll(logps, weights[supervised.rows, supervised.cols], denominator)
 
 
-def optimizer_step(run: Run, window: list[dict[str, Any]]) -> torch.Tensor:
-    """Forward + backward over the step's micro-batches and one optimizer update; returns the step's loss."""
+def optimizer_step(run: Run, window: list[dict[str, Any]], step: int) -> torch.Tensor | None:
+    """Forward + backward over the step's micro-batches and one optimizer update (step number `step`); returns the
+    step's loss, or None when the step was not finite and skipped (loop.on_nonfinite=skip)."""
     accelerator, model, reduction = run.accelerator, run.model, run.config.loss.reduction
     batches = [b for b in window if b["input_ids"] is not None]
     local_weight = sum(float(target_weights(b["labels"], b["sample_tokens"], reduction).sum()) for b in batches)
@@ -162,12 +164,11 @@ def optimizer_step(run: Run, window: list[dict[str, Any]]) -> torch.Tensor:
                 loss = forward_loss(run, batch, denominator)
             accelerator.backward(loss)
         step_loss += loss.detach()
-    if run.config.optim.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), run.config.optim.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return accelerator.reduce(step_loss, "sum") / accelerator.num_processes
+    step_loss = accelerator.reduce(step_loss, "sum") / accelerator.num_processes
+    sources = [location for batch in batches for location in batch["locations"]]
+    applied = finish_step(accelerator, model, run.optimizer, run.scheduler, step_loss, run.config.optim.max_grad_norm,
+                          run.config.loop.on_nonfinite, step, sources)  # fmt: skip
+    return step_loss if applied else None
 
 
 def training_batches(run: Run, state: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -192,7 +193,8 @@ def train(run: Run) -> dict[str, Any]:
     layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
               "seed": loop.seed, "adapter_kind": run.config.adapter.kind, "packing": run.config.data.packing,
               "train_samples": None if run.config.data.streaming else len(run.train_set)}  # fmt: skip
-    state = {"step": 0, "micro_batches": 0, "skipped_rows": getattr(run.train_set, "num_left_out", 0)}
+    state = {"step": 0, "micro_batches": 0, "skipped_rows": getattr(run.train_set, "num_left_out", 0),
+             "nonfinite_steps": 0}  # fmt: skip
     resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
     batches = training_batches(run, state)  # draws the workers' base seed from the global RNG: before restoring it
     if resume_from is not None:
@@ -207,7 +209,11 @@ def train(run: Run) -> dict[str, Any]:
         state["micro_batches"] += len(window)
         state["skipped_rows"] += sum(batch["num_skipped"] for batch in window)
         tokens += sum(int(b["attention_mask"].sum()) for b in window if b["input_ids"] is not None)
-        losses.append(optimizer_step(run, window))
+        loss = optimizer_step(run, window, state["step"] + 1)
+        if loss is None:
+            state["nonfinite_steps"] += 1
+        else:
+            losses.append(loss)
         state["step"] += 1
         step = state["step"]
         saving = bool(loop.save_every) and step % loop.save_every == 0
@@ -216,14 +222,18 @@ def train(run: Run) -> dict[str, Any]:
             seconds = time.perf_counter() - clock
             last = {
                 "step": step,
-                "loss": torch.stack(losses).mean().item(),
                 "lr": run.scheduler.get_last_lr()[0],
                 "tokens_per_second": tokens * accelerator.num_processes / seconds,
                 "skipped_rows": state["skipped_rows"],
+                "nonfinite_steps": state["nonfinite_steps"],
             }
+            if losses:  # none when every step of the window was skipped (loop.on_nonfinite=skip)
+                last["loss"] = torch.stack(losses).mean().item()
             run.metrics.write(last)
             progress.set_postfix(
-                loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_second']:.0f}"
+                loss=f"{last.get('loss', math.nan):.4f}",
+                lr=f"{last['lr']:.2e}",
+                tok_s=f"{last['tokens_per_second']:.0f}",
             )
             losses, tokens, clock = [], 0, time.perf_counter()
         if loop.eval_every and step % loop.eval_every == 0 and step < run.total_steps:

@@ -35,8 +35,8 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # 0 turns clipping off
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr must be a finite positive number, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -63,6 +63,8 @@ class LoopConfig:
     keep_last: int = 2  # resumable checkpoints kept
     resume: str = "auto"  # auto: from the newest checkpoint in output_dir if any | never | a checkpoint directory
     num_workers: int = 2  # DataLoader worker processes building samples
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a step whose loss / gradient norm is inf or NaN: stop the run
+    # there (nothing of it is saved), or skip that update and go on (counted as `nonfinite_steps` in the metrics)
     report_to: list[str] = field(default_factory=list)  # Accelerate trackers: tensorboard, wandb, ...
 
     def validate(self) -> None:
