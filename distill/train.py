@@ -43,7 +43,9 @@ from ivl.model.checkpoint import (
     resume_point,
     save_training_checkpoint,
 )
+from ivl.model.integrity import run_record, weights_fingerprint
 from ivl.model.load import resolve_dtype
+from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.runtime import (
     LoopConfig,
@@ -105,6 +107,7 @@ class TeacherSide:
     make_targets: Any  # (layers, dataset) -> TeacherTargets | CachedTargets
     train_set: TileDataset | CachedTiles
     validation_set: TileDataset | CachedTiles | None
+    teacher: nn.Module | None  # online only
 
 
 def tile_datasets(data: DistillDataConfig, tile_size: int) -> tuple[TileDataset, TileDataset | None]:
@@ -125,11 +128,12 @@ def teacher_side(config: DistillConfig, device: torch.device, tile_size: int) ->
         manifest = train_set.manifest
         return TeacherSide(manifest["teacher_num_layers"], manifest["teacher_width"], manifest["image_size"],
                            lambda layers, dataset: CachedTargets(dataset.pca, layers, device),
-                           train_set, validation_set)  # fmt: skip
+                           train_set, validation_set, None)  # fmt: skip
     teacher = load_teacher(config.teacher, device)
     train_set, validation_set = tile_datasets(config.data, tile_size)
     return TeacherSide(teacher.config.num_hidden_layers, teacher.config.hidden_size, image_size_of(teacher.config),
-                       lambda layers, dataset: TeacherTargets(teacher, layers), train_set, validation_set)  # fmt: skip
+                       lambda layers, dataset: TeacherTargets(teacher, layers), train_set, validation_set,
+                       teacher)  # fmt: skip
 
 
 def check_cache(config: DistillConfig, side: TeacherSide, teacher_layers: list[int]) -> None:
@@ -163,6 +167,8 @@ def setup(config: DistillConfig) -> Run:
         count = min(config.student.calibration_tiles, len(side.train_set))
         calibration = torch.stack([side.train_set[i]["pixels"] for i in range(count)])
     student, init_report = build_student(config.student, calibration)
+    # What a resume must find unchanged besides the config: the student's starting weights and the online teacher.
+    base_fingerprint = weights_fingerprint([student] + ([side.teacher] if side.teacher is not None else []))
     if config.student.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if "cosine_to_clip" in init_report:
@@ -181,7 +187,8 @@ def setup(config: DistillConfig) -> Run:
     # The scheduler stays outside `prepare`: Accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     info = {"recipe": "distill", "mode": config.mode, "teacher": to_dict(config.teacher), "layer_pairs": pairs,
-            "student_preset": config.student.preset, "init": init_report, "loss": to_dict(config.loss)}  # fmt: skip
+            "student_preset": config.student.preset, "init": init_report, "loss": to_dict(config.loss),
+            "base_fingerprint": base_fingerprint}  # fmt: skip
     metrics = MetricsLog(Path(loop.output_dir) / "metrics.jsonl", accelerator)
     start_trackers(accelerator, "ivl-distill", to_dict(config))
     validation_targets = side.make_targets(teacher_layers, side.validation_set) if side.validation_set else None
@@ -235,7 +242,8 @@ def train(run: Run) -> dict[str, Any]:
     layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
               "seed": loop.seed, "train_tiles": len(run.train_set), "mode": run.config.mode}  # fmt: skip
     state = {"step": 0, "micro_batches": 0, "nonfinite_steps": 0}
-    resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
+    record = run_record(to_dict(run.config), run.info["base_fingerprint"])
+    resume_from = resume_point(loop.resume, loop.output_dir, state, layout, record, accelerator.print)
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
                                accelerator.num_processes, start=state["micro_batches"])  # fmt: skip
     loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers, collate_fn=collate)
@@ -274,8 +282,8 @@ def train(run: Run) -> dict[str, Any]:
             last.update(evaluate(run, step))
         if saving:
             save_training_checkpoint(loop.output_dir, step, accelerator, run.model, run.optimizer, run.scheduler,
-                                     {**layout, "micro_batches": state["micro_batches"],
-                                      "nonfinite_steps": state["nonfinite_steps"]}, loop.keep_last)  # fmt: skip
+                                     {**layout, **{k: v for k, v in state.items() if k != "step"}},
+                                     loop.keep_last)  # fmt: skip
         progress.update(1)
     progress.close()
     last.update(evaluate(run, state["step"]))
@@ -294,10 +302,11 @@ def save(run: Run) -> Path:
 
 
 def run_distill(config: DistillConfig) -> dict[str, Any]:
-    run = setup(config)
-    metrics = train(run)
-    out_dir = save(run)
-    end_training(run.accelerator)
+    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
+        run = setup(config)
+        metrics = train(run)
+        out_dir = save(run)
+        end_training(run.accelerator)
     return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, "init": run.info["init"],
             **metrics}  # fmt: skip
 

@@ -56,8 +56,10 @@ from ivl.model.checkpoint import (
     resume_point,
     save_training_checkpoint,
 )
+from ivl.model.integrity import run_record, weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.quantize import keep_training_layout
+from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.runtime import (
     MetricsLog,
@@ -144,6 +146,7 @@ def _build_model(config: MPOConfig, accelerator: Accelerator) -> tuple[nn.Module
         info.update({k: v for k, v in read_training_info(config.mpo.init_adapter).items() if k != "base_model"})
         info["recipe"] = "mpo"
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=bool(info["qlora"]))
+    info["base_fingerprint"] = weights_fingerprint([model])  # of the base as loaded, before any adapter or update
     if info["qlora"]:
         keep_training_layout(model)
     enable_gradient_checkpointing(model, config)
@@ -272,7 +275,8 @@ def train(run: Run) -> dict[str, Any]:
     layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
               "seed": loop.seed, "train_samples": len(run.train_set), "recipe": "mpo"}  # fmt: skip
     state = {"step": 0, "micro_batches": 0, "skipped_rows": run.train_set.num_left_out, "nonfinite_steps": 0}
-    resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
+    record = run_record(to_dict(run.config), run.info["base_fingerprint"])
+    resume_from = resume_point(loop.resume, loop.output_dir, state, layout, record, accelerator.print)
     shift = RewardShift.from_state(state)
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
                                accelerator.num_processes, start=state["micro_batches"])  # fmt: skip
@@ -326,10 +330,11 @@ def train(run: Run) -> dict[str, Any]:
 
 
 def run_mpo(config: MPOConfig) -> dict[str, Any]:
-    run = setup(config)
-    metrics = train(run)
-    out_dir = save(run, "MPO")
-    end_training(run.accelerator)
+    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
+        run = setup(config)
+        metrics = train(run)
+        out_dir = save(run, "MPO")
+        end_training(run.accelerator)
     return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, **metrics}
 
 

@@ -44,10 +44,12 @@ from ivl.model.checkpoint import (
     resume_point,
     save_training_checkpoint,
 )
+from ivl.model.integrity import run_record, weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.packed_attention import check_packing_support
 from ivl.model.parts import layer_class_names
 from ivl.model.quantize import keep_training_layout
+from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.runtime import (
     MetricsLog,
@@ -99,6 +101,7 @@ def setup(config: SFTConfig) -> Run:
             "of forward passes over the sharded model); drop it and run `ivl eval CONFIG --adapter OUTPUT/adapter`"
         )
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=config.adapter.qlora)
+    base_fingerprint = weights_fingerprint([model])  # of the base as loaded, before any adapter or update
     if config.adapter.qlora:
         keep_training_layout(model)  # mid-run evaluation must not repack the 4-bit weights for CPU inference
     enable_gradient_checkpointing(model, config)
@@ -131,6 +134,7 @@ def setup(config: SFTConfig) -> Run:
         "adapter_kind": config.adapter.kind,
         "modes": modes,
         "data": {k: v for k, v in to_dict(config.data).items() if k not in ("train", "validation")},
+        "base_fingerprint": base_fingerprint,
     }
     metrics = MetricsLog(Path(loop.output_dir) / "metrics.jsonl", accelerator)
     start_trackers(accelerator, "ivl-sft", to_dict(config))
@@ -195,7 +199,8 @@ def train(run: Run) -> dict[str, Any]:
               "train_samples": None if run.config.data.streaming else len(run.train_set)}  # fmt: skip
     state = {"step": 0, "micro_batches": 0, "skipped_rows": getattr(run.train_set, "num_left_out", 0),
              "nonfinite_steps": 0}  # fmt: skip
-    resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
+    record = run_record(to_dict(run.config), run.info["base_fingerprint"])
+    resume_from = resume_point(loop.resume, loop.output_dir, state, layout, record, accelerator.print)
     batches = training_batches(run, state)  # draws the workers' base seed from the global RNG: before restoring it
     if resume_from is not None:
         load_training_checkpoint(resume_from, accelerator, run.model, run.optimizer, run.scheduler)
@@ -251,10 +256,11 @@ def train(run: Run) -> dict[str, Any]:
 
 
 def run_sft(config: SFTConfig) -> dict[str, Any]:
-    run = setup(config)
-    metrics = train(run)
-    out_dir = save(run)
-    end_training(run.accelerator)
+    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
+        run = setup(config)
+        metrics = train(run)
+        out_dir = save(run)
+        end_training(run.accelerator)
     return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, **metrics}
 
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ivl.config import ConfigError
+from ivl.outputs import temporary_path, write_error
 
 
 @dataclass
@@ -61,7 +62,9 @@ class LoopConfig:
     max_new_tokens: int = 16
     save_every: int = 0  # optimizer steps; 0: only the final adapter / model
     keep_last: int = 2  # resumable checkpoints kept
-    resume: str = "auto"  # auto: from the newest checkpoint in output_dir if any | never | a checkpoint directory
+    # auto: from the newest good checkpoint in output_dir, if any, when it is of the same run (config, base weights)
+    # | force: that checkpoint even if the config or base changed | never | a checkpoint directory
+    resume: str = "auto"
     num_workers: int = 2  # DataLoader worker processes building samples
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a step whose loss / gradient norm is inf or NaN: stop the run
     # there (nothing of it is saved), or skip that update and go on (counted as `nonfinite_steps` in the metrics)
@@ -205,8 +208,11 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise write_error(self.path, error) from error
         if self.accelerator.log_with:
             step = record.get("step")
             values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -216,13 +222,31 @@ class MetricsLog:
         """Drop records past `step` (a resumed run rewrites them), so the file reads as one uninterrupted run."""
         if not self.accelerator.is_main_process or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [json.dumps(record) for record in read_metrics(self.path) if record.get("step", 0) <= step]
+        tmp = temporary_path(self.path)
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise write_error(self.path, error) from error
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A line that does not parse (the last one, cut short when a run was killed
+    mid-write) is left out."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def progress_bar(accelerator: Accelerator, total: int, initial: int, description: str) -> tqdm:
