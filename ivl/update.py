@@ -38,8 +38,11 @@ def finish_step(
     """Clip (max_grad_norm 0: no clipping, the norm is still measured), check, update the weights and the schedule.
     `loss` is the step's global loss, `step` the step's number (1-based), `sources` this process's rows of the step.
     Returns whether the update was applied; raises `DivergenceError` under on_nonfinite=stop."""
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf))
-    loss_value = float(loss)
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2 with every gradient on one mesh: a replicated DTensor
+        norm = norm.full_tensor()
+    # One device -> host copy for both numbers: the step's only synchronisation point added by this check.
+    loss_value, grad_norm = torch.stack([loss.detach().float().reshape(()), norm.float().to(loss.device)]).tolist()
     # Under fp16 loss scaling, inf gradients are routine: the scaler skips that update and lowers the scale itself,
     # and it must see every `optimizer.step()` to do so. Only a non-finite loss is divergence there.
     scaled = accelerator.scaler is not None

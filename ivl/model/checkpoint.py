@@ -120,7 +120,11 @@ def save_training_checkpoint(
         _write_files(tmp, {}, final, manifest=True)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears complete or not at all
-        for old in list_checkpoints(output_dir)[:-keep_last]:
+        # Checkpoints past this step belong to a continuation this run abandoned (it resumed from an earlier one
+        # because they were unusable): they go first, so keep_last never drops a good checkpoint to keep them.
+        found = list_checkpoints(output_dir)
+        later = found[found.index(final) + 1 :]
+        for old in later + found[: found.index(final) + 1][:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
