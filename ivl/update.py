@@ -12,6 +12,7 @@ norm is computed over the all-reduced (or FSDP2-sharded) gradients, so every pro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,11 +34,12 @@ def finish_step(
     max_grad_norm: float,
     on_nonfinite: str,
     step: int,
-    sources: list[str],
-) -> bool:
+    sources: Callable[[], list[str]],
+) -> tuple[bool, torch.Tensor]:
     """Clip (max_grad_norm 0: no clipping, the norm is still measured), check, update the weights and the schedule.
-    `loss` is the step's global loss, `step` the step's number (1-based), `sources` this process's rows of the step.
-    Returns whether the update was applied; raises `DivergenceError` under on_nonfinite=stop."""
+    `loss` is the step's global loss, `step` the step's number (1-based), `sources()` this process's rows of the step
+    (asked for only when the step is refused). Returns whether the update was applied and the gradient norm before
+    clipping; raises `DivergenceError` under on_nonfinite=stop."""
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP2 with every gradient on one mesh: a replicated DTensor
         norm = norm.full_tensor()
@@ -52,7 +54,7 @@ def finish_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if not finite and on_nonfinite == "stop":
-        rows = [row for rows in gather_object([sources]) for row in rows]
+        rows = [row for rows in gather_object([sources()]) for row in rows]
         more = len(rows) - MAX_NAMED_ROWS
         named = ", ".join(rows[:MAX_NAMED_ROWS]) + (f" and {more} more" if more > 0 else "")
         raise DivergenceError(
@@ -60,4 +62,4 @@ def finish_step(
             "the run stopped before this update, so no weights, checkpoint or export of it were written. Lower "
             "optim.lr (or check those rows), or set loop.on_nonfinite=skip to skip isolated bad steps"
         )
-    return finite
+    return finite, norm
