@@ -29,7 +29,8 @@ from torch import nn
 from ivl.config import to_dict
 from ivl.model.checkpoint import load_training_checkpoint, resume_point, save_training_checkpoint
 from ivl.model.integrity import run_record
-from ivl.runtime import LoopConfig, MetricsLog, OptimConfig, progress_bar
+from ivl.options import LoopConfig, OptimConfig
+from ivl.runtime import MetricsLog, progress_bar
 from ivl.update import finish_step
 
 Batch = dict[str, Any]
