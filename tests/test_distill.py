@@ -2,10 +2,7 @@
 recipe online / offline / resumed, the feature cache, evaluation and export."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,6 +30,7 @@ from ivl.model.convert import convert_checkpoint
 from ivl.model.load import ModelConfig, load_model, save_checkpoint
 from ivl.model.parts import model_parts, part_of
 from ivl.runtime import read_metrics
+from tests.helpers import torchrun
 
 TILE = 112
 
@@ -261,12 +259,8 @@ def test_ddp_accumulation_and_checkpointing_give_the_same_losses(tmp_path):
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     common = [*distill_args(tmp_path), "data.validation=", "loop.max_steps=4"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29527"]
-    command = [*torchrun, "-m", "ivl.distill.train", str(config), *common, "loop.batch_size=4",
-               f"loop.output_dir={tmp_path / 'ddp'}"]  # fmt: skip
-    completed = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                               timeout=300)  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    torchrun("-m", "ivl.distill.train", str(config), *common, "loop.batch_size=4",
+             f"loop.output_dir={tmp_path / 'ddp'}")  # fmt: skip
     run_distill(load_config(DistillConfig, None, [*common, f"loop.output_dir={tmp_path / 'one'}"]))
     run_distill(load_config(DistillConfig, None, [*common, "loop.batch_size=4", "loop.grad_accum=2",
                                                   "student.gradient_checkpointing=true",

@@ -2,10 +2,7 @@
 preference data, and the recipe end to end on a tiny model."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -34,6 +31,7 @@ from ivl.model.adapters import AdapterConfig, PartConfig, VisionPartConfig, appl
 from ivl.model.checkpoint import load_trainable_state_dict
 from ivl.model.load import ModelConfig, load_model, load_model_config, load_tokenizer
 from ivl.model.parts import model_parts
+from tests.helpers import torchrun
 
 
 def _trl_mpo_loss(policy_tokens, ref_chosen, ref_rejected, completion_mask, beta):
@@ -355,12 +353,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pairs, tmp_p
               "loop.max_steps=2", "loop.log_every=1", "loop.save_every=2", "loop.num_workers=0"]  # fmt: skip
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
-    command = [*torchrun, "-m", "ivl.finetune.mpo", str(config), *common, "loop.batch_size=2",
-               f"loop.output_dir={tmp_path / 'ddp'}"]  # fmt: skip
-    completed = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                               timeout=300)  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    torchrun("-m", "ivl.finetune.mpo", str(config), *common, "loop.batch_size=2", f"loop.output_dir={tmp_path / 'ddp'}")
     run_mpo(load_config(MPOConfig, None, [*common, "loop.batch_size=4", f"loop.output_dir={tmp_path / 'one'}"]))
     one, ddp = (_records(tmp_path / name) for name in ("one", "ddp"))
     assert len(one) == 2 and one[1]["rewards_margin"] != 0

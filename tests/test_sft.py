@@ -1,10 +1,7 @@
 """The SFT recipe end to end on a tiny model: trainability per part, resume, merge, eval, bad data."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from ivl.model.adapters import load_trained, merge_adapter
 from ivl.model.checkpoint import CheckpointError
 from ivl.model.load import ModelConfig, load_model
 from ivl.model.parts import model_parts, part_of
+from tests.helpers import tiny_run, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -27,22 +25,6 @@ pytestmark = pytest.mark.slow
 def sft_config(shapes, out, *overrides):
     base = [*tiny_run(shapes), f"data.validation={shapes / 'validation.jsonl'}", "loop.batch_size=4"]
     return load_config(SFTConfig, None, [*base, f"loop.output_dir={out}", *overrides])
-
-
-def tiny_run(shapes):
-    """Overrides for a deterministic 4-step fp32 run on the shapes train split."""
-    return [
-        f"data.train={shapes / 'train.jsonl'}",
-        "data.max_tiles=1",
-        "data.use_thumbnail=false",
-        "model.dtype=float32",
-        "adapter.dropout=0",
-        "optim.lr=5e-3",
-        "optim.warmup_ratio=0",
-        "loop.max_steps=4",
-        "loop.log_every=1",
-        "loop.num_workers=0",
-    ]
 
 
 def base_state():
@@ -217,19 +199,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(shapes, tmp_
     common = [*tiny_run(shapes), f"loss.reduction={reduction}"]
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    command = [
-        *torchrun,
-        "-m",
-        "ivl.finetune.sft",
-        str(config),
-        *common,
-        "loop.batch_size=2",
-        f"loop.output_dir={tmp_path / 'ddp'}",
-    ]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    torchrun("-m", "ivl.finetune.sft", str(config), *common, "loop.batch_size=2", f"loop.output_dir={tmp_path / 'ddp'}")
     run_sft(load_config(SFTConfig, None, [*common, "loop.batch_size=4", f"loop.output_dir={tmp_path / 'one'}"]))
     run_sft(
         load_config(
