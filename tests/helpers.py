@@ -21,7 +21,9 @@ def tiny_run(shapes):
     ]
 
 
-def torchrun(*arguments: str, processes: int = 2, environment: dict[str, str] | None = None) -> None:
+def torchrun(
+    *arguments: str, processes: int = 2, environment: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`torchrun --standalone` with `processes` CPU workers: its rendezvous binds a port the system picks, so runs never
     collide with each other or with whatever else holds a port (a fixed --master_port failed with EADDRINUSE)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
@@ -29,3 +31,4 @@ def torchrun(*arguments: str, processes: int = 2, environment: dict[str, str] | 
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(environment or {})}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
