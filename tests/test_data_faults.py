@@ -204,3 +204,20 @@ def test_plain_jsonl_images_resolve_against_its_folder_or_data_image_root(tmp_pa
     meta.write_text(json.dumps({"a": {"annotation": "ann/train.jsonl", "root": "pictures"}}))
     with pytest.raises(ValueError, match="data.image_root applies to a plain jsonl"):
         load_records(meta, image_root=root)
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_think_tags_are_control_tokens_only_when_the_tokenizer_marks_them_special(special):
+    # Qwen3 / InternVL3.5 tokenizers add <think> and </think> as tokens that are NOT special: reasoning rows write
+    # them in the reply's text, so they must pass; a tokenizer that marks them special makes them control tokens.
+    from tokenizers import AddedToken
+
+    tokenizer = load_demo_tokenizer()
+    tokenizer.add_tokens([AddedToken(tag, special=special) for tag in ("<think>", "</think>")], special_tokens=special)
+    thinking = SampleBuilder(tokenizer, preset_config("tiny-112", tokenizer), DataConfig())
+    row = {"conversations": qa("Q", "<think>\nTwo circles.\n</think>\n\nTwo.")}
+    if special:
+        with pytest.raises(SampleError, match="</think>, <think>: control tokens"):
+            thinking.build(record(row))
+    else:
+        assert thinking.build(record(row))["input_ids"].numel() > 0

@@ -11,9 +11,8 @@ skips the float expansion (which dominated its time). The model only ever sees n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from ivl.config import ConfigError
 from ivl.data.chat import (
     IGNORE_INDEX,
-    TEMPLATE_CHOICES,
+    IMG_CONTEXT,
     Conversation,
     ConversationTokenizer,
     SampleError,
@@ -34,7 +33,6 @@ from ivl.data.chat import (
 from ivl.data.filters import repetition_flags
 from ivl.data.records import Record, iter_records, repeat_records, sources_for, to_conversation
 from ivl.image import (
-    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageError,
@@ -48,58 +46,7 @@ from ivl.image import (
     to_rgb,
 )
 from ivl.model.load import tile_size, tokens_per_tile
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how samples are built from it."""
-
-    train: str | None = None  # InternVL jsonl, meta .json, or HF dataset (saved dir, data file, or hub id)
-    validation: str | None = None
-    # Folder that relative image / video paths of a plain jsonl or dataset (no meta file) resolve against, for
-    # data.train and data.validation; None: the data file's own folder. A meta file sets `root` per dataset instead.
-    image_root: str | None = None
-    template: str = "auto"  # auto | tokenizer | internvl2_5 | internlm2-chat | Hermes-2 | phi3-chat
-    max_length: int = 4096  # tokens after image expansion; longer samples are bad rows, never truncated
-    min_tiles: int = 1
-    max_tiles: int = 6  # InternVL's max_dynamic_patch; a meta file entry's max_dynamic_patch overrides it
-    use_thumbnail: bool = True
-    jpeg_augment: bool | None = None  # None: as each meta entry's data_augment says
-    num_video_frames: int = 8
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    on_error: Literal["fail", "skip"] = "fail"
-    drop_repetitive: bool = False  # treat samples flagged by the repetition filters (SPEC 7) as bad rows
-    streaming: bool = False  # read the data as a stream (no full download; needs packing); see StreamingSource
-    seed: int = 0
-    # Packing (SPEC 6, ivl/data/packing.py): several samples per sequence, each attending only to itself.
-    packing: bool = False
-    pack_max_tokens: int = 8192  # L_max: tokens per packed sequence (a longer sample is split between images)
-    pack_max_tiles: int = 48  # T_max: image tiles per packed sequence (not data.max_tiles, which is per image)
-    pack_buffer_size: int = 64  # unfinished packs kept while searching for the longest sample that fits
-
-    def validate(self) -> None:
-        if self.template not in TEMPLATE_CHOICES:
-            raise ConfigError(f"template: {self.template!r} is not one of {', '.join(TEMPLATE_CHOICES)}")
-        if not 1 <= self.min_tiles <= self.max_tiles:
-            raise ConfigError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles} and {self.max_tiles}")
-        if self.max_length < 16:
-            raise ConfigError(f"max_length: {self.max_length} is too short for any chat sample")
-        if not 1 <= self.num_video_frames <= 64:
-            raise ConfigError("num_video_frames: use 8-32 frames as InternVL does")
-        if self.packing:
-            self._validate_packing()
-
-    def _validate_packing(self) -> None:
-        image_tiles = self.max_tiles + (1 if self.use_thumbnail and self.max_tiles > 1 else 0)
-        if self.pack_max_tiles < image_tiles:
-            raise ConfigError(
-                f"pack_max_tiles: {self.pack_max_tiles} cannot hold one image of max_tiles {self.max_tiles}"
-                f"{' + thumbnail' if image_tiles > self.max_tiles else ''} ({image_tiles} tiles): raise it"
-            )
-        if self.pack_max_tokens < 16:
-            raise ConfigError(f"pack_max_tokens: {self.pack_max_tokens} is too short for any chat sample")
-        if self.pack_buffer_size < 1:
-            raise ConfigError(f"pack_buffer_size: {self.pack_buffer_size} must be >= 1")
+from ivl.options import DataConfig
 
 
 class SampleBuilder:
@@ -112,6 +59,14 @@ class SampleBuilder:
         self.tokenize = ConversationTokenizer(
             tokenizer, resolve_template(data.template, tokenizer), self.tokens_per_tile
         )
+        # The image token is whatever the checkpoint says (InternVL3: 151667, InternVL3.5: 151671): tokenizer and
+        # model config must agree, or the image features would land nowhere.
+        model_token = getattr(model_config, "image_token_id", None)
+        if model_token is not None and model_token != self.tokenize.image_token_id:
+            raise ConfigError(
+                f"model.tokenizer: its {IMG_CONTEXT} is id {self.tokenize.image_token_id} but the model's config says "
+                f"image_token_id {model_token}; use the checkpoint's own tokenizer"
+            )
 
     def conversation(self, record: Record) -> Conversation:
         conversation = to_conversation(record)
@@ -143,14 +98,15 @@ class SampleBuilder:
         self._check_length(input_ids, labels)
         return {"input_ids": input_ids, "labels": labels, "tiles": tiles, "num_tiles": num_tiles}
 
-    def build_prompt(self, record: Record) -> dict[str, Any]:
+    def build_prompt(self, record: Record, thinking: bool | None = None) -> dict[str, Any]:
         """A generation prompt from a record: its conversation up to the last assistant reply, which becomes the
-        `reference` answer (empty if the record has none). No augmentation."""
+        `reference` answer (empty if the record has none). No augmentation. `thinking`: see
+        `ConversationTokenizer.prompt`."""
         conversation = self.conversation(record)
         last = conversation.messages[-1] if conversation.messages else None
         reference = last["content"] if last and last["role"] == "assistant" else ""
         tiles, num_tiles = self._tiles(record, conversation, None, augment=False)
-        input_ids = self.tokenize.prompt(conversation, num_tiles)
+        input_ids = self.tokenize.prompt(conversation, num_tiles, thinking)
         return {"input_ids": input_ids, "tiles": tiles, "num_tiles": num_tiles, "reference": reference}
 
     def _tiles(
@@ -186,11 +142,12 @@ class SampleBuilder:
         """`build` as datasets call it: augmentation seeded by (seed, index), so it is reproducible across workers and
         resumes; a bad row raises with its `file:line`, or gives None under `on_error: skip`."""
         try:
-            return self.build(record, np.random.default_rng([self.data.seed, index]))
+            sample = self.build(record, np.random.default_rng([self.data.seed, index]))
         except (SampleError, ImageError) as error:
             if self.data.on_error == "skip":
                 return None
             raise SampleError(f"{record.location}: {error}") from error
+        return {**sample, "location": record.location}  # `file:line`, to name the rows of a diverging step
 
     def measure(self, record: Record) -> dict[str, Any]:
         """Token and tile counts of a sample, decoding every image once (to catch unreadable files) but not tiling."""
@@ -243,7 +200,8 @@ class SFTDataset(Dataset):
 
 def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str, Any]:
     """Right-pad a batch: input_ids / labels / attention_mask [B, T]; sample_tokens [B, T] each row's supervised-target
-    count (0 on padding; the loss weights 1/x^p read it); tiles uint8 [sum of tiles, 3, S, S] or None."""
+    count (0 on padding; the loss weights 1/x^p read it); tiles uint8 [sum of tiles, 3, S, S] or None; locations the
+    rows' `file:line`."""
     kept = [sample for sample in samples if sample is not None]
     if not kept:
         return {"num_skipped": len(samples), "input_ids": None}
@@ -267,6 +225,7 @@ def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str
         "tiles": torch.cat(tiles) if tiles else None,
         "num_tiles": [sample["num_tiles"] for sample in kept],
         "num_skipped": len(samples) - len(kept),
+        "locations": [sample.get("location", "?") for sample in kept],
     }
 
 

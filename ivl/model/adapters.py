@@ -4,8 +4,11 @@
     model = apply_trainability(model, modes, vision, adapter)   # a PeftModel when any part uses LoRA
 
 LoRA parts get PEFT LoRA layers on the linear layers `parts.lora_target_regex` names for that part and LLM family
-(`adapter.llm_targets` / `adapter.llm_layers` narrow the LLM's). `adapter.kind: partial_lora` makes the LLM's LoRA
-update apply at image-token positions only (`ivl.model.partial_lora`); such an adapter cannot be merged.
+(`adapter.llm_targets` / `adapter.llm_layers` narrow the LLM's); a mixture-of-experts LLM also gets LoRA on its fused
+expert weights (PEFT `target_parameters`, `parts.lora_target_parameters`), its router only when named.
+`adapter.kind: partial_lora` makes the LLM's LoRA update apply at image-token positions only
+(`ivl.model.partial_lora`); such an adapter cannot be merged, and leaves the experts out (their LoRA changes the fused
+weights, which no token mask can limit).
 Fully trained parts (and `vision.unfreeze_last_layers`) become PEFT `modules_to_save` when any part uses LoRA, so
 `PeftModel.from_pretrained(base, adapter_dir)` restores everything that trained; without LoRA nothing is wrapped and
 the whole model is saved. Trainable parameters are kept in fp32 (master weights) even when the frozen base is bf16 or
@@ -14,7 +17,9 @@ the whole model is saved. Trainable parameters are kept in fp32 (master weights)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +41,8 @@ from ivl.model.partial_lora import (
 from ivl.model.parts import (
     PARTS,
     Part,
+    llm_lora_targets,
+    lora_target_parameters,
     lora_target_regex,
     model_parts,
     part_modules,
@@ -44,10 +51,8 @@ from ivl.model.parts import (
     vision_depth,
     vision_layer_module,
 )
-
-Mode = Literal["frozen", "lora", "full"]
-AdapterKind = Literal["lora", "partial_lora"]
-Stage = Literal["none", "stage1", "stage1.5", "stage2", "stage2-lora"]
+from ivl.model.processor import save_processor
+from ivl.options import AdapterConfig, Mode, PartConfig, VisionPartConfig
 
 # SPEC 8: stage 1 aligns the projector, stage 1.5 adds the ViT, stage 2 trains everything (or LoRA on the LLM).
 STAGES: dict[str, dict[Part, Mode]] = {
@@ -60,62 +65,15 @@ STAGES: dict[str, dict[Part, Mode]] = {
 DEFAULT_MODES: dict[Part, Mode] = STAGES["stage2-lora"]
 
 
-@dataclass
-class PartConfig:
-    """How one model part trains. `mode` unset: as the stage says (or the default LoRA recipe)."""
-
-    mode: Mode | None = None
-    lr: float | None = None  # None: optim.lr
-    gradient_checkpointing: bool = False  # recompute this part's activations in the backward pass
-
-    def validate(self) -> None:
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-
-
-@dataclass
-class VisionPartConfig(PartConfig):
-    unfreeze_last_layers: int = 0  # with mode frozen: train the last N ViT layers fully
-    # Layer-wise LR decay (InternLM-XComposer2): ViT layer i of L (1-based) trains at lr * decay^(L - i), the
-    # embeddings at lr * decay^L, anything after the last layer at lr. 1.0: off; XComposer2 used 0.9.
-    lr_layer_decay: float = 1.0
-
-    def validate(self) -> None:
-        super().validate()
-        if self.unfreeze_last_layers < 0:
-            raise ConfigError("vision.unfreeze_last_layers must be >= 0")
-        if not 0 < self.lr_layer_decay <= 1:
-            raise ConfigError(f"vision.lr_layer_decay must be in (0, 1] (1 turns it off), got {self.lr_layer_decay}")
-
-
-@dataclass
-class AdapterConfig:
-    """LoRA settings shared by every LoRA part (SPEC 8: r 16 for domain SFT up to 128, alpha = 2r).
-
-    `kind: partial_lora` (InternLM-XComposer2, which used r 256): the LLM's LoRA update only at image-token
-    positions, so text goes through the frozen LLM unchanged; ViT / projector LoRA stays ordinary.
-    """
-
-    kind: AdapterKind = "lora"
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    use_dora: bool = False
-    use_rslora: bool = False
-    qlora: bool = False  # the LLM in 4-bit NF4 (double quantisation) via bitsandbytes; ViT and projector unquantised
-    llm_targets: list[str] = field(default_factory=list)  # LLM linear layers to adapt; empty: the family's full set
-    llm_layers: list[int] = field(default_factory=list)  # LLM decoder layers (0-based) to adapt; empty: all
-
-    def validate(self) -> None:
-        if self.r < 1 or self.alpha < 1:
-            raise ConfigError(f"adapter.r and adapter.alpha must be >= 1, got {self.r} and {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
-        if self.kind == "partial_lora" and self.use_dora:
-            raise ConfigError(
-                "adapter.use_dora: DoRA rescales the whole weight matrix, so it cannot be limited to image tokens; "
-                "drop use_dora or use adapter.kind=lora"
-            )
+@contextmanager
+def peft_wrap_quietly() -> Iterator[None]:
+    """PEFT (0.21 and before) reads `model.is_gradient_checkpointing` when it wraps a model; transformers 5 renamed
+    that property `is_activation_checkpointing` and warns (FutureWarning) on every read of the old name, so every
+    adapter load and training run printed the warning. Both names give the same value: only that one warning is
+    silenced, and only while PEFT wraps a model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def resolve_modes(stage: str, vision: PartConfig, projector: PartConfig, llm: PartConfig) -> dict[Part, Mode]:
@@ -174,16 +132,34 @@ def apply_trainability(
     lora_parts = tuple(part for part in PARTS if modes[part] == "lora")
     model.requires_grad_(False)
     if lora_parts:
+        targets, layers = tuple(adapter.llm_targets), tuple(adapter.llm_layers)
+        parameters = lora_target_parameters(model, targets, layers) if modes["llm"] == "lora" else []
+        if parameters and (adapter.kind == "partial_lora" or adapter.use_dora):
+            if targets:  # asked for explicitly: refuse; by default: the experts are left out
+                named = sorted(set(targets) - set(llm_lora_targets(model)))
+                raise ConfigError(
+                    f"adapter.llm_targets: expert / router LoRA is a change of the fused weights, so it can be neither "
+                    f"limited to image tokens nor DoRA-rescaled; drop {named}"
+                )
+            parameters = []
+        if parameters and adapter.dropout:
+            raise ConfigError(
+                f"adapter.dropout={adapter.dropout}: PEFT's LoRA on the fused expert weights of this "
+                "mixture-of-experts LLM has no dropout; set adapter.dropout=0 (or leave the experts out with "
+                "adapter.llm_targets)"
+            )
         config = LoraConfig(
             r=adapter.r,
             lora_alpha=adapter.alpha,
             lora_dropout=adapter.dropout,
             use_dora=adapter.use_dora,
             use_rslora=adapter.use_rslora,
-            target_modules=lora_target_regex(model, lora_parts, tuple(adapter.llm_targets), tuple(adapter.llm_layers)),
+            target_modules=lora_target_regex(model, lora_parts, targets, layers) or [],
+            target_parameters=parameters or None,
             modules_to_save=full_modules or None,
         )
-        model = get_peft_model(model, config)
+        with peft_wrap_quietly():
+            model = get_peft_model(model, config)
         if adapter.kind == "partial_lora":
             attach_partial_lora(model, unwrap(model).config.image_token_id)
     else:
@@ -298,7 +274,8 @@ def load_adapter_onto(model: nn.Module, adapter_dir: str | Path, base_name: str,
     """`PeftModel.from_pretrained`, with a base of other shapes refused in one line that names the base the adapter
     was trained on (PEFT's own error lists every mismatched tensor)."""
     try:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+        with peft_wrap_quietly():
+            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     except RuntimeError as error:
         mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), None)
         if mismatch is None:
@@ -323,9 +300,11 @@ def merge_adapter(
     out_dir: str | Path,
     base: ModelConfig | None = None,
     out_format: Literal["hf", "original"] = "hf",
-) -> Path:
-    """Fold a LoRA adapter (and its modules_to_save) into its base and write an HF-native checkpoint, or an original
-    InternVLChatModel one (`out_format="original"`, see `ivl.model.convert`).
+) -> tuple[Path, list[str]]:
+    """Fold a LoRA adapter (and its modules_to_save) into its base and write an HF-native checkpoint with the
+    processor files (`ivl.model.processor`), or an original InternVLChatModel one (`out_format="original"`, see
+    `ivl.model.convert`) with the base's remote code when the base is an original checkpoint. Returns the directory
+    and notes for the user (what the output still lacks).
 
     A QLoRA adapter trained against the 4-bit base, so it is merged into that base's dequantised weights (the
     weights it actually saw), not into the original high-precision ones. A partial-LoRA adapter is refused
@@ -337,14 +316,20 @@ def merge_adapter(
     if read_marker(adapter_dir) is not None:
         raise PartialLoraMergeError(f"{adapter_dir}: {NOT_MERGEABLE}")
     info = read_training_info(adapter_dir)
-    base = _recorded_base(adapter_dir, info, base)
-    model, _ = load_model(base, quantize_llm=bool(info.get("qlora")))
+    base_config = _recorded_base(adapter_dir, info, base)
+    model, _ = load_model(base_config, quantize_llm=bool(info.get("qlora")))
     if info.get("qlora"):
-        model = model.dequantize()  # transformers swaps each 4-bit linear for a plain one with the dequantised weight
-    merged = load_adapter_onto(model, adapter_dir, base.name_or_path).merge_and_unload()
+        from ivl.model.quantize import dequantized
+
+        model = dequantized(model)  # 4-bit linear layers and MoE experts, dequantised
+    merged = load_adapter_onto(model, adapter_dir, base_config.name_or_path).merge_and_unload()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)))
     if out_format == "original":
-        from ivl.model.convert import save_model_as_original
+        from ivl.model.convert import is_original_checkpoint, remote_code_notes, save_model_as_original
 
-        return save_model_as_original(merged, tokenizer, out_dir)
-    return save_checkpoint(merged, tokenizer, out_dir)
+        out = save_model_as_original(merged, tokenizer, out_dir)
+        base_dir = Path(base_config.name_or_path)
+        return out, remote_code_notes(out, base_dir if base_dir.is_dir() and is_original_checkpoint(base_dir) else None)
+    out = save_checkpoint(merged, tokenizer, out_dir)
+    save_processor(out, base_config, merged.config, info.get("data"))
+    return out, []
