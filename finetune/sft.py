@@ -49,7 +49,9 @@ from ivl.runtime import (
     build_optimizer,
     build_scheduler,
     end_training,
+    find_unused_parameters_needed,
     make_accelerator,
+    set_find_unused_parameters,
     shard_per_layer,
     start_trackers,
 )
@@ -109,6 +111,8 @@ def setup(config: SFTConfig) -> Run:
     total_steps = count_steps(loop, None if config.data.streaming else train_set, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     shard_per_layer(accelerator, layer_class_names(model))
+    text_only = config.data.streaming or train_set.text_only_rows > 0  # a stream is not read ahead: it may have some
+    set_find_unused_parameters(accelerator, find_unused_parameters_needed(model, text_only))
     # The scheduler stays outside `prepare`: Accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     info = {
