@@ -32,7 +32,7 @@ from ivl.data.samples import SampleBuilder, SFTDataset, collate
 from ivl.evaluate import batch_logps
 from ivl.finetune.options import SFTConfig
 from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
-from ivl.losses import target_weights, weighted_nll
+from ivl.losses import supervised_weights, target_weights, to_device, weighted_nll
 from ivl.model.adapters import (
     apply_trainability,
     format_report,
@@ -136,9 +136,10 @@ def forward_loss(run: Run, batch: dict[str, Any], denominator: torch.Tensor) -> 
     if batch["input_ids"] is None:  # every row skipped: a zero loss that still touches every trainable weight (DDP)
         return sum(p.sum() for p in run.model.parameters() if p.requires_grad) * 0.0
     with router_logits_caught(run.model, enabled=run.info["modes"]["llm"] != "frozen") as router_logits:
-        supervised, logps, labels = batch_logps(run.model, batch, run.accelerator.device, run.dtype)
-    weights = target_weights(labels, batch["sample_tokens"].to(labels.device), run.config.loss.reduction)
-    loss = weighted_nll(logps, weights[supervised.rows, supervised.cols], denominator)
+        _, logps = batch_logps(run.model, batch, run.accelerator.device, run.dtype)
+    # Weights from the collated (CPU) labels, in the order of the supervised positions: nothing here waits for the GPU.
+    weights = supervised_weights(batch["labels"], batch["sample_tokens"], run.config.loss.reduction)
+    loss = weighted_nll(logps, to_device(weights, logps.device), denominator)
     if not router_logits:
         return loss
     aux = load_balancing_loss(run.model, router_logits, batch["attention_mask"])
@@ -151,7 +152,7 @@ def optimizer_step(run: Run, window: list[dict[str, Any]]) -> StepResult:
     accelerator, reduction = run.accelerator, run.config.loss.reduction
     batches = [b for b in window if b["input_ids"] is not None]
     local_weight = sum(float(target_weights(b["labels"], b["sample_tokens"], reduction).sum()) for b in batches)
-    global_weight = accelerator.reduce(torch.tensor(local_weight, device=accelerator.device), "sum")
+    global_weight = accelerator.reduce(to_device(torch.tensor(local_weight), accelerator.device), "sum")
     # DDP averages gradients over processes, so each process divides by global_weight / num_processes.
     denominator = global_weight.clamp(min=1e-12) / accelerator.num_processes
     return accumulate_and_step(run, window, lambda batch: forward_loss(run, batch, denominator))
@@ -168,8 +169,10 @@ def training_batches(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
                              world_size, packing_state[rank] if packing_state else None)  # fmt: skip
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, rank, world_size,
                                start=state.micro_batches)  # fmt: skip
+    # Page-locked batches on a GPU: their copies to the device (non-blocking in `model_inputs`) overlap compute.
     loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
-                        collate_fn=partial(collate, pad_token_id=pad))  # fmt: skip
+                        collate_fn=partial(collate, pad_token_id=pad),
+                        pin_memory=accelerator.device.type == "cuda")  # fmt: skip
     return iter(loader)
 
 

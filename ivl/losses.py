@@ -82,10 +82,30 @@ def supervised_tokens(hidden: torch.Tensor, labels: torch.Tensor) -> SupervisedT
     """hidden [B, T, H], labels [B, T] unshifted (IGNORE_INDEX on unsupervised positions) -> the supervised positions.
 
     Only these positions need a vocabulary projection: in SFT data the prompt and the image tokens (256 per tile) are
-    most of the sequence, so this alone removes most of the logits."""
+    most of the sequence, so this alone removes most of the logits. Pass the collated labels as they come, on the
+    CPU: the index is then found there and copied to the device without blocking. Found on a GPU, `nonzero` would
+    make the host wait for the whole forward pass queued before it (N decides the shapes of what follows)."""
     targets = shift_labels(labels)
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    return SupervisedTokens(hidden[rows, cols], targets[rows, cols], rows, cols)
+    targets = targets[rows, cols]
+    rows, cols, targets = (to_device(index, hidden.device) for index in (rows, cols, targets))
+    return SupervisedTokens(hidden[rows, cols], targets, rows, cols)
+
+
+def supervised_weights(labels: torch.Tensor, sample_tokens: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """The loss weights [N] of the supervised targets in `supervised_tokens`' order (row-major), from the same labels
+    [B, T] and sample_tokens [B, T] (`target_weights`); built where they are, the CPU for a collated batch."""
+    return target_weights(labels, sample_tokens, reduction)[shift_labels(labels) != IGNORE_INDEX]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a CPU tensor goes to a GPU from page-locked memory, without blocking the host (the copy
+    is ordered before the kernels that read it on the same stream)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _chunk_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
