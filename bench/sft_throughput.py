@@ -164,6 +164,7 @@ class Ours:
 
         self.run = setup(load_config(SFTConfig, None, overrides))
         self.run.model.train()
+        self.steps = 0  # optimizer steps taken (the update's step number)
 
     def padded_batches(self, indices: list[list[int]]) -> list[dict[str, Any]]:
         pad = self.run.tokenizer.pad_token_id
@@ -184,7 +185,8 @@ class Ours:
 
         start = time.perf_counter()
         for batch in batches:
-            optimizer_step(self.run, [batch])
+            self.steps += 1
+            optimizer_step(self.run, [batch], self.steps)
         synchronize(self.run.accelerator.device)
         return time.perf_counter() - start
 

@@ -95,7 +95,8 @@ def build_preset_model(
 def load_model(config: ModelConfig, device: torch.device | str | None = None, quantize_llm: bool = False):
     """Load (model, tokenizer). The model is in eval mode; its dtype follows `config.dtype`.
 
-    `quantize_llm`: the LLM in 4-bit NF4 for QLoRA (`ivl.model.quantize`); the rest keeps `config.dtype`.
+    `quantize_llm`: the LLM in 4-bit NF4 for QLoRA (`ivl.model.quantize`), fused MoE experts included; the rest keeps
+    `config.dtype`.
     """
     name = preset_name(config.name_or_path)
     original = _original_checkpoint(config.name_or_path)
@@ -136,7 +137,7 @@ def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, quant
         extra = {"quantization_config": nf4_config(dtype), "device_map": {"": device or "cpu"}}
     try:
         model_config = InternVLConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
-        return InternVLForConditionalGeneration.from_pretrained(
+        model = InternVLForConditionalGeneration.from_pretrained(
             source,
             dtype=dtype,
             attn_implementation=attention_implementation(model_config, config.attn_implementation),
@@ -146,6 +147,11 @@ def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, quant
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load an InternVL model from {config.name_or_path!r}: {error}") from error
+    if quantize_llm:
+        from ivl.model.quantize import quantize_moe_experts
+
+        quantize_moe_experts(model, dtype)  # bitsandbytes quantised the linear layers only
+    return model
 
 
 def save_checkpoint(model, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:

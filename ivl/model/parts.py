@@ -65,9 +65,12 @@ LLM_ATTENTION_FALLBACK: dict[str, dict[str, str]] = {
 VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
 PROJECTOR_LORA_TARGETS = ("linear_1", "linear_2")
 
-# HF-native module (or bare parameter) names by role, `{i}` a layer index, for converting checkpoints written in other
-# layouts (`ivl.model.convert` holds the original InternVLChatModel names for the same roles). The LLM roles cover
-# LLaMA-structured families (Qwen2, LLaMA, InternLM2 once converted) and Phi-3's fused `qkv_proj` / `gate_up_proj`.
+# HF-native module (or bare parameter) names by role, `{i}` a layer index, `{e}` an expert index, for converting
+# checkpoints written in other layouts (`ivl.model.convert` holds the original InternVLChatModel names for the same
+# roles). The LLM roles cover LLaMA-structured families (Qwen2, LLaMA, InternLM2 once converted), Phi-3's fused
+# `qkv_proj` / `gate_up_proj`, Qwen3's QK-norm, Qwen3-MoE's router (`mlp.gate`) and experts, which checkpoint files
+# hold one tensor per expert and the model as fused 3-D parameters, and GPT-OSS's attention sinks, router and fused
+# experts with biases (fused in files too).
 _VISION_LAYER = "model.vision_tower.encoder.layer.{i}."
 _LLM_LAYER = "model.language_model.layers.{i}."
 HF_NAMES: dict[str, str] = {
@@ -95,10 +98,22 @@ HF_NAMES: dict[str, str] = {
     "llm.v": _LLM_LAYER + "self_attn.v_proj",
     "llm.qkv": _LLM_LAYER + "self_attn.qkv_proj",
     "llm.o": _LLM_LAYER + "self_attn.o_proj",
+    "llm.q_norm": _LLM_LAYER + "self_attn.q_norm",
+    "llm.k_norm": _LLM_LAYER + "self_attn.k_norm",
+    "llm.sinks": _LLM_LAYER + "self_attn.sinks",
     "llm.gate": _LLM_LAYER + "mlp.gate_proj",
     "llm.up": _LLM_LAYER + "mlp.up_proj",
     "llm.gate_up": _LLM_LAYER + "mlp.gate_up_proj",
     "llm.down": _LLM_LAYER + "mlp.down_proj",
+    "llm.router_gate": _LLM_LAYER + "mlp.gate",
+    "llm.router": _LLM_LAYER + "mlp.router",
+    "llm.expert_gate": _LLM_LAYER + "mlp.experts.{e}.gate_proj",
+    "llm.expert_up": _LLM_LAYER + "mlp.experts.{e}.up_proj",
+    "llm.expert_down": _LLM_LAYER + "mlp.experts.{e}.down_proj",
+    "llm.experts_gate_up": _LLM_LAYER + "mlp.experts.gate_up_proj",
+    "llm.experts_gate_up_bias": _LLM_LAYER + "mlp.experts.gate_up_proj_bias",
+    "llm.experts_down": _LLM_LAYER + "mlp.experts.down_proj",
+    "llm.experts_down_bias": _LLM_LAYER + "mlp.experts.down_proj_bias",
     "llm.input_norm": _LLM_LAYER + "input_layernorm",
     "llm.post_norm": _LLM_LAYER + "post_attention_layernorm",
     "llm.norm": "model.language_model.norm",
