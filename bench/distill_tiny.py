@@ -176,7 +176,7 @@ def main() -> None:
             "steps": args.steps,
             "teacher_pretrain_seconds": pretrain_seconds,
             "online_seconds": seconds,
-            "tiles_per_second": result["tiles_per_second"],
+            "tiles_per_second": result.metrics["tiles_per_second"],
             "heldout_cosine": {"start": evaluations[0], "end": evaluations[-1]},
             "heldout_cosine_curve": [(r["step"], r["eval_cosine_patch"], r["eval_cosine_cls"]) for r in evaluations],
             "probes": probes(config, out / "online"),

@@ -79,13 +79,13 @@ def train(kind: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     result = run_sft(load_config(SFTConfig, None, overrides))
     seconds = time.perf_counter() - started
-    model, tokenizer, _ = load_trained(result["output"])
+    model, tokenizer, _ = load_trained(result.output)
     return {
         "adapter": kind,
-        "exact_match": result["eval_exact_match"],
-        "eval_loss": result["eval_loss"],
+        "exact_match": result.metrics["eval_exact_match"],
+        "eval_loss": result.metrics["eval_loss"],
         "text_only_loss": text_only_loss(model, tokenizer, data / "validation_text.jsonl"),
-        "train_loss": result["loss"],
+        "train_loss": result.metrics["loss"],
         "seconds": seconds,
     }
 

@@ -27,6 +27,7 @@ from ivl.distill.models import image_size_of
 from ivl.distill.teacher import TeacherTargets, load_teacher
 from ivl.distill.train import DistillConfig, run_distill
 from ivl.model.load import ModelConfig
+from ivl.recipe import print_result
 from ivl.runtime import make_accelerator
 
 SUBCOMMANDS = ("cache", "eval", "export")
@@ -146,9 +147,7 @@ def main(argv: list[str]) -> int:
     if args.show_config:
         print(format_config(config), end="")
     if args.command == "train":
-        result = run_distill(config)
-        if result.pop("is_main_process"):
-            print(json.dumps(result, indent=2))
+        print_result(run_distill(config))
     elif args.command == "cache":
         print(json.dumps(run_cache(config), indent=2))
     else:

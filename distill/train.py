@@ -5,20 +5,19 @@
     ivl distill configs/distill/internvit_6b_to_300m.yaml mode=offline    offline, 2: train with no teacher in memory
     accelerate launch -m ivl.distill.train configs/distill/internvit_6b_to_300m.yaml   DDP on several GPUs
 
-setup -> train -> save, with SFT's loop conventions (finetune/sft.py): micro-batches of one optimizer step are fetched
-together, every micro-batch is full (the sampler drops partial ones), so dividing each one's summed per-tile loss by
-batch_size * grad_accum makes the step's update that of the mean over its global batch, however it is split.
+setup -> train -> save, on the loop skeleton every recipe shares (ivl.loop): micro-batches of one optimizer step are
+fetched together, every micro-batch is full (the sampler drops partial ones), so dividing each one's summed per-tile
+loss by batch_size * grad_accum makes the step's update that of the mean over its global batch, however it is split.
 The student's adapted hidden states of the supervised layers are compared with the teacher's (ivl.distill.losses); the
 adaptors are trained with the student and left out of the exported student.
 """
 
 from __future__ import annotations
 
-import math
 import sys
-import time
-from contextlib import nullcontext
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,11 +37,7 @@ from ivl.distill.models import image_size_of
 from ivl.distill.student import StudentConfig, StudentWithAdaptors, build_student
 from ivl.distill.teacher import TeacherConfig, TeacherTargets, load_teacher
 from ivl.image import normalize
-from ivl.model.checkpoint import (
-    load_training_checkpoint,
-    resume_point,
-    save_training_checkpoint,
-)
+from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
 from ivl.model.load import resolve_dtype
 from ivl.recipe import recipe_main
 from ivl.runtime import (
@@ -53,7 +48,6 @@ from ivl.runtime import (
     build_scheduler,
     end_training,
     make_accelerator,
-    progress_bar,
     start_trackers,
 )
 
@@ -174,8 +168,7 @@ def setup(config: DistillConfig) -> Run:
     rest = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     optimizer = build_optimizer([{**g, "lr": config.optim.lr} for g in groups], config.optim)
-    batches_per_epoch = len(side.train_set) // (loop.batch_size * accelerator.num_processes)
-    total_steps = loop.max_steps or max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
+    total_steps = count_steps(loop, side.train_set, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     # The scheduler stays outside `prepare`: Accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -199,23 +192,10 @@ def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     return per_tile.sum() / (loop.batch_size * loop.grad_accum)
 
 
-def optimizer_step(run: Run, window: list[dict[str, Any]]) -> torch.Tensor:
-    """Forward + backward over the step's micro-batches and one optimizer update; returns the step's loss."""
-    accelerator, model = run.accelerator, run.model
-    step_loss = torch.zeros((), device=accelerator.device)
-    for index, batch in enumerate(window):
-        last = index == len(window) - 1
-        with nullcontext() if last else accelerator.no_sync(model):  # gradients all-reduce on the last one only
-            loss = forward_loss(run, batch)
-            accelerator.backward(loss)
-        step_loss += loss.detach()
-    if run.config.optim.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), run.config.optim.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    # DDP averages gradients over processes; the logged loss is averaged the same way.
-    return accelerator.reduce(step_loss, "sum") / accelerator.num_processes
+def optimizer_step(run: Run, window: list[dict[str, Any]]) -> StepResult:
+    """Forward + backward over the step's micro-batches and one optimizer update. No autocast around the forward:
+    the teacher runs in its own dtype, `forward_loss` autocasts the student only."""
+    return accumulate_and_step(run, window, partial(forward_loss, run), autocast=False)
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
@@ -228,50 +208,33 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     return results
 
 
-def train(run: Run) -> dict[str, Any]:
-    """The training loop; returns the last logged and evaluated metrics."""
+def training_batches(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
+    """Endless micro-batches of tiles from the sampler's position in `state`."""
     loop, accelerator = run.config.loop, run.accelerator
-    layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
-              "seed": loop.seed, "train_tiles": len(run.train_set), "mode": run.config.mode}  # fmt: skip
-    state = {"step": 0, "micro_batches": 0}
-    resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
-                               accelerator.num_processes, start=state["micro_batches"])  # fmt: skip
-    loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers, collate_fn=collate)
-    batches = iter(loader)  # draws the workers' base seed from the global RNG: before restoring the saved RNG state
-    if resume_from is not None:
-        load_training_checkpoint(resume_from, accelerator, run.model, run.optimizer, run.scheduler)
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
-    run.metrics.truncate_after(state["step"])
-    last = evaluate(run, 0) if state["step"] == 0 else {}  # the starting point of the held-out cosine
-    progress = progress_bar(accelerator, run.total_steps, state["step"], "distill")
-    losses, tiles, clock = [], 0, time.perf_counter()
-    run.model.train()
-    while state["step"] < run.total_steps:
-        window = [next(batches) for _ in range(loop.grad_accum)]
-        state["micro_batches"] += len(window)
+                               accelerator.num_processes, start=state.micro_batches)  # fmt: skip
+    return iter(DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers, collate_fn=collate))
+
+
+def train(run: Run) -> dict[str, float]:
+    """The training loop; returns the last logged and evaluated metrics."""
+    loop = TrainingLoop(run, "distill", {"train_tiles": len(run.train_set), "mode": run.config.mode})
+    batches = loop.start(partial(training_batches, run))
+    if loop.state.step == 0:
+        loop.last = evaluate(run, 0)  # the starting point of the held-out cosine
+    losses, tiles = [], 0
+    for window in loop.steps(batches):
         tiles += sum(len(batch["pixels"]) for batch in window)
-        losses.append(optimizer_step(run, window))
-        state["step"] += 1
-        step = state["step"]
-        saving = bool(loop.save_every) and step % loop.save_every == 0
-        # A checkpoint closes the logging window too, so a resumed run logs the same windows as an uninterrupted one.
-        if step % loop.log_every == 0 or step == run.total_steps or saving:
-            seconds = time.perf_counter() - clock
-            last = {"step": step, "loss": torch.stack(losses).mean().item(), "lr": run.scheduler.get_last_lr()[0],
-                    "tiles_per_second": tiles * accelerator.num_processes / seconds}  # fmt: skip
-            run.metrics.write(last)
-            progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-            losses, tiles, clock = [], 0, time.perf_counter()
-        if loop.eval_every and step % loop.eval_every == 0 and step < run.total_steps:
-            last.update(evaluate(run, step))
-        if saving:
-            save_training_checkpoint(loop.output_dir, step, accelerator, run.model, run.optimizer, run.scheduler,
-                                     {**layout, "micro_batches": state["micro_batches"]}, loop.keep_last)  # fmt: skip
-        progress.update(1)
-    progress.close()
-    last.update(evaluate(run, state["step"]))
-    return last
+        losses.append(optimizer_step(run, window).loss)
+        if loop.log_due():
+            loop.log({"loss": torch.stack(losses).mean().item(), "tiles_per_second": loop.per_second(tiles)})
+            losses, tiles = [], 0
+        if loop.eval_due():
+            loop.last.update(evaluate(run, loop.state.step))
+        if loop.save_due():
+            loop.save()
+    loop.last.update(evaluate(run, loop.state.step))
+    return loop.last
 
 
 def save(run: Run) -> Path:
@@ -285,13 +248,12 @@ def save(run: Run) -> Path:
     return out_dir / "student"
 
 
-def run_distill(config: DistillConfig) -> dict[str, Any]:
+def run_distill(config: DistillConfig) -> RunResult:
     run = setup(config)
     metrics = train(run)
     out_dir = save(run)
     end_training(run.accelerator)
-    return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, "init": run.info["init"],
-            **metrics}  # fmt: skip
+    return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
 
 
 def main(argv: list[str] | None = None) -> int:

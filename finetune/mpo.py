@@ -5,7 +5,8 @@
     accelerate launch -m ivl.finetune.mpo configs/mpo/internvl3_1b_lora.yaml          # DDP on several GPUs
 
 setup -> train -> save, with SFT's conventions (progress bar, metrics.jsonl, atomic checkpoints, resume, final
-adapter / model export); the model setup, evaluation and checkpointing are SFT's own pieces. What differs:
+adapter / model export): the loop skeleton is `ivl.loop`'s, the model setup, evaluation and export `ivl.training`'s.
+What differs:
 - data are preference pairs; both answers of a pair share one ViT pass (`ivl.finetune.preference.pair_logps`);
 - the reference policy is the trained model with its adapters disabled (LoRA / QLoRA / partial LoRA), a frozen copy
   only for full fine-tuning, or log-probs precomputed once and cached on disk (required when continuing an SFT
@@ -18,10 +19,8 @@ chosen-answer token count (all micro-batches, all processes), so a step's update
 
 from __future__ import annotations
 
-import math
 import sys
-import time
-from contextlib import nullcontext
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -48,14 +47,10 @@ from ivl.finetune.preference import (
     pair_logps,
     reference_cache_key,
 )
+from ivl.loop import RunResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
 from ivl.losses import mpo_loss, num_supervised_tokens
 from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
-from ivl.model.checkpoint import (
-    load_training_checkpoint,
-    read_training_info,
-    resume_point,
-    save_training_checkpoint,
-)
+from ivl.model.checkpoint import read_training_info
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.quantize import keep_training_layout
 from ivl.recipe import recipe_main
@@ -65,7 +60,6 @@ from ivl.runtime import (
     build_scheduler,
     end_training,
     make_accelerator,
-    progress_bar,
     start_trackers,
 )
 from ivl.training import TrainConfig, checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
@@ -181,8 +175,7 @@ def setup(config: MPOConfig) -> Run:
     if config.data.validation:
         validation_set = checked_dataset(config.data.validation, builder, accelerator, config.data.seed)
     optimizer = build_optimizer(optimizer_groups(model, config), config.optim)
-    batches_per_epoch = len(train_set) // (loop.batch_size * accelerator.num_processes)
-    total_steps = loop.max_steps or max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
+    total_steps = count_steps(loop, train_set, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Adapters disabled give the starting policy; only a model without adapters needs a copy of its weights.
@@ -236,7 +229,7 @@ def forward_loss(run: Run, batch: dict[str, Any], shift: float, pairs_per_proces
 def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift) -> dict[str, float]:
     """Forward + backward over the step's micro-batches, one optimizer update, one reward-shift update; returns the
     step's metrics (pair-weighted means over all processes)."""
-    accelerator, model = run.accelerator, run.model
+    accelerator = run.accelerator
     kept = [b for b in window if b["input_ids"] is not None]
     local_pairs = sum(len(b["indices"]) for b in kept)
     local_tokens = sum(num_supervised_tokens(b["labels"][: len(b["indices"])]) for b in kept)  # chosen rows only
@@ -246,18 +239,13 @@ def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift) -
     pairs_per_process = global_pairs.clamp(min=1) / accelerator.num_processes
     tokens_per_process = global_tokens.clamp(min=1) / accelerator.num_processes
     sums = torch.zeros(len(METRICS) + 2, device=accelerator.device)
-    for index, batch in enumerate(window):
-        last = index == len(window) - 1
-        with nullcontext() if last else accelerator.no_sync(model):  # gradients all-reduce on the last one only
-            with accelerator.autocast():
-                loss, batch_sums = forward_loss(run, batch, shift.mean, pairs_per_process, tokens_per_process)
-            accelerator.backward(loss)
-        sums += batch_sums.float()
-    if run.config.optim.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), run.config.optim.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+
+    def forward(batch: dict[str, Any]) -> torch.Tensor:
+        loss, batch_sums = forward_loss(run, batch, shift.mean, pairs_per_process, tokens_per_process)
+        sums.add_(batch_sums.float())
+        return loss
+
+    accumulate_and_step(run, window, forward)
     sums = accelerator.reduce(sums.double(), "sum")
     step_metrics = {name: (sums[i] / global_pairs.clamp(min=1)).item() for i, name in enumerate(METRICS)}
     if run.config.mpo.reward_shift:
@@ -265,64 +253,45 @@ def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift) -
     return step_metrics
 
 
-def train(run: Run) -> dict[str, Any]:
+def train(run: Run) -> dict[str, float]:
     """The training loop; returns the last logged and evaluated metrics."""
-    loop, accelerator = run.config.loop, run.accelerator
-    layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
-              "seed": loop.seed, "train_samples": len(run.train_set), "recipe": "mpo"}  # fmt: skip
-    state = {"step": 0, "micro_batches": 0, "skipped_rows": run.train_set.num_left_out}
-    resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
-    shift = RewardShift.from_state(state)
-    sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
-                               accelerator.num_processes, start=state["micro_batches"])  # fmt: skip
-    loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
-                        collate_fn=partial(collate_pairs, pad_token_id=run.tokenizer.pad_token_id))  # fmt: skip
-    batches = iter(loader)  # draws the workers' base seed from the global RNG: before restoring the saved RNG state
-    if resume_from is not None:
-        load_training_checkpoint(resume_from, accelerator, run.model, run.optimizer, run.scheduler)
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
-    run.metrics.truncate_after(state["step"])
-    progress = progress_bar(accelerator, run.total_steps, state["step"], "mpo")
-    window_metrics, tokens, clock, last = [], 0, time.perf_counter(), {}
-    run.model.train()
-    while state["step"] < run.total_steps:
-        window = [next(batches) for _ in range(loop.grad_accum)]
-        state["micro_batches"] += len(window)
-        state["skipped_rows"] += sum(batch["num_skipped"] for batch in window)
+    layout = {"train_samples": len(run.train_set), "recipe": "mpo"}
+    loop = TrainingLoop(run, "mpo", layout, TrainState(skipped_rows=run.train_set.num_left_out))
+    batches = loop.start(partial(training_batches, run))
+    shift = RewardShift.from_state(loop.state.recipe)
+    window_metrics, tokens = [], 0
+    for window in loop.steps(batches):
         tokens += sum(int(b["attention_mask"].sum()) for b in window if b["input_ids"] is not None)
         window_metrics.append(optimizer_step(run, window, shift))
-        state["step"] += 1
-        step = state["step"]
-        saving = bool(loop.save_every) and step % loop.save_every == 0
-        # A checkpoint closes the logging window too, so a resumed run logs the same windows as an uninterrupted one.
-        if step % loop.log_every == 0 or step == run.total_steps or saving:
-            seconds = time.perf_counter() - clock
+        if loop.log_due():
             means = {name: sum(m[name] for m in window_metrics) / len(window_metrics) for name in METRICS}
-            last = {"step": step, **means, "reward_shift": shift.mean, "lr": run.scheduler.get_last_lr()[0],
-                    "tokens_per_second": tokens * accelerator.num_processes / seconds,
-                    "skipped_rows": state["skipped_rows"]}  # fmt: skip
-            run.metrics.write(last)
-            progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards_accuracy']:.2f}",
-                                 margin=f"{last['rewards_margin']:.3f}")  # fmt: skip
-            window_metrics, tokens, clock = [], 0, time.perf_counter()
-        if loop.eval_every and step % loop.eval_every == 0 and step < run.total_steps:
-            last.update(evaluate(run, step))
-        if saving:
-            extra = {**layout, **{k: v for k, v in state.items() if k != "step"}, **shift.state()}
-            save_training_checkpoint(loop.output_dir, step, accelerator, run.model, run.optimizer, run.scheduler,
-                                     extra, loop.keep_last)  # fmt: skip
-        progress.update(1)
-    progress.close()
-    last.update(evaluate(run, state["step"]))
-    return last
+            loop.log({**means, "reward_shift": shift.mean, "tokens_per_second": loop.per_second(tokens),
+                      "skipped_rows": loop.state.skipped_rows}, show=("loss", "rewards_accuracy", "rewards_margin"))
+            window_metrics, tokens = [], 0
+        if loop.eval_due():
+            loop.last.update(evaluate(run, loop.state.step))
+        if loop.save_due():
+            loop.save(shift.state())
+    loop.last.update(evaluate(run, loop.state.step))
+    return loop.last
 
 
-def run_mpo(config: MPOConfig) -> dict[str, Any]:
+def training_batches(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
+    """Endless micro-batches of pairs from the sampler's position in `state`."""
+    loop, accelerator = run.config.loop, run.accelerator
+    sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
+                               accelerator.num_processes, start=state.micro_batches)  # fmt: skip
+    loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
+                        collate_fn=partial(collate_pairs, pad_token_id=run.tokenizer.pad_token_id))  # fmt: skip
+    return iter(loader)
+
+
+def run_mpo(config: MPOConfig) -> RunResult:
     run = setup(config)
     metrics = train(run)
     out_dir = save(run, "MPO")
     end_training(run.accelerator)
-    return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, **metrics}
+    return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
 
 
 def main(argv: list[str] | None = None) -> int:

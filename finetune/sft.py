@@ -12,11 +12,8 @@ processes), which makes the update independent of how the step is split (SPEC 5)
 
 from __future__ import annotations
 
-import math
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,16 +30,12 @@ from ivl.data.loader import StepBatchSampler
 from ivl.data.packed_loader import PackedBatches, StreamingSource
 from ivl.data.samples import SampleBuilder, SFTDataset, collate
 from ivl.evaluate import batch_logps
+from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
 from ivl.losses import target_weights, weighted_nll
 from ivl.model.adapters import (
     apply_trainability,
     format_report,
     trainable_report,
-)
-from ivl.model.checkpoint import (
-    load_training_checkpoint,
-    resume_point,
-    save_training_checkpoint,
 )
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.packed_attention import check_packing_support
@@ -55,7 +48,6 @@ from ivl.runtime import (
     build_scheduler,
     end_training,
     make_accelerator,
-    progress_bar,
     shard_per_layer,
     start_trackers,
 )
@@ -115,10 +107,8 @@ def setup(config: SFTConfig) -> Run:
     if config.data.validation:
         validation_set = checked_dataset(config.data.validation, builder, accelerator, config.data.seed)
     optimizer = build_optimizer(optimizer_groups(model, config), config.optim)
-    total_steps = loop.max_steps  # set whenever packing (validated): a stream has no length, packs no fixed count
-    if not total_steps:
-        batches_per_epoch = len(train_set) // (loop.batch_size * accelerator.num_processes)
-        total_steps = max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
+    # loop.max_steps is set whenever packing (validated): a stream has no length, packs no fixed count.
+    total_steps = count_steps(loop, None if config.data.streaming else train_set, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     shard_per_layer(accelerator, layer_class_names(model))
     # The scheduler stays outside `prepare`: Accelerate would step it once per process.
@@ -146,106 +136,63 @@ def forward_loss(run: Run, batch: dict[str, Any], denominator: torch.Tensor) -> 
     return weighted_nll(logps, weights[supervised.rows, supervised.cols], denominator)
 
 
-def optimizer_step(run: Run, window: list[dict[str, Any]]) -> torch.Tensor:
-    """Forward + backward over the step's micro-batches and one optimizer update; returns the step's loss."""
-    accelerator, model, reduction = run.accelerator, run.model, run.config.loss.reduction
+def optimizer_step(run: Run, window: list[dict[str, Any]]) -> StepResult:
+    """Forward + backward over the step's micro-batches and one optimizer update."""
+    accelerator, reduction = run.accelerator, run.config.loss.reduction
     batches = [b for b in window if b["input_ids"] is not None]
     local_weight = sum(float(target_weights(b["labels"], b["sample_tokens"], reduction).sum()) for b in batches)
     global_weight = accelerator.reduce(torch.tensor(local_weight, device=accelerator.device), "sum")
     # DDP averages gradients over processes, so each process divides by global_weight / num_processes.
     denominator = global_weight.clamp(min=1e-12) / accelerator.num_processes
-    step_loss = torch.zeros((), device=accelerator.device)
-    for index, batch in enumerate(window):
-        last = index == len(window) - 1
-        with nullcontext() if last else accelerator.no_sync(model):  # gradients all-reduce on the last one only
-            with accelerator.autocast():
-                loss = forward_loss(run, batch, denominator)
-            accelerator.backward(loss)
-        step_loss += loss.detach()
-    if run.config.optim.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), run.config.optim.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return accelerator.reduce(step_loss, "sum") / accelerator.num_processes
+    return accumulate_and_step(run, window, lambda batch: forward_loss(run, batch, denominator))
 
 
-def training_batches(run: Run, state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def training_batches(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
     """Endless micro-batches from where `state` says the run is: packs (the packer's saved state, per process) or
     padded samples (the sampler's position)."""
     loop, accelerator, pad = run.config.loop, run.accelerator, run.tokenizer.pad_token_id
     rank, world_size = accelerator.process_index, accelerator.num_processes
     if run.config.data.packing:
-        packing_state = state.get("packing_state")  # one per process, in process order
+        packing_state = state.recipe.get("packing_state")  # one per process, in process order
         return PackedBatches(run.train_set, run.builder, loop.batch_size, pad, loop.seed, loop.num_workers, rank,
                              world_size, packing_state[rank] if packing_state else None)  # fmt: skip
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, rank, world_size,
-                               start=state["micro_batches"])  # fmt: skip
+                               start=state.micro_batches)  # fmt: skip
     loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
                         collate_fn=partial(collate, pad_token_id=pad))  # fmt: skip
     return iter(loader)
 
 
-def train(run: Run) -> dict[str, Any]:
+def train(run: Run) -> dict[str, float]:
     """The training loop; returns the last logged and evaluated metrics."""
-    loop, accelerator = run.config.loop, run.accelerator
-    layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size, "grad_accum": loop.grad_accum,
-              "seed": loop.seed, "adapter_kind": run.config.adapter.kind, "packing": run.config.data.packing,
-              "train_samples": None if run.config.data.streaming else len(run.train_set)}  # fmt: skip
-    state = {"step": 0, "micro_batches": 0, "skipped_rows": getattr(run.train_set, "num_left_out", 0)}
-    resume_from = resume_point(loop.resume, loop.output_dir, state, layout)
-    batches = training_batches(run, state)  # draws the workers' base seed from the global RNG: before restoring it
-    if resume_from is not None:
-        load_training_checkpoint(resume_from, accelerator, run.model, run.optimizer, run.scheduler)
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
-    run.metrics.truncate_after(state["step"])
-    progress = progress_bar(accelerator, run.total_steps, state["step"], "sft")
-    losses, tokens, clock, last = [], 0, time.perf_counter(), {}
-    run.model.train()
-    while state["step"] < run.total_steps:
-        window = [next(batches) for _ in range(loop.grad_accum)]
-        state["micro_batches"] += len(window)
-        state["skipped_rows"] += sum(batch["num_skipped"] for batch in window)
+    data = run.config.data
+    layout = {"adapter_kind": run.config.adapter.kind, "packing": data.packing,
+              "train_samples": None if data.streaming else len(run.train_set)}  # fmt: skip
+    loop = TrainingLoop(run, "sft", layout, TrainState(skipped_rows=getattr(run.train_set, "num_left_out", 0)))
+    batches = loop.start(partial(training_batches, run))
+    losses, tokens = [], 0
+    for window in loop.steps(batches):
         tokens += sum(int(b["attention_mask"].sum()) for b in window if b["input_ids"] is not None)
-        losses.append(optimizer_step(run, window))
-        state["step"] += 1
-        step = state["step"]
-        saving = bool(loop.save_every) and step % loop.save_every == 0
-        # A checkpoint closes the logging window too, so a resumed run logs the same windows as an uninterrupted one.
-        if step % loop.log_every == 0 or step == run.total_steps or saving:
-            seconds = time.perf_counter() - clock
-            last = {
-                "step": step,
-                "loss": torch.stack(losses).mean().item(),
-                "lr": run.scheduler.get_last_lr()[0],
-                "tokens_per_second": tokens * accelerator.num_processes / seconds,
-                "skipped_rows": state["skipped_rows"],
-            }
-            run.metrics.write(last)
-            progress.set_postfix(
-                loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_second']:.0f}"
-            )
-            losses, tokens, clock = [], 0, time.perf_counter()
-        if loop.eval_every and step % loop.eval_every == 0 and step < run.total_steps:
-            last.update(evaluate(run, step))
-        if saving:
-            if isinstance(batches, PackedBatches):  # each process packs its own samples: keep every one's state
-                state["packing_state"] = gather_object([batches.state()])
-            save_training_checkpoint(loop.output_dir, step, accelerator, run.model, run.optimizer, run.scheduler,
-                                     {**layout, **{k: v for k, v in state.items() if k != "step"}},
-                                     loop.keep_last)  # fmt: skip
-        progress.update(1)
-    progress.close()
-    last.update(evaluate(run, state["step"]))
-    return last
+        losses.append(optimizer_step(run, window).loss)
+        if loop.log_due():
+            loop.log({"loss": torch.stack(losses).mean().item(), "tokens_per_second": loop.per_second(tokens),
+                      "skipped_rows": loop.state.skipped_rows})  # fmt: skip
+            losses, tokens = [], 0
+        if loop.eval_due():
+            loop.last.update(evaluate(run, loop.state.step))
+        if loop.save_due():
+            packed = isinstance(batches, PackedBatches)  # each process packs its own samples: keep every one's state
+            loop.save({"packing_state": gather_object([batches.state()])} if packed else None)
+    loop.last.update(evaluate(run, loop.state.step))
+    return loop.last
 
 
-def run_sft(config: SFTConfig) -> dict[str, Any]:
+def run_sft(config: SFTConfig) -> RunResult:
     run = setup(config)
     metrics = train(run)
     out_dir = save(run)
     end_training(run.accelerator)
-    return {"output": str(out_dir), "is_main_process": run.accelerator.is_main_process, **metrics}
+    return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import sys
 
 from ivl.config import format_config, load_config
 from ivl.errors import KNOWN_ERRORS, ConfigError
+from ivl.recipe import print_result
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
@@ -40,9 +41,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         report = dry_run(config)
         print(json.dumps(report, indent=2) if args.json else format_dry_run(report))
         return 0
-    result = run_sft(config)
-    if result.pop("is_main_process"):
-        print(json.dumps(result, indent=2))
+    print_result(run_sft(config))
     return 0
 
 
@@ -52,9 +51,7 @@ def cmd_mpo(args: argparse.Namespace) -> int:
     config = load_config(MPOConfig, args.config, args.overrides)
     if args.show_config:
         print(format_config(config), end="")
-    result = run_mpo(config)
-    if result.pop("is_main_process"):
-        print(json.dumps(result, indent=2))
+    print_result(run_mpo(config))
     return 0
 
 

@@ -262,11 +262,8 @@ def _load_sft(path: str | None, overrides: list[str]):
 
 
 def _load_mpo(path: str | None, overrides: list[str]):
-    try:
-        from ivl.finetune.mpo import MPOConfig
-    except ImportError as error:
-        raise ConfigError(f"{path}: an MPO config (`mpo:` section), but this kit has no MPO recipe") from error
     from ivl.config import load_config
+    from ivl.finetune.mpo import MPOConfig
 
     return load_config(MPOConfig, path, _with_train(path, overrides))
 

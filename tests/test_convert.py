@@ -550,14 +550,14 @@ def test_converted_original_trains_merges_and_converts_back(tmp_path, tokenizer)
     write_dataset(tmp_path / "shapes", num_train=8, num_validation=4, width=112, height=112)
     overrides = [*tiny_run(tmp_path / "shapes"), f"model.name_or_path={tmp_path / 'orig'}", "loop.max_steps=2"]
     result = run_sft(load_config(SFTConfig, None, [*overrides, "loop.batch_size=4", f"loop.output_dir={tmp_path}/run"]))
-    merge = ["merge", "--adapter", result["output"], "--out", str(tmp_path / "merged"), "--format", "original"]
+    merge = ["merge", "--adapter", result.output, "--out", str(tmp_path / "merged"), "--format", "original"]
     assert cli_main(merge) == 0
     merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert merged_config["llm_config"]["architectures"] == ["InternLM2ForCausalLM"]
     assert merged_config["template"] == "internlm2-chat" and merged_config["vision_config"]["drop_path_rate"] == 0.1
     assert "language_model.model.layers.0.attention.wqkv.weight" in _files(tmp_path / "merged")
 
-    adapter_model, _, _ = load_trained(result["output"])
+    adapter_model, _, _ = load_trained(result.output)
     merged, _ = load_model(ModelConfig(name_or_path=str(tmp_path / "merged"), dtype="float32"))
     base, _ = load_model(ModelConfig(name_or_path=str(tmp_path / "orig"), dtype="float32"))
     image_token = merged.config.image_token_id

@@ -212,7 +212,7 @@ def test_online_run_raises_the_held_out_cosine_and_writes_its_outputs(tmp_path):
     assert evaluations[0]["step"] == 0 and evaluations[-1]["step"] == 40
     assert evaluations[0]["eval_cosine_patch"] < 0.3 and evaluations[-1]["eval_cosine_patch"] > 0.85
     assert evaluations[-1]["eval_cosine_cls"] > 0.9
-    student = InternVLVisionModel.from_pretrained(result["output"])  # plain transformers, no adaptors inside
+    student = InternVLVisionModel.from_pretrained(result.output)  # plain transformers, no adaptors inside
     assert not any("adaptor" in name for name in student.state_dict())
     assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "adaptors.safetensors").is_file()
     report = run_eval(distill_config(tmp_path))
@@ -307,7 +307,7 @@ def test_cache_resumes_refuses_other_settings_and_compresses(tmp_path):
     assert torch.equal(item["stored"]["token_index"], kept_tokens(5, 64, 16, 0).int())
     assert item["stored"]["layer3.patch"].shape == (16, 16)
     small.mode, small.loop.output_dir = "offline", str(tmp_path / "small-run")
-    assert run_distill(small)["loss"] > 0  # trains on the compressed cache end to end
+    assert run_distill(small).metrics["loss"] > 0  # trains on the compressed cache end to end
 
 
 # --- evaluation and export --------------------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def test_export_places_the_student_into_internvl_ready_for_stage1(tmp_path):
                                         "stage=stage1", f"data.train={tmp_path / 'shapes' / 'train.jsonl'}",
                                         "data.max_tiles=1", "loop.batch_size=2", "loop.max_steps=1",
                                         "loop.num_workers=0", f"loop.output_dir={tmp_path / 'sft'}"])  # fmt: skip
-    assert run_sft(sft)["loss"] > 0
+    assert run_sft(sft).metrics["loss"] > 0
 
 
 def test_cli_trains_and_reports_config_errors_in_one_line(tmp_path, capsys):

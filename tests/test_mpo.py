@@ -275,7 +275,7 @@ def test_recipe_trains_logs_checkpoints_and_resumes_with_the_same_reward_shift(p
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert steps[0]["rewards_margin"] == 0 and steps[0]["reward_shift"] == 0  # policy == reference before any update
     assert steps[-1]["rewards_margin"] != 0 and steps[-1]["reward_shift"] != 0
-    assert "eval_exact_match" in result and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert "eval_exact_match" in result.metrics and (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "loss.png").is_file()
     shift_at_4 = _shift(tmp_path / "checkpoints" / "step-000004")
     shutil.rmtree(tmp_path / "checkpoints" / "step-000004")  # a crash after step 2
@@ -328,8 +328,8 @@ def test_continuing_an_sft_adapter_uses_it_as_the_reference(pairs, shapes, tmp_p
     sft = run_sft(load_config(SFTConfig, None, [*_overrides(pairs, tmp_path / "sft"), "loop.max_steps=1",
                                                f"data.train={shapes / 'train.jsonl'}"]))  # fmt: skip
     with pytest.raises(ConfigError, match="precompute_reference=true"):
-        tiny_mpo(pairs, tmp_path / "mpo", f"mpo.init_adapter={sft['output']}")
-    run_mpo(tiny_mpo(pairs, tmp_path / "mpo", f"mpo.init_adapter={sft['output']}", "mpo.precompute_reference=true"))
+        tiny_mpo(pairs, tmp_path / "mpo", f"mpo.init_adapter={sft.output}")
+    run_mpo(tiny_mpo(pairs, tmp_path / "mpo", f"mpo.init_adapter={sft.output}", "mpo.precompute_reference=true"))
     steps = [r for r in _records(tmp_path / "mpo") if "rewards_accuracy" in r]
     assert steps[0]["rewards_chosen"] == pytest.approx(0, abs=1e-6)  # the SFT policy is the reference
     assert steps[1]["rewards_margin"] != 0

@@ -246,7 +246,7 @@ def test_partial_lora_run_resumes_to_the_uninterrupted_result_and_keeps_text_exa
     assert set(again) == set(final_adapter)
     assert all(torch.allclose(final_adapter[k], again[k], atol=1e-6) for k in final_adapter)
     # The trained adapter is partial LoRA: text-only rows still equal the base exactly, image rows do not.
-    model, _, info = load_trained(result["output"])
+    model, _, info = load_trained(result.output)
     assert info["adapter_kind"] == "partial_lora" and (tmp_path / "adapter" / MARKER_FILE).is_file()
     base, _ = load_model(BASE)
     batch = mixed_batch(base.config.image_token_id)

@@ -67,7 +67,7 @@ def trained_state(model):
 def test_frozen_parts_stay_byte_identical_and_trained_parts_change(shapes, tmp_path, overrides, changed_parts):
     before = base_state()
     result = run_sft(sft_config(shapes, tmp_path, *overrides))
-    model, _, info = load_trained(result["output"])
+    model, _, info = load_trained(result.output)
     after = trained_state(model)
     assert set(after) == set(before)
     for name, value in before.items():
@@ -83,17 +83,17 @@ def test_frozen_parts_stay_byte_identical_and_trained_parts_change(shapes, tmp_p
 def test_unfreeze_last_vision_layers_trains_only_those(shapes, tmp_path):
     before = base_state()
     result = run_sft(sft_config(shapes, tmp_path, "vision.unfreeze_last_layers=1"))
-    after = trained_state(load_trained(result["output"])[0])
+    after = trained_state(load_trained(result.output)[0])
     vision_changed = {n for n, v in before.items() if part_of(n) == "vision" and not torch.equal(after[n], v)}
     assert vision_changed and all(".encoder.layer.1." in name for name in vision_changed)
 
 
 def test_full_training_without_lora_saves_a_whole_model(shapes, tmp_path):
     result = run_sft(sft_config(shapes, tmp_path, "stage=stage1.5"))
-    assert result["output"].endswith("model")
-    reloaded = InternVLForConditionalGeneration.from_pretrained(result["output"])
+    assert result.output.endswith("model")
+    reloaded = InternVLForConditionalGeneration.from_pretrained(result.output)
     # Loading the run's output with an explicit base config still loads the trained weights, not the base.
-    with_base, _, _ = load_trained(result["output"], ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
+    with_base, _, _ = load_trained(result.output, ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
     assert all(torch.equal(p, dict(with_base.named_parameters())[n]) for n, p in reloaded.named_parameters())
     before = base_state()
     after = dict(reloaded.named_parameters())
@@ -137,8 +137,8 @@ def _image_batch(model):
 
 def test_merged_model_equals_adapter_model_and_reloads_with_plain_transformers(shapes, tmp_path):
     result = run_sft(sft_config(shapes, tmp_path / "run"))
-    adapter_model, _, _ = load_trained(result["output"])
-    merge_adapter(result["output"], tmp_path / "merged")
+    adapter_model, _, _ = load_trained(result.output)
+    merge_adapter(result.output, tmp_path / "merged")
     merged = InternVLForConditionalGeneration.from_pretrained(tmp_path / "merged")
     base, _ = load_model(ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
     batch = _image_batch(merged)
@@ -156,19 +156,19 @@ def test_qlora_trains_and_merges_into_the_dequantised_base(shapes, tmp_path):
     result = run_sft(
         sft_config(shapes, tmp_path / "run", "adapter.qlora=true", "loop.max_steps=2", "loop.eval_every=1")
     )
-    adapter_model, _, info = load_trained(result["output"])
+    adapter_model, _, info = load_trained(result.output)
     assert info["qlora"] is True
     assert type(adapter_model.get_base_model().model.language_model.layers[0].mlp.up_proj.base_layer).__name__ == (
         "Linear4bit"
     )
-    merge_adapter(result["output"], tmp_path / "merged")
+    merge_adapter(result.output, tmp_path / "merged")
     merged = InternVLForConditionalGeneration.from_pretrained(tmp_path / "merged")
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
     # The reference: the same adapter, unmerged, on the dequantised 4-bit base.
     quantized, _ = load_model(ModelConfig(name_or_path="preset:tiny-112", dtype="float32"), quantize_llm=True)
     from peft import PeftModel
 
-    reference = PeftModel.from_pretrained(quantized.dequantize(), result["output"])
+    reference = PeftModel.from_pretrained(quantized.dequantize(), result.output)
     batch = _image_batch(merged)
     with torch.no_grad():
         merged_logits = merged(**batch).logits
@@ -190,7 +190,7 @@ def test_bad_rows_fail_before_training_or_are_skipped_and_counted(shapes, tmp_pa
     result = run_sft(
         sft_config(shapes, tmp_path / "skip", f"data.train={bad}", "data.on_error=skip", "loop.max_steps=6")
     )
-    assert result["skipped_rows"] == 1
+    assert result.metrics["skipped_rows"] == 1
 
 
 def test_cli_eval_reports_token_weighted_loss_and_exact_match(shapes, tmp_path, capsys):
@@ -198,20 +198,25 @@ def test_cli_eval_reports_token_weighted_loss_and_exact_match(shapes, tmp_path, 
     config = tmp_path / "eval.yaml"
     config.write_text(f"data: {{validation: {shapes / 'validation.jsonl'}, max_tiles: 1, use_thumbnail: false}}\n")
     capsys.readouterr()
-    assert cli_main(["eval", str(config), "--adapter", result["output"], "--json"]) == 0
+    assert cli_main(["eval", str(config), "--adapter", result.output, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["loss"] == pytest.approx(result["eval_loss"], rel=1e-5)
-    assert report["tokens"] == result["eval_tokens"] > 0
+    assert report["loss"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
+    assert report["tokens"] == result.metrics["eval_tokens"] > 0
     assert report["samples"] == 8
-    assert report["exact_match"] == pytest.approx(result["eval_exact_match"])
+    assert report["exact_match"] == pytest.approx(result.metrics["eval_exact_match"])
 
 
 def _run_losses(out):
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+def _summary(stdout: str) -> dict:
+    """The run summary a launcher printed last (after the setup's own lines)."""
+    return json.loads(stdout[stdout.rindex('{\n  "output"') :])
+
+
 @pytest.mark.parametrize("reduction", ["token", "square"])
-def test_two_processes_match_one_process_with_the_same_global_batch(shapes, tmp_path, reduction):
+def test_two_processes_match_one_process_with_the_same_global_batch(shapes, tmp_path, reduction, capsys):
     """2 CPU processes x batch 2 == 1 process x batch 4 == 1 process x batch 2 x 2 accumulation steps, for the token
     and the square loss reduction (global weight denominators)."""
     common = [*tiny_run(shapes), f"loss.reduction={reduction}"]
@@ -230,7 +235,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(shapes, tmp_
     ]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    run_sft(load_config(SFTConfig, None, [*common, "loop.batch_size=4", f"loop.output_dir={tmp_path / 'one'}"]))
+    capsys.readouterr()
+    assert cli_main(["sft", str(config), *common, "loop.batch_size=4", f"loop.output_dir={tmp_path / 'one'}"]) == 0
+    # Every way of launching prints the same summary: the output directory and the last metrics.
+    single, multi = _summary(capsys.readouterr().out), _summary(completed.stdout)
+    assert (multi["output"], single["output"]) == (str(tmp_path / "ddp" / "adapter"), str(tmp_path / "one" / "adapter"))
+    assert set(multi) == set(single) and multi["loss"] == pytest.approx(single["loss"], abs=1e-5)
     run_sft(
         load_config(
             SFTConfig, None, [*common, "loop.batch_size=2", "loop.grad_accum=2", f"loop.output_dir={tmp_path / 'acc'}"]
@@ -259,7 +269,7 @@ def test_gradient_checkpointing_gives_the_same_losses(shapes, tmp_path):
     enable_gradient_checkpointing(model, sft_config(shapes, tmp_path, "llm.gradient_checkpointing=true"))
     assert all(layer.gradient_checkpointing for layer in model_parts(model).llm_layers)
     assert not any(layer.gradient_checkpointing for layer in model_parts(model).vision_layers)
-    assert checkpointed["eval_loss"] == pytest.approx(plain["eval_loss"], abs=1e-5)
+    assert checkpointed.metrics["eval_loss"] == pytest.approx(plain.metrics["eval_loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/sft/*.yaml")), ids=lambda p: p.name)

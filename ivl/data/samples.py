@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from ivl.config import ConfigError
@@ -235,28 +235,6 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         return self.builder.build_indexed(self.records[index], index)
-
-
-class StreamingSFTDataset(IterableDataset):
-    """Samples built on the fly from a streamed source (HF streaming dataset or a large jsonl), one pass in file
-    order. DataLoader workers take every k-th row, so each row is built once. Repeats and shuffling belong to the
-    stream (e.g. `datasets`' `shuffle(buffer_size=...)`), not here."""
-
-    def __init__(self, path: str | Path, builder: SampleBuilder):
-        self.path = path
-        self.builder = builder
-
-    def __iter__(self):
-        worker = get_worker_info()
-        shard, num_shards = (worker.id, worker.num_workers) if worker else (0, 1)
-        index = 0
-        for source in sources_for(self.path):
-            for record in iter_records(source, streaming=True):
-                if index % num_shards == shard:
-                    sample = self.builder.build_indexed(record, index)
-                    if sample is not None:
-                        yield sample
-                index += 1
 
 
 def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str, Any]:

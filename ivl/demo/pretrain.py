@@ -58,8 +58,8 @@ def pretrain(out_dir: str | Path, work_dir: str | Path, num_train: int, override
     result = run_sft(config)
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
-    shutil.copytree(result["output"], out_dir)
-    summary = {k: result[k] for k in ("step", "loss", "eval_loss", "eval_exact_match") if k in result}
+    shutil.copytree(result.output, out_dir)
+    summary = {k: result.metrics[k] for k in ("step", "loss", "eval_loss", "eval_exact_match") if k in result.metrics}
     # The run's own training info names temporary data paths; keep what describes how the model was made instead.
     info = {"built_by": "python -m ivl.demo.pretrain", "train_samples": num_train, "overrides": list(overrides)}
     (out_dir / "ivl_training.json").write_text(json.dumps({**info, **summary}, indent=2) + "\n")

@@ -55,16 +55,16 @@ def run_demo(
 
     print(f"[3/4] SFT ({config.stage}: {config.loop.max_steps} steps of {config.loop.batch_size} samples)")
     result = run_sft(config)
-    after = result["eval_exact_match"]
+    after = result.metrics["eval_exact_match"]
     print(f"[4/4] validation exact-match after SFT: {after:.3f} (before {before['exact_match']:.3f}), "
-          f"loss {result['eval_loss']:.3f} (before {before['loss']:.3f})")  # fmt: skip
+          f"loss {result.metrics['eval_loss']:.3f} (before {before['loss']:.3f})")  # fmt: skip
     run = out_dir / "run"
     print(f"done in {time.perf_counter() - started:.0f}s.")
-    print(f"  trained model  {result['output']}")
+    print(f"  trained model  {result.output}")
     print(f"  metrics        {run / 'metrics.jsonl'}")
     print(f"  loss curve     {run / 'loss.png'}")
     print("Next:")
-    print(f"  ivl chat --adapter {result['output']} --image {data / 'images/validation/000000.png'} "
+    print(f"  ivl chat --adapter {result.output} --image {data / 'images/validation/000000.png'} "
           "\"What color is the object at the top left?\"")  # fmt: skip
     print(
         "  ivl data check YOUR.jsonl model.name_or_path=OpenGVLab/InternVL3-1B-hf      # your data, real token counts"
@@ -76,6 +76,6 @@ def run_demo(
         "exact_match_before": before["exact_match"],
         "exact_match_after": after,
         "loss_before": before["loss"],
-        "loss_after": result["eval_loss"],
+        "loss_after": result.metrics["eval_loss"],
         "seconds": time.perf_counter() - started,
     }

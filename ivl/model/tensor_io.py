@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,12 +158,6 @@ class TensorGroup:
         if len(outputs) != len(self.targets):
             raise ValueError(f"{self.sources} gave {len(outputs)} tensors for {len(self.targets)} targets")
         return dict(zip(self.targets, outputs, strict=True))
-
-
-def iter_converted(source: TensorSource, groups: list[TensorGroup]) -> Iterator[tuple[str, Tensor]]:
-    """(name, tensor) of every output, group by group."""
-    for group in groups:
-        yield from group.run(source).items()
 
 
 def write_shards(out_dir: Path, source: TensorSource, groups: list[TensorGroup], max_shard_bytes: int) -> list[Path]:

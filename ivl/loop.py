@@ -1,0 +1,215 @@
+"""The skeleton every training recipe's loop shares: where a run is (`TrainState`), resuming it, the log / eval / save
+cadence, the accumulate-and-step tail and the number of steps. A recipe keeps its own loop, which reads:
+
+    loop = TrainingLoop(run, "sft", layout, TrainState(skipped_rows=...))
+    batches = loop.start(partial(training_batches, run))     # resumed: the data position and RNG are the saved ones
+    for window in loop.steps(batches):                       # grad_accum micro-batches per optimizer step
+        result = accumulate_and_step(run, window, forward)   # forward + backward, clip, step, schedule, zero_grad
+        if loop.log_due(): loop.log({...})
+        if loop.eval_due(): loop.last.update(evaluate(...))
+        if loop.save_due(): loop.save({...})
+
+Nothing here knows a recipe's data or loss: `forward` and the batches come from the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sized
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ivl.model.checkpoint import load_training_checkpoint, resume_point, save_training_checkpoint
+from ivl.runtime import LoopConfig, MetricsLog, OptimConfig, progress_bar
+
+Batch = dict[str, Any]
+
+
+class RecipeConfig(Protocol):
+    optim: OptimConfig
+    loop: LoopConfig
+
+
+class TrainingRun(Protocol):
+    """What a recipe's `setup` builds that the loop needs (each recipe's `Run` dataclass has these fields)."""
+
+    config: RecipeConfig
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_steps: int
+    metrics: MetricsLog
+
+
+@dataclass
+class TrainState:
+    """Where a run is. Saved with every checkpoint (flat, in its state.json) and restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    micro_batches: int = 0  # per process: where the step-aligned sampler restarts
+    skipped_rows: int = 0  # rows left out so far (by the data check, then by collators that report `num_skipped`)
+    recipe: dict[str, Any] = field(default_factory=dict)  # the recipe's own: MPO's reward shift, the packers' states
+
+    def saved(self) -> dict[str, Any]:
+        """The state.json fields besides the step (which the checkpoint writes itself)."""
+        return {"micro_batches": self.micro_batches, "skipped_rows": self.skipped_rows, **self.recipe}
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], layout: dict[str, Any], fresh: TrainState) -> TrainState:
+        """Read back `saved()` (a state.json, which also holds the run layout); fields an older checkpoint lacks
+        keep their `fresh` values."""
+        own = {"step", "micro_batches", "skipped_rows"}
+        recipe = {k: v for k, v in saved.items() if k not in own and k not in layout}
+        return cls(saved["step"], saved.get("micro_batches", fresh.micro_batches),
+                   saved.get("skipped_rows", fresh.skipped_rows), recipe)  # fmt: skip
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, as tensors on the device (`.item()` them only when logging: each one syncs)."""
+
+    loss: torch.Tensor  # [] the step's loss, averaged over processes the way the gradients are
+    grad_norm: torch.Tensor | None  # [] total gradient norm before clipping; None with optim.max_grad_norm=0
+
+
+@dataclass
+class RunResult:
+    """What a finished training run reports: where its final adapter / model / student went and its last logged and
+    evaluated metrics. Every process returns one; only the main process prints it."""
+
+    output: str
+    metrics: dict[str, float]
+    is_main_process: bool
+
+    def summary(self) -> str:
+        """The run's summary as every launcher prints it (`ivl sft`, `python -m ...`, `accelerate launch -m ...`)."""
+        return json.dumps({"output": self.output, **self.metrics}, indent=2)
+
+
+def count_steps(loop: LoopConfig, dataset: Sized | None, num_processes: int) -> int:
+    """Optimizer steps of a run: loop.max_steps, else as many as loop.epochs over `dataset` give (the sampler drops a
+    partial global batch). `dataset` may be None (a stream) only when loop.max_steps is set."""
+    if loop.max_steps:
+        return loop.max_steps
+    batches_per_epoch = len(dataset) // (loop.batch_size * num_processes)
+    return max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
+
+
+def accumulate_and_step(
+    run: TrainingRun, window: list[Batch], forward: Callable[[Batch], torch.Tensor], autocast: bool = True
+) -> StepResult:
+    """Forward + backward over one optimizer step's micro-batches, then the update: clip the gradient norm, step the
+    optimizer and the schedule, zero the gradients.
+
+    `forward(batch)` returns the micro-batch's share of the step loss: shares summed over the micro-batches of every
+    process make num_processes x the step loss, because DDP averages gradients over processes. With `autocast` the
+    forward runs under the Accelerator's mixed-precision autocast (off: the recipe's forward places it itself)."""
+    accelerator, model = run.accelerator, run.model
+    step_loss = torch.zeros((), device=accelerator.device)
+    for index, batch in enumerate(window):
+        last = index == len(window) - 1
+        with nullcontext() if last else accelerator.no_sync(model):  # gradients all-reduce on the last one only
+            with accelerator.autocast() if autocast else nullcontext():
+                loss = forward(batch)
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+    grad_norm = None
+    if run.config.optim.max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.config.optim.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult(accelerator.reduce(step_loss, "sum") / accelerator.num_processes, grad_norm)
+
+
+class TrainingLoop:
+    """The bookkeeping around a recipe's loop: resume, the step count, cadences, logging, checkpoints.
+
+    `layout` names what the saved data position depends on besides the processes, batch sizes and seed (e.g. the
+    number of training samples): a checkpoint written with another layout is refused on resume. `fresh` is the state
+    of a run that starts from nothing."""
+
+    def __init__(self, run: TrainingRun, name: str, layout: dict[str, Any], fresh: TrainState | None = None):
+        loop, accelerator = run.config.loop, run.accelerator
+        self.run, self.name, self.config = run, name, loop
+        self.layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size,
+                       "grad_accum": loop.grad_accum, "seed": loop.seed, **layout}  # fmt: skip
+        self.state = fresh or TrainState()
+        self.last: dict[str, float] = {}  # the last logged values and what evaluation added since
+        self._clock = time.perf_counter()
+        self._progress = None
+
+    def start(self, make_batches: Callable[[TrainState], Iterator[Batch]]) -> Iterator[Batch]:
+        """Continue from the checkpoint loop.resume names (or start afresh) and return the micro-batches from there.
+
+        Ordering: `make_batches(state)` runs before the saved RNG state is restored, because creating a DataLoader
+        iterator draws its workers' base seed from the global RNG; the uninterrupted run drew it at the same point."""
+        run = self.run
+        saved: dict[str, Any] = {}
+        resume_from = resume_point(self.config.resume, self.config.output_dir, saved, self.layout)
+        if resume_from is not None:
+            self.state = TrainState.from_saved(saved, self.layout, self.state)
+        batches = make_batches(self.state)
+        if resume_from is not None:
+            load_training_checkpoint(resume_from, run.accelerator, run.model, run.optimizer, run.scheduler)
+            run.accelerator.print(f"resumed from {resume_from} at step {self.state.step}")
+        run.metrics.truncate_after(self.state.step)
+        return batches
+
+    def steps(self, batches: Iterator[Batch]) -> Iterator[list[Batch]]:
+        """Each remaining optimizer step's window of loop.grad_accum micro-batches; `state.step` already counts the
+        step being made."""
+        self._progress = progress_bar(self.run.accelerator, self.run.total_steps, self.state.step, self.name)
+        self._clock = time.perf_counter()
+        self.run.model.train()
+        try:
+            while self.state.step < self.run.total_steps:
+                window = [next(batches) for _ in range(self.config.grad_accum)]
+                self.state.micro_batches += len(window)
+                self.state.skipped_rows += sum(batch.get("num_skipped", 0) for batch in window)
+                self.state.step += 1
+                yield window
+                self._progress.update(1)
+        finally:
+            self._progress.close()
+
+    def save_due(self) -> bool:
+        return bool(self.config.save_every) and self.state.step % self.config.save_every == 0
+
+    def log_due(self) -> bool:
+        # A checkpoint closes the logging window too, so a resumed run logs the same windows as an uninterrupted one.
+        step = self.state.step
+        return step % self.config.log_every == 0 or step == self.run.total_steps or self.save_due()
+
+    def eval_due(self) -> bool:
+        """Mid-run evaluation (the final one is the recipe's, after the loop)."""
+        step, every = self.state.step, self.config.eval_every
+        return bool(every) and step % every == 0 and step < self.run.total_steps
+
+    def per_second(self, count: float) -> float:
+        """`count` things of this process since the last log, as a rate over all processes."""
+        return count * self.run.accelerator.num_processes / (time.perf_counter() - self._clock)
+
+    def log(self, values: dict[str, float], show: tuple[str, ...] = ("loss", "lr")) -> None:
+        """Write {step, values, lr} to metrics.jsonl (and the trackers), show the `show` ones on the progress bar and
+        start the next logging window."""
+        self.last = {"step": self.state.step, **values, "lr": self.run.scheduler.get_last_lr()[0]}
+        self.run.metrics.write(self.last)
+        if self._progress is not None:
+            self._progress.set_postfix({name: f"{self.last[name]:.4g}" for name in show})
+        self._clock = time.perf_counter()
+
+    def save(self, recipe_state: dict[str, Any] | None = None) -> None:
+        """A resumable checkpoint of this step (every process calls this), with the recipe's own state."""
+        self.state.recipe.update(recipe_state or {})
+        run, saved = self.run, {**self.layout, **self.state.saved()}
+        save_training_checkpoint(self.config.output_dir, self.state.step, run.accelerator, run.model, run.optimizer,
+                                 run.scheduler, saved, self.config.keep_last)  # fmt: skip
