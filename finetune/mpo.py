@@ -1,4 +1,5 @@
-"""Mixed Preference Optimization of an InternVL model (SPEC 9): L = w_p * DPO + w_q * BCO (reward shift) + w_g * SFT.
+"""Mixed Preference Optimization of an InternVL model (docs/design/mpo.md): L = w_p * DPO + w_q * BCO (reward shift) +
+w_g * SFT.
 
     ivl mpo configs/mpo/demo.yaml loop.max_steps=200
     ivl mpo configs/mpo/internvl3_1b_lora.yaml mpo.precompute_reference=true      # reference log-probs cached first
@@ -69,7 +70,7 @@ METRICS = ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewa
 
 @dataclass
 class MPOOptions:
-    """The MPO loss (SPEC 9) and its reference policy."""
+    """The MPO loss (docs/design/mpo.md) and its reference policy."""
 
     beta: float = 0.1
     preference_weight: float = 0.8  # w_p, DPO

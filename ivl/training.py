@@ -43,7 +43,7 @@ class TrainConfig:
     """The sections every fine-tuning recipe (SFT, MPO) shares: model, parts, adapter, data, loss, optimizer, loop."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    stage: Stage = "none"  # stage1 | stage1.5 | stage2 | stage2-lora presets of the part modes (SPEC 8)
+    stage: Stage = "none"  # stage1 | stage1.5 | stage2 | stage2-lora: part modes (docs/design/trainability.md)
     vision: VisionPartConfig = field(default_factory=VisionPartConfig)
     projector: PartConfig = field(default_factory=PartConfig)
     llm: PartConfig = field(default_factory=PartConfig)

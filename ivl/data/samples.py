@@ -64,10 +64,11 @@ class DataConfig:
     num_video_frames: int = 8
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     on_error: Literal["fail", "skip"] = "fail"
-    drop_repetitive: bool = False  # treat samples flagged by the repetition filters (SPEC 7) as bad rows
+    drop_repetitive: bool = False  # samples flagged as repetitive are bad rows (docs/design/data_filtering.md)
     streaming: bool = False  # read the data as a stream (no full download; needs packing); see StreamingSource
     seed: int = 0
-    # Packing (SPEC 6, ivl/data/packing.py): several samples per sequence, each attending only to itself.
+    # Packing (docs/design/packing.md, ivl/data/packing.py): several samples per sequence, each attending only to
+    # itself.
     packing: bool = False
     pack_max_tokens: int = 8192  # L_max: tokens per packed sequence (a longer sample is split between images)
     pack_max_tiles: int = 48  # T_max: image tiles per packed sequence (not data.max_tiles, which is per image)

@@ -49,7 +49,8 @@ Mode = Literal["frozen", "lora", "full"]
 AdapterKind = Literal["lora", "partial_lora"]
 Stage = Literal["none", "stage1", "stage1.5", "stage2", "stage2-lora"]
 
-# SPEC 8: stage 1 aligns the projector, stage 1.5 adds the ViT, stage 2 trains everything (or LoRA on the LLM).
+# Stages (docs/design/trainability.md): stage 1 aligns the projector, stage 1.5 adds the ViT, stage 2 trains everything
+# (or LoRA on the LLM).
 STAGES: dict[str, dict[Part, Mode]] = {
     "stage1": {"vision": "frozen", "projector": "full", "llm": "frozen"},
     "stage1.5": {"vision": "full", "projector": "full", "llm": "frozen"},
@@ -90,7 +91,7 @@ class VisionPartConfig(PartConfig):
 
 @dataclass
 class AdapterConfig:
-    """LoRA settings shared by every LoRA part (SPEC 8: r 16 for domain SFT up to 128, alpha = 2r).
+    """LoRA settings shared by every LoRA part (docs/design/trainability.md: r 16 for domain SFT up to 128, alpha = 2r).
 
     `kind: partial_lora` (InternLM-XComposer2, which used r 256): the LLM's LoRA update only at image-token
     positions, so text goes through the frozen LLM unchanged; ViT / projector LoRA stays ordinary.

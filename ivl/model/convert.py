@@ -4,12 +4,12 @@
     convert_checkpoint("my-run/merged", "my-run/merged-original", to="original")
     model = load_original_model(Path("InternVL2_5-8B"), torch.bfloat16)  # converted in memory
 
-Weights (SPEC 11): the ViT's fused `attn.qkv` is split into q/k/v (q | k | v rows), `ls1/ls2` become `lambda_1/2`,
-`mlp1.{0,1,3}` the projector; an InternLM2 LLM becomes LLaMA-structured (its interleaved `wqkv` de-interleaved, see
-`split_wqkv`); Qwen2, LLaMA and Phi-3 originals are transformers' own classes, so their LLM is only moved (Phi-3 keeps
-its fused `qkv_proj` / `gate_up_proj`, as transformers' Phi-3 does). Names are matched by role: this module holds the
-original names, `ivl.model.parts.HF_NAMES` the HF-native ones. Configs: `ivl.model.convert_config`; tokenizers:
-`ivl.model.convert_tokenizer`.
+Weights (docs/design/original_checkpoints.md): the ViT's fused `attn.qkv` is split into q/k/v (q | k | v rows),
+`ls1/ls2` become `lambda_1/2`, `mlp1.{0,1,3}` the projector; an InternLM2 LLM becomes LLaMA-structured (its interleaved
+`wqkv` de-interleaved, see `split_wqkv`); Qwen2, LLaMA and Phi-3 originals are transformers' own classes, so their LLM
+is only moved (Phi-3 keeps its fused `qkv_proj` / `gate_up_proj`, as transformers' Phi-3 does). Names are matched by
+role: this module holds the original names, `ivl.model.parts.HF_NAMES` the HF-native ones. Configs:
+`ivl.model.convert_config`; tokenizers: `ivl.model.convert_tokenizer`.
 """
 
 from __future__ import annotations

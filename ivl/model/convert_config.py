@@ -33,7 +33,8 @@ ARCHITECTURE_OF = {family: name for name, family in LLM_ARCHITECTURES.items()}
 HF_TEXT_MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "phi3": "phi3", "internlm2": "llama"}
 # The conversation template an original config names, when the HF side does not say (InternVL's own choices).
 DEFAULT_TEMPLATES = {"qwen2": "internvl2_5", "internlm2": "internlm2-chat", "phi3": "phi3-chat", "llama": "Hermes-2"}
-# InternLM2-based InternVLs use <IMG_CONTEXT> = 92546 (SPEC 11): how a LLaMA-structured HF config is told apart.
+# InternLM2-based InternVLs use <IMG_CONTEXT> = 92546 (docs/design/original_checkpoints.md): how a LLaMA-structured HF
+# config is told apart.
 INTERNLM2_IMAGE_TOKEN_ID = 92546
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -1,5 +1,6 @@
 """QLoRA's 4-bit base (bitsandbytes): the LLM in NF4 with double quantisation; ViT, projector and lm_head stay
-unquantised (SPEC 8: 4-bit ViTs lose accuracy badly). bitsandbytes is imported only when a 4-bit model is asked for.
+unquantised (4-bit ViTs lose accuracy badly: docs/design/trainability.md). bitsandbytes is imported only when a 4-bit
+model is asked for.
 """
 
 from __future__ import annotations
