@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from ivl.config import load_config
 from ivl.data.shapes import COLORS, SHAPES
-from ivl.distill.cli import run_cache
+from ivl.distill.commands import run_cache
 from ivl.distill.data import TileDataset, list_images
 from ivl.distill.evaluate import pooled_features, probe_accuracies, probe_set
 from ivl.distill.export import load_run

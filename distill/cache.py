@@ -25,9 +25,8 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -38,6 +37,7 @@ from torch.utils.data import Dataset
 from ivl.config import ConfigError
 from ivl.distill.data import TileDataset
 from ivl.distill.models import hidden_states
+from ivl.distill.options import CacheConfig
 from ivl.image import normalize
 from ivl.model.tensor_io import SAFETENSORS_DTYPES
 
@@ -47,29 +47,6 @@ PCA_FILE = "pca.safetensors"
 FP8_MAX = 448.0  # largest float8_e4m3fn value: per-token scales map each token's absmax onto it
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float8_e4m3fn": torch.float8_e4m3fn}  # fmt: skip
-
-
-@dataclass
-class CacheConfig:
-    """`ivl distill cache` settings; offline training reads `dir`."""
-
-    dir: str = ""
-    dtype: Literal["float32", "bfloat16", "float16", "float8_e4m3fn"] = "bfloat16"
-    pca_dims: int = 0  # project each layer's tokens onto its top-d principal components (0: keep the full width)
-    pca_fit_tiles: int = 256  # tiles (the first ones) whose tokens fit the PCA
-    patch_tokens: int = 0  # patch tokens kept per tile, drawn at random per tile (0: all); CLS is always kept
-    shard_tiles: int = 256
-    batch_size: int = 8  # tiles per teacher forward pass
-    seed: int = 0  # token subsampling
-    store_pixels: bool = True  # false: offline training re-cuts the tiles from data.train / data.validation
-
-    def validate(self) -> None:
-        for name in ("pca_dims", "patch_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0")
-        for name in ("pca_fit_tiles", "shard_tiles", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1")
 
 
 def data_fingerprint(dataset: TileDataset) -> str:

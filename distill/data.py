@@ -13,7 +13,6 @@ are normalised on the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,35 +24,11 @@ from ivl.config import ConfigError
 from ivl.data.chat import SampleError
 from ivl.data.records import DataSourceError, iter_records, sources_for, to_conversation
 from ivl.data.shapes import make_sample
+from ivl.distill.options import SHAPES_PREFIX, DistillDataConfig
 from ivl.image import image_to_tiles, num_tiles_for, open_image
 
-SHAPES_PREFIX = "shapes:"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 ImageRef = str | tuple[str, int]  # a file path, or (shapes split, sample index)
-
-
-@dataclass
-class DistillDataConfig:
-    """Where the training and held-out images come from, and how they become tiles."""
-
-    train: str = "shapes:train"  # a folder of images, an InternVL jsonl / meta .json, or shapes:train|validation
-    validation: str = ""  # held-out images for the cosine to the teacher (same forms); empty: no evaluation
-    max_images: int = 0  # training images used (0: all; shapes: how many to generate)
-    validation_images: int = 0  # held-out images used (0: all; shapes: how many to generate)
-    shapes_size: int = 448  # width and height of generated shapes images
-    max_tiles: int = 1  # tiles per image (dynamic tiling); 1: each image resized to one tile
-    use_thumbnail: bool = True  # with max_tiles > 1: also the thumbnail tile
-
-    def validate(self) -> None:
-        for key, spec, count in (("train", self.train, self.max_images),
-                                 ("validation", self.validation, self.validation_images)):  # fmt: skip
-            if spec.startswith(SHAPES_PREFIX) and count < 1:
-                count_key = "max_images" if key == "train" else "validation_images"
-                raise ConfigError(f"{key}={spec}: say how many shapes images to generate ({count_key}=N)")
-        if not self.train:
-            raise ConfigError("train: give a folder of images, an InternVL jsonl / meta .json, or shapes:train")
-        if self.max_tiles < 1 or self.shapes_size < 1:
-            raise ConfigError("max_tiles and shapes_size must be >= 1")
 
 
 def list_images(spec: str, limit: int) -> list[ImageRef]:

@@ -5,37 +5,17 @@ teacher's on the same images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ivl.config import ConfigError
 from ivl.data.shapes import COLORS, SHAPES, make_sample
 from ivl.distill.data import collate
 from ivl.distill.losses import LossConfig, distill_loss, token_cosines
 from ivl.distill.models import hidden_states
+from ivl.distill.options import ProbeConfig
 from ivl.image import image_to_tiles, normalize
-
-
-@dataclass
-class ProbeConfig:
-    """`ivl distill eval`: the labelled probe sets and the run to evaluate."""
-
-    run_dir: str = ""  # a distillation run's output (student/, adaptors.safetensors); default: loop.output_dir
-    label: Literal["color", "shape"] = "color"  # what the probes predict for single-object shapes images
-    train_images: int = 240  # labelled probe-training images (shapes train split)
-    test_images: int = 120  # probe-test images (shapes validation split)
-    k: int = 10  # kNN neighbours (cosine similarity, similarity-weighted vote)
-    probe_steps: int = 100  # L-BFGS iterations of the linear probe
-    batch_size: int = 32
-
-    def validate(self) -> None:
-        if min(self.train_images, self.test_images, self.k, self.probe_steps, self.batch_size) < 1:
-            raise ConfigError("train_images, test_images, k, probe_steps and batch_size must be >= 1")
 
 
 def probe_set(split: str, count: int, tile_size: int, label: str, first_index: int = 0) -> tuple[Tensor, Tensor]:

@@ -8,46 +8,12 @@ smooth-L1. Patch tokens and the CLS token are weighted separately; the supervise
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 
 from torch import Tensor
 from torch.nn import functional as F
 
-from ivl.config import ConfigError
-from ivl.distill.models import resolve_layer
-
-
-@dataclass
-class LossConfig:
-    """Which layers are matched and how the terms are weighted."""
-
-    last_k: int = 1  # match the last K student layers with the last K teacher layers, in order
-    pairs: list[list[int]] = field(default_factory=list)  # explicit [student_layer, teacher_layer] pairs (win over K)
-    cosine_weight: float = 1.0
-    smooth_l1_weight: float = 0.0
-    smooth_l1_beta: float = 1.0
-    patch_weight: float = 1.0  # weight of the mean over patch tokens
-    cls_weight: float = 1.0  # weight of the CLS token
-
-    def validate(self) -> None:
-        if self.last_k < 1:
-            raise ConfigError(f"last_k must be >= 1, got {self.last_k}")
-        if any(len(pair) != 2 for pair in self.pairs):
-            raise ConfigError(f"pairs: each entry is [student_layer, teacher_layer], got {self.pairs}")
-        weights = (self.cosine_weight, self.smooth_l1_weight, self.patch_weight, self.cls_weight)
-        if min(weights) < 0 or self.cosine_weight + self.smooth_l1_weight == 0:
-            raise ConfigError("loss weights must be >= 0 with cosine_weight or smooth_l1_weight positive")
-        if self.patch_weight + self.cls_weight == 0:
-            raise ConfigError("patch_weight and cls_weight cannot both be 0")
-        if self.smooth_l1_beta <= 0:
-            raise ConfigError("smooth_l1_beta must be positive")
-
-    def layer_pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
-        """(student, teacher) layer pairs, 0-based."""
-        pairs = self.pairs or [[-k, -k] for k in range(self.last_k, 0, -1)]
-        return [(resolve_layer(s, student_layers, "loss.pairs (student)"),
-                 resolve_layer(t, teacher_layers, "loss.pairs (teacher)")) for s, t in pairs]  # fmt: skip
+from ivl.distill.options import LossConfig
 
 
 def cosine_distance(student: Tensor, teacher: Tensor) -> Tensor:

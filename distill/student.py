@@ -5,50 +5,16 @@ for training and are dropped at export.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers import CLIPVisionModel, InternVLVisionConfig, InternVLVisionModel
+from transformers import CLIPVisionModel, InternVLVisionModel
 
-from ivl.config import ConfigError
 from ivl.distill.clip_init import clip_pixel_stats, clip_to_internvit, pre_layernorm_sigma
-from ivl.distill.models import VIT_PRESETS, build_vision_model, clip_config, hidden_states, preset_of, vision_config
+from ivl.distill.models import build_vision_model, clip_config, hidden_states, preset_of
+from ivl.distill.options import StudentConfig
 from ivl.image import normalize
 from ivl.model.load import ModelLoadError
-
-
-@dataclass
-class StudentConfig:
-    """The student's shape and initialisation."""
-
-    preset: str = "internvit-300m"  # ivl.distill.models.VIT_PRESETS: internvit-300m, tiny-student, ...
-    image_size: int = 0  # 0: the preset's (448 for the real presets); must equal the teacher's
-    activation: Literal["gelu", "quick_gelu"] = "gelu"  # InternViT-300M uses gelu, CLIP quick_gelu
-    init: Literal["scratch", "clip"] = "scratch"
-    clip: str = (
-        ""  # init=clip: CLIPVisionModel checkpoint (openai/clip-vit-large-patch14-336, a path, preset:tiny-clip)
-    )
-    pre_layernorm: Literal["fold", "drop"] = "fold"  # CLIP's pre-LayerNorm: see ivl.distill.clip_init
-    calibration_tiles: int = 32  # training tiles used to fold the pre-LayerNorm and report the cosine to CLIP
-    gradient_checkpointing: bool = False
-    init_seed: int = 0  # random initialisation (scratch, and the layer parts CLIP does not provide)
-
-    def validate(self) -> None:
-        if self.preset not in VIT_PRESETS:
-            raise ConfigError(f"preset: unknown ViT preset {self.preset!r}; known: {', '.join(VIT_PRESETS)}")
-        if self.init == "clip" and not self.clip:
-            raise ConfigError("init=clip needs clip: a CLIPVisionModel checkpoint (openai/clip-vit-large-patch14-336)")
-        if self.calibration_tiles < 1:
-            raise ConfigError("calibration_tiles must be >= 1")
-
-    def vision_config(self) -> InternVLVisionConfig:
-        overrides: dict[str, Any] = {"hidden_act": self.activation}
-        if self.image_size:
-            overrides["image_size"] = self.image_size
-        return vision_config(self.preset, **overrides)
 
 
 def load_clip(name_or_path: str, seed: int = 0) -> CLIPVisionModel:

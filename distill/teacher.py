@@ -14,9 +14,7 @@ Only the ViT's tensors are read; the LLM of a full checkpoint is never loaded.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from accelerate import init_empty_weights
@@ -24,8 +22,8 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import InternVLConfig, InternVLVisionConfig, InternVLVisionModel
 
-from ivl.config import ConfigError
-from ivl.distill.models import VISION_PREFIX, VIT_PRESETS, build_vision_model, hidden_states, preset_of, vision_config
+from ivl.distill.models import VISION_PREFIX, build_vision_model, hidden_states, preset_of, vision_config
+from ivl.distill.options import TeacherConfig
 from ivl.model.convert import checkpoint_format, conversion_rules, plan_conversion
 from ivl.model.convert_config import VISION_FIELDS, read_checkpoint_config
 from ivl.model.load import ModelLoadError, resolve_dtype
@@ -35,21 +33,6 @@ from ivl.model.tensor_io import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorGro
 ORIGINAL_VISION_PREFIX = "vision_model."
 # Where a ViT's tensors live in each checkpoint file layout; an index without any of these is a standalone ViT.
 VISION_KEY_PREFIXES = (SAVED_PREFIXES[VISION_PREFIX], VISION_PREFIX, ORIGINAL_VISION_PREFIX)
-
-
-@dataclass
-class TeacherConfig:
-    """Which InternViT teaches, and in what precision."""
-
-    name_or_path: str = "preset:tiny-teacher"  # hub id, local directory (see the module docstring) or preset:NAME
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on a bf16 GPU, else fp32
-    quantize: Literal["none", "int8"] = "none"  # int8: bitsandbytes LLM.int8() linear layers (ivl.distill.int8)
-    init_seed: int = 0  # random weights of a preset teacher
-
-    def validate(self) -> None:
-        name = preset_of(self.name_or_path)
-        if name is not None and name not in VIT_PRESETS:
-            raise ConfigError(f"name_or_path: unknown ViT preset {name!r}; known: {', '.join(VIT_PRESETS)}")
 
 
 def load_teacher(config: TeacherConfig, device: torch.device | str) -> nn.Module:

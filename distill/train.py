@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -29,46 +29,31 @@ from torch.utils.data import DataLoader
 
 from ivl.config import ConfigError, to_dict
 from ivl.data.loader import StepBatchSampler
-from ivl.distill.cache import CacheConfig, CachedTargets, CachedTiles
-from ivl.distill.data import DistillDataConfig, TileDataset, collate, list_images
-from ivl.distill.evaluate import ProbeConfig, heldout_cosine
+from ivl.distill.cache import CachedTargets, CachedTiles
+from ivl.distill.data import TileDataset, collate, list_images
+from ivl.distill.evaluate import heldout_cosine
 from ivl.distill.export import save_run
-from ivl.distill.losses import LossConfig, distill_loss
+from ivl.distill.losses import distill_loss
 from ivl.distill.models import image_size_of
-from ivl.distill.student import StudentConfig, StudentWithAdaptors, build_student
-from ivl.distill.teacher import TeacherConfig, TeacherTargets, load_teacher
+from ivl.distill.options import (
+    DistillConfig,
+    DistillDataConfig,
+)
+from ivl.distill.student import StudentWithAdaptors, build_student
+from ivl.distill.teacher import TeacherTargets, load_teacher
 from ivl.image import normalize
 from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
 from ivl.model.load import resolve_dtype
 from ivl.recipe import recipe_main
 from ivl.runtime import (
-    LoopConfig,
     MetricsLog,
-    OptimConfig,
     build_optimizer,
     build_scheduler,
+    checkpoint_activations,
     end_training,
     make_accelerator,
     start_trackers,
 )
-
-
-@dataclass
-class DistillConfig:
-    mode: Literal["online", "offline"] = "online"  # offline: teacher features from cache.dir (ivl distill cache)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DistillDataConfig = field(default_factory=DistillDataConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    eval: ProbeConfig = field(default_factory=ProbeConfig)
-
-    def validate(self) -> None:
-        if self.mode == "offline" and not self.cache.dir:
-            raise ConfigError("mode=offline reads the teacher's features from cache.dir: set it and run "
-                              "`ivl distill cache CONFIG` first")  # fmt: skip
 
 
 @dataclass
@@ -158,7 +143,7 @@ def setup(config: DistillConfig) -> Run:
         calibration = torch.stack([side.train_set[i]["pixels"] for i in range(count)])
     student, init_report = build_student(config.student, calibration)
     if config.student.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(student)
     if "cosine_to_clip" in init_report:
         cosine, pre_layernorm = init_report["cosine_to_clip"], config.student.pre_layernorm
         accelerator.print(f"student initialised from {config.student.clip}: cosine to CLIP {cosine:.4f} "
@@ -202,9 +187,8 @@ def optimizer_step(run: Run, window: list[dict[str, Any]]) -> StepResult:
 def evaluate(run: Run, step: int) -> dict[str, float]:
     if run.validation_set is None:
         return {}
-    loop = run.config.loop
     results = {"step": step, **heldout_cosine(run.model, run.validation_set, run.validation_targets, run.config.loss,
-                                              run.accelerator, loop.eval_batch_size)}  # fmt: skip
+                                              run.accelerator, run.config.eval.batch_size)}  # fmt: skip
     run.metrics.write(results)
     return results
 

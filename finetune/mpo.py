@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from ivl.data.checks import check_data
 from ivl.data.loader import StepBatchSampler
 from ivl.data.preference import PairDataset, collate_pairs
 from ivl.data.samples import SampleBuilder, SFTDataset, load_records, model_inputs
+from ivl.finetune.options import MPOConfig
 from ivl.finetune.preference import (
     ReferencePolicy,
     RewardShift,
@@ -63,39 +64,9 @@ from ivl.runtime import (
     make_accelerator,
     start_trackers,
 )
-from ivl.training import TrainConfig, checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
+from ivl.training import checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
 
 METRICS = ("loss", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
-
-
-@dataclass
-class MPOOptions:
-    """The MPO loss (docs/design/mpo.md) and its reference policy."""
-
-    beta: float = 0.1
-    preference_weight: float = 0.8  # w_p, DPO
-    quality_weight: float = 0.2  # w_q, BCO
-    generation_weight: float = 1.0  # w_g, SFT on the chosen answer
-    reward_shift: bool = True  # BCO's delta = running mean of past rewards; false: delta = 0 (TRL's bco_pair)
-    init_adapter: str | None = None  # continue training an SFT run's adapter/ (on the same base model)
-    precompute_reference: bool = False  # reference log-probs in one pass before training, cached on disk
-    reference_cache: str | None = None  # default: OUTPUT/reference_logps.pt
-
-    def validate(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"mpo.beta must be positive, got {self.beta}")
-        if min(self.preference_weight, self.quality_weight, self.generation_weight) < 0:
-            raise ConfigError("mpo.*_weight must be >= 0")
-        if self.init_adapter and not self.precompute_reference:
-            raise ConfigError(
-                "mpo.init_adapter: the reference policy is the SFT adapter you start from, which disabling the "
-                "adapter would not give; set mpo.precompute_reference=true"
-            )
-
-
-@dataclass
-class MPOConfig(TrainConfig):
-    mpo: MPOOptions = field(default_factory=MPOOptions)
 
 
 @dataclass
@@ -156,7 +127,7 @@ def _reference_logps(config: MPOConfig, run_parts: dict[str, Any], reference: Re
                  "records": [r.location for r in dataset.records]}  # fmt: skip
     key = reference_cache_key(key_parts, reference.frozen_copy or reference.model)
     pad = run_parts["tokenizer"].pad_token_id
-    compute = partial(compute_reference_logps, reference, dataset, accelerator, config.loop.eval_batch_size, pad,
+    compute = partial(compute_reference_logps, reference, dataset, accelerator, config.eval.batch_size, pad,
                       run_parts["dtype"])  # fmt: skip
     accelerator.print(f"reference log-probs: {path}")
     return load_or_compute_reference(path, key, compute, accelerator)

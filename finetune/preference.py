@@ -31,6 +31,7 @@ from ivl.data.preference import PairDataset, collate_pairs
 from ivl.data.samples import model_inputs
 from ivl.evaluate import _Shard
 from ivl.losses import supervised_tokens, token_logps
+from ivl.model.adapters import peft_wrap_quietly
 from ivl.model.forward import final_hidden_states, output_layer
 from ivl.model.partial_lora import attach_partial_lora, read_marker
 from ivl.model.parts import model_parts
@@ -114,7 +115,8 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 def continue_adapter(model: nn.Module, adapter_dir: str | Path) -> PeftModel:
     """`model` with a run's trained adapter loaded trainable (SFT -> MPO), partial LoRA restored from its marker;
     trainable weights in fp32 as `apply_trainability` keeps them."""
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    with peft_wrap_quietly():
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     marker = read_marker(adapter_dir)
     if marker is not None:
         attach_partial_lora(peft_model, marker["image_token_id"])

@@ -30,6 +30,7 @@ from ivl.data.loader import StepBatchSampler
 from ivl.data.packed_loader import PackedBatches, StreamingSource
 from ivl.data.samples import SampleBuilder, SFTDataset, collate
 from ivl.evaluate import batch_logps
+from ivl.finetune.options import SFTConfig
 from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
 from ivl.losses import target_weights, weighted_nll
 from ivl.model.adapters import (
@@ -51,12 +52,7 @@ from ivl.runtime import (
     shard_per_layer,
     start_trackers,
 )
-from ivl.training import TrainConfig, checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    """`ivl sft`'s config: the sections every fine-tuning recipe shares (`ivl.training.TrainConfig`)."""
+from ivl.training import checked_dataset, enable_gradient_checkpointing, evaluate, optimizer_groups, save
 
 
 @dataclass

@@ -14,6 +14,7 @@
     ivl data demo OUT_DIR [--train N] [--validation N]
     ivl presets                                the model presets (zoo shapes and tiny test models)
 
+`ivl COMMAND --help` lists every config option of that command; `--show-config` prints the resolved config.
 Known failures (bad config, bad data, unloadable model) end with a one-line `error:` message and exit code 2,
 never a traceback; `ivl data check` exits 1 when any row is bad.
 """
@@ -21,42 +22,57 @@ never a traceback; `ivl data check` exits 1 when any row is bad.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from dataclasses import dataclass
 
 from ivl.config import format_config, load_config
 from ivl.errors import KNOWN_ERRORS, ConfigError
-from ivl.recipe import print_result
+from ivl.recipe import OptionsParser, load_object, print_result
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
-    from ivl.finetune.sft import SFTConfig, run_sft
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe `ivl NAME CONFIG` runs: its config class and run function as "module:name". The config's
+    module is torch-free (`ivl NAME --help` lists its options at once); the run's is imported only when it runs.
+    Adding a recipe is one row in `RECIPES`."""
 
-    config = load_config(SFTConfig, args.config, args.overrides)
+    config: str
+    run: str
+    help: str
+    configs: str  # where its shipped configs are
+    example: str  # an override, for the help
+    dry_run: str = ""  # a module with dry_run(config) -> report and format_dry_run(report), if the recipe has one
+
+
+RECIPES: dict[str, Recipe] = {
+    "sft": Recipe("ivl.finetune.options:SFTConfig", "ivl.finetune.sft:run_sft",
+                  "supervised fine-tuning from a YAML config", "configs/sft/", "optim.lr=1e-4 loop.max_steps=100",
+                  dry_run="ivl.finetune.dry_run"),
+    "mpo": Recipe("ivl.finetune.options:MPOConfig", "ivl.finetune.mpo:run_mpo",
+                  "preference tuning (MPO) on chosen / rejected pairs from a YAML config", "configs/mpo/",
+                  "mpo.beta=0.1 loop.max_steps=100"),
+}  # fmt: skip
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    recipe = RECIPES[args.command]
+    config = load_config(load_object(recipe.config), args.config, args.overrides)
     if args.show_config:
         print(format_config(config), end="")
-    if args.dry_run:
-        from ivl.finetune.dry_run import dry_run, format_dry_run
-
-        report = dry_run(config)
-        print(json.dumps(report, indent=2) if args.json else format_dry_run(report))
+    if getattr(args, "dry_run", False):
+        module = importlib.import_module(recipe.dry_run)
+        report = module.dry_run(config)
+        print(json.dumps(report, indent=2) if args.json else module.format_dry_run(report))
         return 0
-    print_result(run_sft(config))
-    return 0
-
-
-def cmd_mpo(args: argparse.Namespace) -> int:
-    from ivl.finetune.mpo import MPOConfig, run_mpo
-
-    config = load_config(MPOConfig, args.config, args.overrides)
-    if args.show_config:
-        print(format_config(config), end="")
-    print_result(run_mpo(config))
+    print_result(load_object(recipe.run)(config))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ivl.evaluate import EvalConfig, run_eval
+    from ivl.evaluate import run_eval
+    from ivl.options import EvalConfig
 
     overrides = args.overrides + ([f"eval.adapter={args.adapter}"] if args.adapter else [])
     config = load_config(EvalConfig, args.config, overrides, only=("model", "data", "eval"))
@@ -83,7 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ivl.model.adapters import merge_adapter
-    from ivl.model.load import ModelConfig
+    from ivl.options import ModelConfig
 
     base = ModelConfig(name_or_path=args.base) if args.base else None
     out = merge_adapter(args.adapter, args.out, base, out_format=args.format)
@@ -116,11 +132,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from ivl.data.samples import DataConfig, SampleBuilder
+    from ivl.data.samples import SampleBuilder
     from ivl.evaluate import answer_question
     from ivl.model.adapters import load_trained
-    from ivl.model.load import ModelConfig, load_model
+    from ivl.model.load import load_model
     from ivl.model.parts import unwrap
+    from ivl.options import DataConfig, ModelConfig
 
     if not (args.base or args.adapter):
         raise ConfigError("give --base (a model), --adapter (a run's adapter/ or model/ directory), or both")
@@ -137,9 +154,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from ivl.data.checks import DataCheckConfig, check_data
+    from ivl.data.checks import check_data
     from ivl.data.samples import SampleBuilder
     from ivl.model.load import load_model_config, load_tokenizer
+    from ivl.options import DataCheckConfig
 
     config = load_config(DataCheckConfig, args.config, args.overrides, only=("model", "data"))
     if args.show_config:
@@ -189,37 +207,45 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ivl", description="Adapt InternVL models on one GPU.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = OptionsParser(
+        prog="ivl",
+        description="Adapt InternVL models on one GPU.",
+        epilog="`ivl COMMAND --help` lists the command's options (for sft, mpo, eval, distill and data check: every "
+        "config key with its type, default and help).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OptionsParser)
 
     demo = commands.add_parser("demo", help="run the built-in default job on the synthetic shapes task")
     demo.add_argument("--out-dir", default="outputs/demo")
     demo.set_defaults(handler=cmd_demo)
 
-    sft = commands.add_parser("sft", help="supervised fine-tuning from a YAML config")
-    sft.add_argument("config", help="YAML config (see configs/sft/)")
-    sft.add_argument("--show-config", action="store_true", help="print the resolved config first")
-    sft.add_argument(
-        "--dry-run", action="store_true", help="show parameter groups, LRs, adapter layout and memory; do not train"
+    for name, recipe in RECIPES.items():
+        command = commands.add_parser(name, help=recipe.help, options_of=recipe.config)
+        command.add_argument("config", help=f"YAML config (see {recipe.configs})")
+        command.add_argument("--show-config", action="store_true", help="print the resolved config (with help) first")
+        if recipe.dry_run:
+            command.add_argument(
+                "--dry-run", action="store_true", help="show parameter groups, LRs, adapter layout, memory; no training"
+            )
+            command.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
+        command.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {recipe.example}")
+        command.set_defaults(handler=cmd_recipe)
+
+    evaluate = commands.add_parser(
+        "eval", help="validation loss and greedy exact-match of a model or adapter", options_of="ivl.options:EvalConfig"
     )
-    sft.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
-    sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 loop.max_steps=100")
-    sft.set_defaults(handler=cmd_sft)
-
-    mpo = commands.add_parser("mpo", help="preference tuning (MPO) on chosen / rejected pairs from a YAML config")
-    mpo.add_argument("config", help="YAML config (see configs/mpo/)")
-    mpo.add_argument("--show-config", action="store_true", help="print the resolved config first")
-    mpo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mpo.beta=0.1 loop.max_steps=100")
-    mpo.set_defaults(handler=cmd_mpo)
-
-    evaluate = commands.add_parser("eval", help="validation loss and greedy exact-match of a model or adapter")
     evaluate.add_argument("config", help="YAML config with model / data / eval sections (an SFT config works)")
     evaluate.add_argument("--adapter", help="a run's adapter/ or model/ directory")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.exact_match_samples=100")
     evaluate.set_defaults(handler=cmd_eval)
 
-    plan = commands.add_parser("plan", help="predict a run's peak memory, itemised, and what makes it fit")
+    plan = commands.add_parser(
+        "plan",
+        help="predict a run's peak memory, itemised, and what makes it fit",
+        epilog="options: the config is a recipe's, with its keys; `ivl sft --help`, `ivl mpo --help` and "
+        "`ivl distill --help` list them.",
+    )
     plan.add_argument("config", help="an SFT, MPO or distillation YAML config")
     plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the run would train")
     plan.add_argument("--memory-gib", type=float, default=24.0, help="memory of the card (or RAM) in GiB")
@@ -264,8 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("question", nargs="+")
     chat.set_defaults(handler=cmd_chat)
 
-    data = commands.add_parser("data", help="check or generate data").add_subparsers(dest="data_command", required=True)
-    check = data.add_parser("check", help="validate every row of a jsonl / meta file / HF dataset and report")
+    data = commands.add_parser("data", help="check or generate data").add_subparsers(
+        dest="data_command", required=True, parser_class=OptionsParser
+    )
+    check = data.add_parser(
+        "check",
+        help="validate every row of a jsonl / meta file / HF dataset and report",
+        options_of="ivl.options:DataCheckConfig",
+    )
     check.add_argument("path", help="InternVL jsonl, meta .json, or HF dataset")
     check.add_argument("--config", help="a recipe config: its model and data sections are used")
     check.add_argument("--json", action="store_true", help="print the report as JSON")

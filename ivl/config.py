@@ -4,6 +4,13 @@
 
 Each section is a dataclass; a section may define `validate(self)` that raises `ConfigError` with a message that says
 what to do. Unknown keys are errors (with a did-you-mean), values are coerced to the annotated type.
+
+Every field is declared with its help, `lr: float = option(1e-4, "peak learning rate")`, and every nested section
+with `section(OptimConfig)` (its help is the class docstring's first line). The help is field metadata rather than
+attribute docstrings read back from the source (as litgpt does): it needs no source file and no parser, and it sits
+on the field itself, so `ivl sft --help` (`options_help`) and `--show-config` (`format_config`) read it directly.
+The config classes live in torch-free modules (`ivl/options.py`, `finetune/options.py`, `distill/options.py`) so
+that the help is available without importing torch.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -20,6 +28,29 @@ import yaml
 from ivl.errors import ConfigError  # noqa: F401  re-exported
 
 T = TypeVar("T")
+HELP = "help"  # the metadata key of a field's help
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with its one line of help: `lr: float = option(1e-4, "peak learning rate")`;
+    `factory=list` for a mutable default."""
+    if not help:
+        raise TypeError("option(): every config field needs its help")
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={HELP: help})
+    return dataclasses.field(default=default, metadata={HELP: help})
+
+
+def section(cls: type, factory: Callable[[], Any] | None = None, help: str = "") -> Any:
+    """A nested config section (a dataclass) with its default; its help is `help`, else the class docstring's first
+    paragraph."""
+    return dataclasses.field(default_factory=factory or cls, metadata={HELP: help or summary(cls)})
+
+
+def summary(cls: type) -> str:
+    """The first paragraph of a class docstring, on one line ('' when the class has its own none)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 def load_config(
@@ -77,6 +108,9 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         key = unknown[0]
+        renamed = getattr(cls, "RENAMED", {})  # old key -> its new dotted key, for keys that moved
+        if key in renamed:
+            raise ConfigError(f"config key '{prefix}{key}' is now '{renamed[key]}': rename it")
         hint = difflib.get_close_matches(key, list(fields), n=1)
         suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else f"; valid keys: {', '.join(fields)}"
         raise ConfigError(f"unknown config key '{prefix}{key}'{suggestion}")
@@ -90,8 +124,9 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
     if validate is not None:
         try:
             validate()
-        except ConfigError as error:
-            raise ConfigError(f"{prefix}{error}") from error
+        except ConfigError as error:  # the message names the key from inside the section, or in full already
+            message = str(error)
+            raise ConfigError(message if message.startswith(prefix) else f"{prefix}{message}") from error
     return instance
 
 
@@ -177,5 +212,95 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def format_config(config: Any) -> str:
-    """The resolved config as YAML, for printing at the start of a run and saving beside its outputs."""
-    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
+    """The resolved config as YAML with every key's help as a comment: printed by `--show-config`, and loadable
+    again as it is."""
+    return "".join(f"{line}\n" for line in _yaml_lines(config, ""))
+
+
+def _yaml_lines(config: Any, indent: str) -> list[str]:
+    lines = []
+    for field in dataclasses.fields(config):
+        value, help = getattr(config, field.name), field.metadata.get(HELP, "")
+        comment = f"  # {help}" if help else ""
+        if dataclasses.is_dataclass(value):
+            lines += [f"{indent}{field.name}:{comment}", *_yaml_lines(value, indent + "  ")]
+        else:
+            lines.append(f"{indent}{field.name}: {yaml_value(value)}{comment}")
+    return lines
+
+
+def yaml_value(value: Any) -> str:
+    """One value as inline YAML (`null`, `0.0001`, `[0.9, 0.999]`, `'preset:tiny'`)."""
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=2**31)
+    return text.removesuffix("\n").removesuffix("\n...")  # a plain scalar ends with YAML's document-end marker
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionDoc:
+    """One option of a config: its dotted key, type, default and help."""
+
+    key: str
+    type: str
+    default: str
+    help: str
+
+
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[OptionDoc]:
+    """Every option of config class `cls`, nested sections included, in declaration order. A section's own row
+    (type `section`) comes before its options."""
+    defaults = cls() if defaults is None else defaults
+    hints = typing.get_type_hints(cls)
+    docs = []
+    for field in dataclasses.fields(cls):
+        key, help = f"{prefix}{field.name}", field.metadata.get(HELP, "")
+        value, nested = getattr(defaults, field.name), _section_class(hints[field.name])
+        if nested is not None:
+            docs.append(OptionDoc(key, "section" if value is not None else "section or null", "", help))
+            docs += describe(nested, f"{key}.", value)
+        else:
+            docs.append(OptionDoc(key, type_name(hints[field.name]), yaml_value(value), help))
+    return docs
+
+
+def _section_class(hint: Any) -> type | None:
+    """The dataclass a field's type names (also through `X | None`), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        classes = [arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)]
+        return classes[0] if classes else None
+    return None
+
+
+def type_name(hint: Any) -> str:
+    """A type as a user reads it: `float`, `str or null`, `cosine|linear|constant`, `list of int`, `[float, float]`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "|".join(str(arg) for arg in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else type_name(arg) for arg in args)
+    if origin is list or (origin is tuple and args[-1:] == (Ellipsis,)):
+        return f"list of {type_name(args[0])}" if args else "list"
+    if origin is tuple:
+        return f"[{', '.join(type_name(arg) for arg in args)}]"
+    if origin is dict:
+        return "mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def options_help(cls: type, only: tuple[str, ...] = ()) -> str:
+    """The options of config class `cls` (or of its top-level sections `only`) for a command's --help: per option the
+    dotted key, type, default and help."""
+    lines = ["options (keys of the YAML config, or on the command line as section.key=value):"]
+    for doc in describe(cls):
+        if only and doc.key.split(".")[0] not in only:
+            continue
+        if doc.type.startswith("section"):
+            lines += ["", f"{doc.key}: {doc.help}" + (" (may be null)" if doc.type != "section" else "")]
+        else:
+            if "." not in doc.key and lines[-1].startswith("      "):
+                lines.append("")  # a top-level option after a section's options
+            lines += [f"  {doc.key} ({doc.type}, default {doc.default})", f"      {doc.help}"]
+    return "\n".join(lines)

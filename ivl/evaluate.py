@@ -6,7 +6,6 @@ Both shard the work across processes and reduce the sums, so the numbers do not 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,14 +14,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from ivl.config import ConfigError
 from ivl.data.chat import SampleError
 from ivl.data.packed_loader import packed_batches_of
 from ivl.data.records import DataSource, Record
 from ivl.data.samples import (
-    DataConfig,
     SampleBuilder,
     SFTDataset,
     collate,
@@ -34,9 +30,11 @@ from ivl.image import ImageError
 from ivl.losses import SupervisedTokens, supervised_tokens, token_logps
 from ivl.model.adapters import load_trained
 from ivl.model.forward import final_hidden_states, output_layer
-from ivl.model.load import ModelConfig, load_model
+from ivl.model.load import load_model
 from ivl.model.packed_attention import check_packing_support, packed_forward_inputs
 from ivl.model.parts import unwrap
+from ivl.options import EvalConfig
+from ivl.runtime import progress
 
 
 class _Shard(Dataset):
@@ -54,7 +52,7 @@ class _Shard(Dataset):
 
 
 def _progress(accelerator: Accelerator, iterable, description: str, total: int):
-    return tqdm(iterable, desc=description, total=total, leave=False, disable=not accelerator.is_main_process)
+    return progress(iterable, total, description, "batch", accelerator.is_main_process)
 
 
 def batch_logps(
@@ -161,34 +159,6 @@ def exact_match(
     return {"exact_match": counts[0].item() / max(total, 1), "samples": total, "examples": examples}
 
 
-@dataclass
-class EvalOptions:
-    adapter: str | None = None  # a run's adapter/ or model/ directory
-    batch_size: int = 8
-    exact_match_samples: int = -1  # -1: every sample, 0: loss only
-    max_new_tokens: int = 16
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError("eval.batch_size must be >= 1")
-
-
-@dataclass
-class EvalConfig:
-    """`ivl eval`: a model, or a run's adapter on its base, on a data set. An SFT config works as is (its model and
-    data sections are read)."""
-
-    model: ModelConfig | None = None  # with eval.adapter: defaults to the base recorded at training time
-    data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalOptions = field(default_factory=EvalOptions)
-
-    def validate(self) -> None:
-        if self.model is None and not self.eval.adapter:
-            raise ConfigError("give model.name_or_path, or eval.adapter (a run's adapter/ or model/ dir), or both")
-        if not (self.data.validation or self.data.train):
-            raise ConfigError("data.validation (or data.train): give the data to evaluate on")
-
-
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Loss (token-weighted over the whole set) and, unless switched off, greedy exact-match."""
     accelerator = Accelerator()
@@ -204,8 +174,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     dataset = SFTDataset(records, builder)
     result = {"data": str(path), **evaluate_loss(model, dataset, accelerator, options.batch_size,
                                                  tokenizer.pad_token_id, dtype, config.data.packing)}  # fmt: skip
-    if options.exact_match_samples:
-        subset = records if options.exact_match_samples < 0 else records[: options.exact_match_samples]
+    subset = options.exact_match_records(records)
+    if subset:
         result.update(exact_match(model, builder, subset, accelerator, options.batch_size,
                                   options.max_new_tokens, dtype))  # fmt: skip
     return result
@@ -229,8 +199,10 @@ def greedy_answers(model: nn.Module, builder: SampleBuilder, inputs: dict[str, A
     """Greedy continuations of left-padded prompts, decoded, stopping at the template's end token or EOS."""
     tokenizer = builder.tokenize.tokenizer
     end_ids = sorted({tokenizer.convert_tokens_to_ids(builder.tokenize.end_token), tokenizer.eos_token_id} - {None})
+    # No `pixel_values: None` for a text-only batch: transformers >= 5.24 runs the vision tower for any
+    # pixel_values key before generating, and fails on None.
     output = model.generate(
-        **inputs,
+        **{key: value for key, value in inputs.items() if value is not None},
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=end_ids,

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ivl.errors import ImageError  # noqa: F401  re-exported
+from ivl.options import DEFAULT_MAX_IMAGE_PIXELS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 JPEG_QUALITY_RANGE = (75, 100)  # inclusive, as InternVL's training augmentation
-DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused before decoding (decompression bombs)
 
 
 @lru_cache(maxsize=64)

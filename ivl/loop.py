@@ -27,7 +27,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from ivl.model.checkpoint import load_training_checkpoint, resume_point, save_training_checkpoint
-from ivl.runtime import LoopConfig, MetricsLog, OptimConfig, progress_bar
+from ivl.options import LoopConfig, OptimConfig
+from ivl.runtime import MetricsLog, progress_bar
 
 Batch = dict[str, Any]
 

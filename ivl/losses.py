@@ -9,7 +9,6 @@ step (all micro-batches, all ranks), so the gradient does not depend on how the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ivl.data.chat import IGNORE_INDEX
+from ivl.options import Reduction
 
 # fp32 logits elements projected at once by `token_logps` (128 MiB): 221 positions of a 151,674-entry vocabulary. A
 # chunk's logits, their fp32 copy and the softmax's temporary exist together, so the loss adds ~3x this at its peak.
@@ -49,16 +49,6 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, denominator:
 # 1/x^p. token (p = 0) lets long samples dominate, sample (p = 1) short ones; square (p = 0.5) is InternVL 2.5's default
 # between the two.
 REDUCTION_EXPONENTS: dict[str, float] = {"token": 0.0, "sample": 1.0, "square": 0.5}
-Reduction = Literal["token", "sample", "square"]
-
-
-@dataclass
-class LossConfig:
-    """How the supervised tokens of a step are averaged (docs/design/loss_reweighting.md)."""
-
-    # token: every supervised token counts the same (the kit's default: it keeps the plain token-averaged loss, whose
-    # numbers `ivl eval` reports too); sample / square: InternVL 2.5's per-sample reweighting, square its default.
-    reduction: Reduction = "token"
 
 
 def target_weights(labels: torch.Tensor, sample_tokens: torch.Tensor, reduction: Reduction) -> torch.Tensor:

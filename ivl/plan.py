@@ -256,21 +256,21 @@ def plan_distill(config, device: Device, memory_gib: float) -> Plan:
 
 def _load_sft(path: str | None, overrides: list[str]):
     from ivl.config import load_config
-    from ivl.finetune.sft import SFTConfig
+    from ivl.finetune.options import SFTConfig
 
     return load_config(SFTConfig, path, _with_train(path, overrides))
 
 
 def _load_mpo(path: str | None, overrides: list[str]):
     from ivl.config import load_config
-    from ivl.finetune.mpo import MPOConfig
+    from ivl.finetune.options import MPOConfig
 
     return load_config(MPOConfig, path, _with_train(path, overrides))
 
 
 def _load_distill(path: str | None, overrides: list[str]):
     from ivl.config import load_config
-    from ivl.distill.train import DistillConfig
+    from ivl.distill.options import DistillConfig
 
     return load_config(DistillConfig, path, overrides)
 

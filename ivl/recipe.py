@@ -1,17 +1,43 @@
 """`python -m RECIPE CONFIG.yaml [overrides]`, shared by every recipe module (what `accelerate launch -m` runs), and
-the one summary every way of launching a training run prints."""
+the command-line pieces the CLI and the recipes share: `OptionsParser` (a --help that lists a config's options),
+`load_object` (a "module:name" imported when it is needed) and `print_result` (the one summary every way of launching
+a training run prints). Torch-free."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ivl.config import load_config
+from ivl.config import load_config, options_help
 from ivl.errors import KNOWN_ERRORS
 
 if TYPE_CHECKING:  # ivl.loop imports torch: `ivl --help` must not
     from ivl.loop import RunResult
+
+
+def load_object(path: str) -> Any:
+    """`"package.module:name"` -> that object, importing the module now (and only now)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class OptionsParser(argparse.ArgumentParser):
+    """An ArgumentParser whose --help ends with every option of a config class (`options_of`, "module:Class"; only
+    its top-level sections `options_only` when given). The config's module is imported when the help is printed,
+    not before, so a command line with many recipes stays fast."""
+
+    def __init__(self, *args: Any, options_of: str = "", options_only: tuple[str, ...] = (), **kwargs: Any):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.options_of, self.options_only = options_of, options_only
+
+    def format_help(self) -> str:
+        if self.options_of:
+            self.epilog = options_help(load_object(self.options_of), self.options_only)
+        return super().format_help()
 
 
 def print_result(result: RunResult) -> None:
@@ -22,10 +48,14 @@ def print_result(result: RunResult) -> None:
 
 def recipe_main(module: str, config_class: type, run: Callable[[Any], RunResult], argv: list[str] | None) -> int:
     """Load the config, `run(config)`, report a known error in one line (exit 2), print the result's summary on the
-    main process."""
+    main process. `--help` lists the config's options."""
     argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: python -m {module} CONFIG.yaml [section.key=value ...]"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{options_help(config_class)}")
+        return 0
     if not argv or argv[0].startswith("-"):
-        print(f"usage: python -m {module} CONFIG.yaml [section.key=value ...]", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     try:
         print_result(run(load_config(config_class, argv[0], argv[1:])))

@@ -6,73 +6,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ivl.config import ConfigError
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer and learning-rate schedule. Per-part learning rates (`vision.lr` ...) override `lr`."""
-
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"  # 8-bit ones via bitsandbytes
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.03  # of the total optimizer steps
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-
-    def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-
-
-@dataclass
-class LoopConfig:
-    """Steps, batching, precision, evaluation, checkpointing and logging of a training run."""
-
-    output_dir: str = "outputs/run"
-    batch_size: int = 4  # per device, per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 0  # optimizer steps; 0: as many as `epochs` gives
-    epochs: float = 1.0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 autocast when the model is bf16
-    seed: int = 42
-    log_every: int = 10
-    eval_every: int = 0  # optimizer steps; 0: only at the end (when data.validation is set)
-    eval_batch_size: int = 8
-    exact_match_samples: int = 0  # also measure greedy exact-match on this many validation samples (short answers)
-    max_new_tokens: int = 16
-    save_every: int = 0  # optimizer steps; 0: only the final adapter / model
-    keep_last: int = 2  # resumable checkpoints kept
-    resume: str = "auto"  # auto: from the newest checkpoint in output_dir if any | never | a checkpoint directory
-    num_workers: int = 2  # DataLoader worker processes building samples
-    report_to: list[str] = field(default_factory=list)  # Accelerate trackers: tensorboard, wandb, ...
-
-    def validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.epochs <= 0:
-            raise ConfigError("loop.max_steps must be >= 0 and loop.epochs > 0")
-        if self.num_workers < 0:
-            raise ConfigError("loop.num_workers must be >= 0")
+from ivl.options import LoopConfig, OptimConfig
 
 
 def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:
@@ -166,6 +114,17 @@ def end_training(accelerator: Accelerator) -> None:
     accelerator.end_training()
 
 
+def checkpoint_activations(module: nn.Module) -> None:
+    """Recompute `module`'s activations in the backward pass (non-reentrant checkpointing). transformers 5.24 renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable` and warns on every call of the old name;
+    the 5.x releases before it have only the old one."""
+    enable = getattr(module, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
     kwargs = {"betas": tuple(optim.betas), "eps": optim.eps}
     if optim.optimizer == "adamw":
@@ -223,15 +182,64 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def progress_bar(accelerator: Accelerator, total: int, initial: int, description: str) -> tqdm:
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=description,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not accelerator.is_main_process,
-    )
+def progress_bar(accelerator: Accelerator, total: int, initial: int, description: str) -> tqdm | LogProgress:
+    """The training loop's progress, on the main process only."""
+    return progress(None, total, description, "step", accelerator.is_main_process, initial=initial)
+
+
+def progress(
+    iterable: Iterable | None, total: int, description: str, unit: str = "it", enabled: bool = True, initial: int = 0
+) -> tqdm | LogProgress:
+    """A tqdm bar on a terminal; in a log (stderr is a file or a pipe) plain periodic lines instead, which a log
+    file shows as they are rather than as a string of carriage-return frames."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, initial=initial, desc=description, unit=unit, dynamic_ncols=True,
+                    leave=iterable is None, disable=not enabled)  # fmt: skip
+    return LogProgress(iterable, total, description, unit, enabled, initial)
+
+
+class LogProgress:
+    """Progress for logs: one line `sft: 120/1000 step (12%), 2.50 step/s, loss=0.3127` when it starts, then at most
+    every `interval` seconds, and when it ends. The same calls as tqdm's that the kit uses (iterate, update,
+    set_postfix, close)."""
+
+    interval = 30.0  # seconds between lines
+
+    def __init__(self, iterable: Iterable | None, total: int, description: str, unit: str, enabled: bool, initial: int):
+        self.iterable, self.total, self.description, self.unit = iterable, total, description, unit
+        self.enabled, self.n, self.start_n, self.postfix = enabled, initial, initial, ""
+        self.start = self.last_line = time.monotonic()
+        self.printed_n: int | None = None
+        self._line()
+
+    def __iter__(self) -> Iterator:
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last_line >= self.interval:
+            self._line()
+
+    def set_postfix(self, ordered_dict: dict[str, Any] | None = None, refresh: bool = True, **values: Any) -> None:
+        self.postfix = ", ".join(f"{key}={value}" for key, value in {**(ordered_dict or {}), **values}.items())
+
+    def close(self) -> None:
+        if self.printed_n != self.n:
+            self._line()
+
+    def _line(self) -> None:
+        self.last_line, self.printed_n = time.monotonic(), self.n
+        if not self.enabled:
+            return
+        elapsed, done = self.last_line - self.start, self.n - self.start_n
+        rate = f", {done / elapsed:.2f} {self.unit}/s" if elapsed > 0 and done > 0 else ""
+        percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        postfix = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.description}: {self.n}/{self.total} {self.unit}{percent}{rate}{postfix}", file=sys.stderr,
+              flush=True)  # fmt: skip
 
 
 def plot_curves(metrics_path: str | Path, out_path: str | Path, title: str) -> Path | None:

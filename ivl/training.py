@@ -6,7 +6,6 @@ nothing here imports a recipe.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,62 +13,20 @@ from typing import Any
 from accelerate import Accelerator
 from torch import nn
 
-from ivl.config import ConfigError
 from ivl.data.chat import SampleError
 from ivl.data.checks import check_data
-from ivl.data.samples import DataConfig, SampleBuilder, SFTDataset, load_records
+from ivl.data.samples import SampleBuilder, SFTDataset, load_records
 from ivl.evaluate import evaluate_loss, exact_match
-from ivl.losses import LossConfig
 from ivl.model.adapters import (
-    AdapterConfig,
-    PartConfig,
-    Stage,
-    VisionPartConfig,
     is_peft,
     parameter_groups,
-    resolve_modes,
     save_trained,
-    validate_modes,
 )
 from ivl.model.checkpoint import export_final
-from ivl.model.load import ModelConfig
 from ivl.model.parts import model_parts
 from ivl.model.sharded import full_state_dict, is_sharded
-from ivl.runtime import LoopConfig, OptimConfig, plot_curves
-
-
-@dataclass
-class TrainConfig:
-    """The sections every fine-tuning recipe (SFT, MPO) shares: model, parts, adapter, data, loss, optimizer, loop."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    stage: Stage = "none"  # stage1 | stage1.5 | stage2 | stage2-lora: part modes (docs/design/trainability.md)
-    vision: VisionPartConfig = field(default_factory=VisionPartConfig)
-    projector: PartConfig = field(default_factory=PartConfig)
-    llm: PartConfig = field(default_factory=PartConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-
-    def validate(self) -> None:
-        if not self.data.train:
-            raise ConfigError("data.train: give the training data (InternVL jsonl, meta .json or HF dataset)")
-        if self.data.streaming and not self.data.packing:
-            raise ConfigError(
-                "data.streaming: SFT streams through the packer (its position in the stream is what resumes); "
-                "set data.packing=true too, or drop data.streaming"
-            )
-        if self.data.packing and not self.loop.max_steps:
-            raise ConfigError(
-                "data.packing: the number of packs per epoch is known only while packing; set loop.max_steps"
-            )
-        # Stage / mode conflicts and adapter constraints are config errors, reported before anything loads.
-        validate_modes(self.modes(), self.adapter, self.vision)
-
-    def modes(self) -> dict[str, str]:
-        return resolve_modes(self.stage, self.vision, self.projector, self.llm)
+from ivl.options import TrainConfig
+from ivl.runtime import checkpoint_activations, plot_curves
 
 
 def checked_dataset(path: str, builder: SampleBuilder, accelerator: Accelerator, seed: int) -> SFTDataset:
@@ -97,7 +54,7 @@ def enable_gradient_checkpointing(model: nn.Module, config: TrainConfig) -> None
         (config.llm.gradient_checkpointing, parts.llm),
     ):
         if enabled:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_activations(module)
 
 
 def optimizer_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
@@ -107,16 +64,16 @@ def optimizer_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
 
 def evaluate(run: Any, step: int) -> dict[str, float]:
     """Validation loss (and exact-match) of `run.model` on `run.validation_set`, written to `run.metrics`."""
-    loop, results = run.config.loop, {"step": step}
+    settings, results = run.config.eval, {"step": step}
     if run.validation_set is None:
         return {}
     pad = run.tokenizer.pad_token_id
-    loss = evaluate_loss(run.model, run.validation_set, run.accelerator, loop.eval_batch_size, pad, run.dtype)
+    loss = evaluate_loss(run.model, run.validation_set, run.accelerator, settings.batch_size, pad, run.dtype)
     results.update(eval_loss=loss["loss"], eval_tokens=loss["tokens"])
-    if loop.exact_match_samples:
-        records = run.validation_set.records[: loop.exact_match_samples]
-        match = exact_match(run.model, run.builder, records, run.accelerator, loop.eval_batch_size,
-                            loop.max_new_tokens, run.dtype)  # fmt: skip
+    records = settings.exact_match_records(run.validation_set.records)
+    if records:
+        match = exact_match(run.model, run.builder, records, run.accelerator, settings.batch_size,
+                            settings.max_new_tokens, run.dtype)  # fmt: skip
         results["eval_exact_match"] = match["exact_match"]
     run.metrics.write(results)
     return results

@@ -17,8 +17,8 @@ from ivl.config import ConfigError, load_config
 from ivl.data.shapes import write_dataset
 from ivl.distill.cache import CachedTiles, kept_tokens
 from ivl.distill.cli import main as distill_main
-from ivl.distill.cli import run_cache, run_eval
 from ivl.distill.clip_init import CLIP_LAYER_ROLES, clip_pixel_stats, clip_to_internvit, pre_layernorm_sigma
+from ivl.distill.commands import run_cache, run_eval
 from ivl.distill.data import DistillDataConfig, TileDataset, list_images
 from ivl.distill.evaluate import knn_accuracy, linear_probe_accuracy
 from ivl.distill.export import place_into_internvl
@@ -198,7 +198,7 @@ def distill_args(tmp_path) -> list[str]:
         "data.validation=shapes:validation", "data.validation_images=16", f"data.shapes_size={TILE}",
         f"cache.dir={tmp_path / 'cache'}", "cache.dtype=float32", "cache.shard_tiles=24", "optim.lr=3e-3",
         "optim.warmup_ratio=0", "loop.batch_size=8", "loop.max_steps=8", "loop.log_every=1", "loop.num_workers=0",
-        "loop.eval_batch_size=16", f"loop.output_dir={tmp_path / 'run'}", "eval.train_images=48", "eval.test_images=24",
+        "eval.batch_size=16", f"loop.output_dir={tmp_path / 'run'}", "eval.train_images=48", "eval.test_images=24",
     ]  # fmt: skip
 
 

@@ -268,7 +268,7 @@ def _shift(checkpoint):
 
 
 def test_recipe_trains_logs_checkpoints_and_resumes_with_the_same_reward_shift(pairs, tmp_path):
-    overrides = ("loop.max_steps=4", "loop.save_every=2", "loop.keep_last=5", "loop.exact_match_samples=4",
+    overrides = ("loop.max_steps=4", "loop.save_every=2", "loop.keep_last=5", "eval.exact_match_samples=4",
                  f"data.validation={pairs / 'validation.jsonl'}")  # fmt: skip
     result = run_mpo(tiny_mpo(pairs, tmp_path, *overrides))
     steps = [r for r in _records(tmp_path) if "rewards_accuracy" in r]

@@ -194,7 +194,7 @@ def test_bad_rows_fail_before_training_or_are_skipped_and_counted(shapes, tmp_pa
 
 
 def test_cli_eval_reports_token_weighted_loss_and_exact_match(shapes, tmp_path, capsys):
-    result = run_sft(sft_config(shapes, tmp_path / "run", "loop.exact_match_samples=8"))
+    result = run_sft(sft_config(shapes, tmp_path / "run", "eval.exact_match_samples=8"))
     config = tmp_path / "eval.yaml"
     config.write_text(f"data: {{validation: {shapes / 'validation.jsonl'}, max_tiles: 1, use_thumbnail: false}}\n")
     capsys.readouterr()

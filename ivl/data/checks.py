@@ -20,20 +20,10 @@ from ivl.data.chat import SampleError
 from ivl.data.filters import repetition_flags
 from ivl.data.preference import is_preference_row, measure_pair
 from ivl.data.records import DataSourceError, iter_records, sources_for
-from ivl.data.samples import DataConfig, SampleBuilder
+from ivl.data.samples import SampleBuilder
 from ivl.image import ImageError
-from ivl.model.load import ModelConfig
 
 MAX_LISTED = 50  # bad rows printed in full; the JSON report has them all
-
-
-@dataclass
-class DataCheckConfig:
-    """What `ivl data check` reads: the `model` (for tile size, tokens per tile, tokenizer) and `data` sections of
-    any recipe config. The default model has InternVL's real geometry: 448 px tiles, 256 tokens per tile."""
-
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="preset:tiny"))
-    data: DataConfig = field(default_factory=DataConfig)
 
 
 @dataclass

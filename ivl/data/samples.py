@@ -11,9 +11,8 @@ skips the float expansion (which dominated its time). The model only ever sees n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +20,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from ivl.config import ConfigError
 from ivl.data.chat import (
     IGNORE_INDEX,
-    TEMPLATE_CHOICES,
     Conversation,
     ConversationTokenizer,
     SampleError,
@@ -34,7 +31,6 @@ from ivl.data.chat import (
 from ivl.data.filters import repetition_flags
 from ivl.data.records import Record, iter_records, repeat_records, sources_for, to_conversation
 from ivl.image import (
-    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageError,
@@ -47,56 +43,7 @@ from ivl.image import (
     tiles_per_image,
 )
 from ivl.model.load import tile_size, tokens_per_tile
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how samples are built from it."""
-
-    train: str | None = None  # InternVL jsonl, meta .json, or HF dataset (saved dir, data file, or hub id)
-    validation: str | None = None
-    template: str = "auto"  # auto | tokenizer | internvl2_5 | internlm2-chat | Hermes-2 | phi3-chat
-    max_length: int = 4096  # tokens after image expansion; longer samples are bad rows, never truncated
-    min_tiles: int = 1
-    max_tiles: int = 6  # InternVL's max_dynamic_patch; a meta file entry's max_dynamic_patch overrides it
-    use_thumbnail: bool = True
-    jpeg_augment: bool | None = None  # None: as each meta entry's data_augment says
-    num_video_frames: int = 8
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    on_error: Literal["fail", "skip"] = "fail"
-    drop_repetitive: bool = False  # samples flagged as repetitive are bad rows (docs/design/data_filtering.md)
-    streaming: bool = False  # read the data as a stream (no full download; needs packing); see StreamingSource
-    seed: int = 0
-    # Packing (docs/design/packing.md, ivl/data/packing.py): several samples per sequence, each attending only to
-    # itself.
-    packing: bool = False
-    pack_max_tokens: int = 8192  # L_max: tokens per packed sequence (a longer sample is split between images)
-    pack_max_tiles: int = 48  # T_max: image tiles per packed sequence (not data.max_tiles, which is per image)
-    pack_buffer_size: int = 64  # unfinished packs kept while searching for the longest sample that fits
-
-    def validate(self) -> None:
-        if self.template not in TEMPLATE_CHOICES:
-            raise ConfigError(f"template: {self.template!r} is not one of {', '.join(TEMPLATE_CHOICES)}")
-        if not 1 <= self.min_tiles <= self.max_tiles:
-            raise ConfigError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles} and {self.max_tiles}")
-        if self.max_length < 16:
-            raise ConfigError(f"max_length: {self.max_length} is too short for any chat sample")
-        if not 1 <= self.num_video_frames <= 64:
-            raise ConfigError("num_video_frames: use 8-32 frames as InternVL does")
-        if self.packing:
-            self._validate_packing()
-
-    def _validate_packing(self) -> None:
-        image_tiles = self.max_tiles + (1 if self.use_thumbnail and self.max_tiles > 1 else 0)
-        if self.pack_max_tiles < image_tiles:
-            raise ConfigError(
-                f"pack_max_tiles: {self.pack_max_tiles} cannot hold one image of max_tiles {self.max_tiles}"
-                f"{' + thumbnail' if image_tiles > self.max_tiles else ''} ({image_tiles} tiles): raise it"
-            )
-        if self.pack_max_tokens < 16:
-            raise ConfigError(f"pack_max_tokens: {self.pack_max_tokens} is too short for any chat sample")
-        if self.pack_buffer_size < 1:
-            raise ConfigError(f"pack_buffer_size: {self.pack_buffer_size} must be >= 1")
+from ivl.options import DataConfig
 
 
 class SampleBuilder:

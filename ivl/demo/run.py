@@ -13,8 +13,9 @@ from pathlib import Path
 from ivl.config import load_config
 from ivl.data.shapes import write_dataset
 from ivl.demo.pretrain import IMAGE_SIZE, demo_base_path
-from ivl.evaluate import EvalConfig, EvalOptions, run_eval
+from ivl.evaluate import run_eval
 from ivl.finetune.sft import SFTConfig, run_sft
+from ivl.options import EvalConfig, EvalOptions
 
 
 def demo_config_path() -> Path:
@@ -45,9 +46,9 @@ def run_demo(
             model=config.model,
             data=config.data,
             eval=EvalOptions(
-                batch_size=64,
-                exact_match_samples=config.loop.exact_match_samples,
-                max_new_tokens=config.loop.max_new_tokens,
+                batch_size=config.eval.batch_size,
+                exact_match_samples=config.eval.exact_match_samples,
+                max_new_tokens=config.eval.max_new_tokens,
             ),
         )
     )

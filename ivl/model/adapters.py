@@ -14,7 +14,9 @@ the whole model is saved. Trainable parameters are kept in fp32 (master weights)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -44,10 +46,7 @@ from ivl.model.parts import (
     vision_depth,
     vision_layer_module,
 )
-
-Mode = Literal["frozen", "lora", "full"]
-AdapterKind = Literal["lora", "partial_lora"]
-Stage = Literal["none", "stage1", "stage1.5", "stage2", "stage2-lora"]
+from ivl.options import AdapterConfig, Mode, PartConfig, VisionPartConfig
 
 # Stages (docs/design/trainability.md): stage 1 aligns the projector, stage 1.5 adds the ViT, stage 2 trains everything
 # (or LoRA on the LLM).
@@ -61,62 +60,15 @@ STAGES: dict[str, dict[Part, Mode]] = {
 DEFAULT_MODES: dict[Part, Mode] = STAGES["stage2-lora"]
 
 
-@dataclass
-class PartConfig:
-    """How one model part trains. `mode` unset: as the stage says (or the default LoRA recipe)."""
-
-    mode: Mode | None = None
-    lr: float | None = None  # None: optim.lr
-    gradient_checkpointing: bool = False  # recompute this part's activations in the backward pass
-
-    def validate(self) -> None:
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-
-
-@dataclass
-class VisionPartConfig(PartConfig):
-    unfreeze_last_layers: int = 0  # with mode frozen: train the last N ViT layers fully
-    # Layer-wise LR decay (InternLM-XComposer2): ViT layer i of L (1-based) trains at lr * decay^(L - i), the
-    # embeddings at lr * decay^L, anything after the last layer at lr. 1.0: off; XComposer2 used 0.9.
-    lr_layer_decay: float = 1.0
-
-    def validate(self) -> None:
-        super().validate()
-        if self.unfreeze_last_layers < 0:
-            raise ConfigError("vision.unfreeze_last_layers must be >= 0")
-        if not 0 < self.lr_layer_decay <= 1:
-            raise ConfigError(f"vision.lr_layer_decay must be in (0, 1] (1 turns it off), got {self.lr_layer_decay}")
-
-
-@dataclass
-class AdapterConfig:
-    """LoRA settings shared by every LoRA part (docs/design/trainability.md: r 16 for domain SFT up to 128, alpha = 2r).
-
-    `kind: partial_lora` (InternLM-XComposer2, which used r 256): the LLM's LoRA update only at image-token
-    positions, so text goes through the frozen LLM unchanged; ViT / projector LoRA stays ordinary.
-    """
-
-    kind: AdapterKind = "lora"
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    use_dora: bool = False
-    use_rslora: bool = False
-    qlora: bool = False  # the LLM in 4-bit NF4 (double quantisation) via bitsandbytes; ViT and projector unquantised
-    llm_targets: list[str] = field(default_factory=list)  # LLM linear layers to adapt; empty: the family's full set
-    llm_layers: list[int] = field(default_factory=list)  # LLM decoder layers (0-based) to adapt; empty: all
-
-    def validate(self) -> None:
-        if self.r < 1 or self.alpha < 1:
-            raise ConfigError(f"adapter.r and adapter.alpha must be >= 1, got {self.r} and {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
-        if self.kind == "partial_lora" and self.use_dora:
-            raise ConfigError(
-                "adapter.use_dora: DoRA rescales the whole weight matrix, so it cannot be limited to image tokens; "
-                "drop use_dora or use adapter.kind=lora"
-            )
+@contextmanager
+def peft_wrap_quietly() -> Iterator[None]:
+    """PEFT (0.21 and before) reads `model.is_gradient_checkpointing` when it wraps a model; transformers 5 renamed
+    that property `is_activation_checkpointing` and warns (FutureWarning) on every read of the old name, so every
+    adapter load and training run printed the warning. Both names give the same value: only that one warning is
+    silenced, and only while PEFT wraps a model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def resolve_modes(stage: str, vision: PartConfig, projector: PartConfig, llm: PartConfig) -> dict[Part, Mode]:
@@ -184,7 +136,8 @@ def apply_trainability(
             target_modules=lora_target_regex(model, lora_parts, tuple(adapter.llm_targets), tuple(adapter.llm_layers)),
             modules_to_save=full_modules or None,
         )
-        model = get_peft_model(model, config)
+        with peft_wrap_quietly():
+            model = get_peft_model(model, config)
         if adapter.kind == "partial_lora":
             attach_partial_lora(model, unwrap(model).config.image_token_id)
     else:
@@ -282,7 +235,8 @@ def load_trained(path: str | Path, base: ModelConfig | None = None, device=None)
         return model, tokenizer, info
     model, _ = load_model(_recorded_base(path, info, base), device, quantize_llm=bool(info.get("qlora")))
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))
-    peft_model = PeftModel.from_pretrained(model, path).eval()
+    with peft_wrap_quietly():
+        peft_model = PeftModel.from_pretrained(model, path).eval()
     marker = read_marker(path)
     if marker is not None:
         if marker["image_token_id"] != model.config.image_token_id:
@@ -325,7 +279,8 @@ def merge_adapter(
     model, _ = load_model(_recorded_base(adapter_dir, info, base), quantize_llm=bool(info.get("qlora")))
     if info.get("qlora"):
         model = model.dequantize()  # transformers swaps each 4-bit linear for a plain one with the dequantised weight
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    with peft_wrap_quietly():
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)))
     if out_format == "original":
         from ivl.model.convert import save_model_as_original

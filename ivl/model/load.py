@@ -12,40 +12,18 @@ ones for tests and the demo, zoo ones at real size for GPU benchmarks and the me
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
-from ivl.config import ConfigError
 from ivl.errors import ModelLoadError  # noqa: F401  re-exported
-from ivl.model.presets import PRESETS, demo_tokenizer_path, preset_config
+from ivl.model.presets import demo_tokenizer_path, preset_config
 from ivl.model.presets import tokens_per_tile_of as _tokens_per_tile_of
+from ivl.options import ModelConfig
 
 PRESET_PREFIX = "preset:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class ModelConfig:
-    """Which model to adapt, and how to load it."""
-
-    name_or_path: str = "preset:tiny-112"  # hub id, local directory, or preset:NAME
-    tokenizer: str | None = None  # defaults to the model's own (the shipped demo tokenizer for presets)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a bf16-capable GPU, else fp32
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
-    trust_remote_code: bool = False
-    init_seed: int = 0  # random initialisation of presets
-
-    def validate(self) -> None:
-        if self.name_or_path.startswith(PRESET_PREFIX):
-            name = self.name_or_path[len(PRESET_PREFIX) :]
-            if name not in PRESETS:
-                raise ConfigError(f"name_or_path: unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-        if not self.name_or_path:
-            raise ConfigError("name_or_path: give a hub id (OpenGVLab/InternVL3-1B-hf), a local path or preset:NAME")
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
