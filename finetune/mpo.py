@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,11 @@ from ivl.loop import RunResult, TrainingLoop, TrainState, accumulate_and_step, c
 from ivl.losses import mpo_loss, num_supervised_tokens
 from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
 from ivl.model.checkpoint import read_training_info
+from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
+from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_logits_caught
 from ivl.model.quantize import keep_training_layout
+from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.runtime import (
     MetricsLog,
@@ -88,6 +91,7 @@ class Run:
     dtype: torch.dtype
     metrics: MetricsLog
     info: dict[str, Any]
+    router_losses: list[torch.Tensor] = field(default_factory=list)  # this logging window's (MoE LLM), for the metrics
 
 
 def _checked_pairs(path: str, builder: SampleBuilder, accelerator: Accelerator, seed: int) -> PairDataset:
@@ -109,6 +113,7 @@ def _build_model(config: MPOConfig, accelerator: Accelerator) -> tuple[nn.Module
         info.update({k: v for k, v in read_training_info(config.mpo.init_adapter).items() if k != "base_model"})
         info["recipe"] = "mpo"
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=bool(info["qlora"]))
+    info["base_fingerprint"] = weights_fingerprint([model])  # of the base as loaded, before any adapter or update
     if info["qlora"]:
         keep_training_layout(model)
     enable_gradient_checkpointing(model, config)
@@ -179,7 +184,8 @@ def forward_loss(run: Run, batch: dict[str, Any], shift: float, pairs_per_proces
     inputs = model_inputs(batch, run.accelerator.device, run.dtype)
     labels = inputs.pop("labels")
     pairs = len(batch["indices"])
-    policy = pair_logps(run.model, inputs, labels)  # [2B]: chosen rows, then rejected rows
+    with router_logits_caught(run.model, enabled=run.info["modes"]["llm"] != "frozen") as router_logits:
+        policy = pair_logps(run.model, inputs, labels)  # [2B]: chosen rows, then rejected rows
     if run.reference_logps is not None:
         ref = run.reference_logps[torch.tensor(batch["indices"], device=labels.device)].T.flatten()
     else:
@@ -195,12 +201,17 @@ def forward_loss(run: Run, batch: dict[str, Any], shift: float, pairs_per_proces
                              reward_shift=shift)  # fmt: skip
     metrics["loss"] = loss.detach()
     sums = torch.stack([metrics[name] * pairs for name in METRICS] + [metrics["reward_sum"], metrics["reward_count"]])
+    if router_logits:  # a mixture-of-experts LLM that trains: its routers' load-balancing loss, as in SFT
+        aux = load_balancing_loss(run.model, router_logits, inputs.get("attention_mask"))
+        run.router_losses.append(aux.detach())
+        return loss * scale + router_aux_coefficient(run.model) * aux / run.config.loop.grad_accum, sums
     return loss * scale, sums
 
 
-def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift) -> dict[str, float]:
-    """Forward + backward over the step's micro-batches, one optimizer update, one reward-shift update; returns the
-    step's metrics (pair-weighted means over all processes)."""
+def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift, step: int) -> dict[str, float] | None:
+    """Forward + backward over the step's micro-batches, one optimizer update, one reward-shift update (step number
+    `step`); returns the step's metrics (pair-weighted means over all processes), or None when the step was not
+    finite and skipped (loop.on_nonfinite=skip: neither the weights nor the reward shift take it)."""
     accelerator = run.accelerator
     kept = [b for b in window if b["input_ids"] is not None]
     local_pairs = sum(len(b["indices"]) for b in kept)
@@ -217,7 +228,8 @@ def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift) -
         sums.add_(batch_sums.float())
         return loss
 
-    accumulate_and_step(run, window, forward)
+    if not accumulate_and_step(run, window, forward, step).applied:
+        return None
     sums = accelerator.reduce(sums.double(), "sum")
     step_metrics = {name: (sums[i] / global_pairs.clamp(min=1)).item() for i, name in enumerate(METRICS)}
     if run.config.mpo.reward_shift:
@@ -234,11 +246,21 @@ def train(run: Run) -> dict[str, float]:
     window_metrics, tokens = [], 0
     for window in loop.steps(batches):
         tokens += sum(int(b["attention_mask"].sum()) for b in window if b["input_ids"] is not None)
-        window_metrics.append(optimizer_step(run, window, shift))
+        step_metrics = optimizer_step(run, window, shift, loop.state.step)
+        if step_metrics is None:  # loop.on_nonfinite=skip
+            loop.state.nonfinite_steps += 1
+        else:
+            window_metrics.append(step_metrics)
         if loop.log_due():
-            means = {name: sum(m[name] for m in window_metrics) / len(window_metrics) for name in METRICS}
-            loop.log({**means, "reward_shift": shift.mean, "tokens_per_second": loop.per_second(tokens),
-                      "skipped_rows": loop.state.skipped_rows}, show=("loss", "rewards_accuracy", "rewards_margin"))
+            # A window whose every step was skipped (loop.on_nonfinite=skip) logs no loss.
+            means = {name: sum(m[name] for m in window_metrics) / len(window_metrics)
+                     for name in METRICS if window_metrics}  # fmt: skip
+            if run.router_losses:  # mixture-of-experts LLM: the load-balancing loss (unweighted), mean of the window
+                means["router_aux_loss"] = run.accelerator.reduce(torch.stack(run.router_losses).mean(), "mean").item()
+                run.router_losses.clear()
+            values = {**means, "reward_shift": shift.mean, "tokens_per_second": loop.per_second(tokens),
+                      "skipped_rows": loop.state.skipped_rows}  # fmt: skip
+            loop.log(values, show=("loss", "rewards_accuracy", "rewards_margin"))
             window_metrics, tokens = [], 0
         if loop.eval_due():
             loop.last.update(evaluate(run, loop.state.step))
@@ -259,10 +281,11 @@ def training_batches(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
 
 
 def run_mpo(config: MPOConfig) -> RunResult:
-    run = setup(config)
-    metrics = train(run)
-    out_dir = save(run, "MPO")
-    end_training(run.accelerator)
+    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
+        run = setup(config)
+        metrics = train(run)
+        out_dir = save(run, "MPO")
+        end_training(run.accelerator)
     return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
 
 

@@ -9,6 +9,7 @@ acts; `ivl <recipe> --help`, `--show-config` and the field-help test pick it up.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,7 +94,11 @@ class AdapterConfig:
     use_dora: bool = option(False, "DoRA: weight-decomposed LoRA (not with partial_lora)")
     use_rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
     qlora: bool = option(False, "the LLM in 4-bit NF4 (double quantisation) via bitsandbytes; ViT, projector as is")
-    llm_targets: list[str] = option(help="LLM linear layers to adapt; empty: the family's full set", factory=list)
+    llm_targets: list[str] = option(
+        help="LLM layers to adapt: linear layers by name, and in a mixture-of-experts LLM experts.gate_up_proj, "
+        "experts.down_proj, router; empty: every linear layer of the family and the experts (not the router)",
+        factory=list,
+    )
     llm_layers: list[int] = option(help="LLM decoder layers (0-based) to adapt; empty: all", factory=list)
 
     def validate(self) -> None:
@@ -114,7 +119,9 @@ class DataConfig:
 
     train: str | None = option(None, "InternVL jsonl, meta .json, or HF dataset (saved dir, data file, or hub id)")
     validation: str | None = option(None, "held-out data, same forms as train; null: no evaluation")
-    template: str = option("auto", "auto | tokenizer | internvl2_5 | internlm2-chat | Hermes-2 | phi3-chat")
+    template: str = option(
+        "auto", "auto | tokenizer | internvl2_5 | internlm2-chat | Hermes-2 | phi3-chat | internvl3_5 (thinking mode)"
+    )
     max_length: int = option(4096, "tokens after image expansion; longer samples are bad rows, never truncated")
     min_tiles: int = option(1, "fewest tiles per image (dynamic tiling)")
     max_tiles: int = option(6, "most tiles per image (InternVL's max_dynamic_patch; a meta entry's overrides it)")
@@ -194,8 +201,8 @@ class OptimConfig:
     max_grad_norm: float = option(1.0, "gradient-norm clipping; 0 turns it off")
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr must be a finite positive number, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -219,8 +226,15 @@ class LoopConfig:
     eval_every: int = option(0, "optimizer steps between evaluations (the eval section); 0: only at the end")
     save_every: int = option(0, "optimizer steps between resumable checkpoints; 0: only the final adapter / model")
     keep_last: int = option(2, "resumable checkpoints kept")
-    resume: str = option("auto", "auto: from the newest checkpoint in output_dir, if any | never | a checkpoint dir")
+    resume: str = option(
+        "auto",
+        "auto: from the newest good checkpoint in output_dir, if any, of the same run (config, base weights) | "
+        "force: that checkpoint even if the config or base changed | never | a checkpoint dir",
+    )
     num_workers: int = option(2, "DataLoader worker processes building samples")
+    on_nonfinite: Literal["stop", "skip"] = option(
+        "stop", "a step whose loss / gradient norm is inf or NaN: stop the run there | skip that update (counted)"
+    )
     report_to: list[str] = option(help="Accelerate trackers: tensorboard, wandb, ...", factory=list)
 
     # What evaluates, and how, is the eval section's: one name for the evaluation batch size everywhere.

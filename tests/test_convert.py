@@ -538,7 +538,7 @@ def test_without_sentencepiece_the_internlm2_tokenizer_is_copied_and_said_so(tmp
 
 
 @pytest.mark.slow
-def test_converted_original_trains_merges_and_converts_back(tmp_path, tokenizer):
+def test_converted_original_trains_merges_and_converts_back(tmp_path, tokenizer, capsys):
     from test_sft import tiny_run
 
     from ivl.config import load_config
@@ -550,8 +550,11 @@ def test_converted_original_trains_merges_and_converts_back(tmp_path, tokenizer)
     write_dataset(tmp_path / "shapes", num_train=8, num_validation=4, width=112, height=112)
     overrides = [*tiny_run(tmp_path / "shapes"), f"model.name_or_path={tmp_path / 'orig'}", "loop.max_steps=2"]
     result = run_sft(load_config(SFTConfig, None, [*overrides, "loop.batch_size=4", f"loop.output_dir={tmp_path}/run"]))
+    (tmp_path / "orig" / "modeling_internvl_chat.py").write_text("# the original's remote code travels along\n")
     merge = ["merge", "--adapter", result.output, "--out", str(tmp_path / "merged"), "--format", "original"]
     assert cli_main(merge) == 0
+    assert (tmp_path / "merged" / "modeling_internvl_chat.py").is_file()  # carried from the base: nothing to note
+    assert "note:" not in capsys.readouterr().err
     merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert merged_config["llm_config"]["architectures"] == ["InternLM2ForCausalLM"]
     assert merged_config["template"] == "internlm2-chat" and merged_config["vision_config"]["drop_path_rate"] == 0.1

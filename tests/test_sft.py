@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import InternVLForConditionalGeneration
+from transformers import AutoImageProcessor, InternVLForConditionalGeneration
 
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config
@@ -92,6 +92,8 @@ def test_full_training_without_lora_saves_a_whole_model(shapes, tmp_path):
     result = run_sft(sft_config(shapes, tmp_path, "stage=stage1.5"))
     assert result.output.endswith("model")
     reloaded = InternVLForConditionalGeneration.from_pretrained(result.output)
+    image_processor = AutoImageProcessor.from_pretrained(result.output)  # the processor files travel with it
+    assert image_processor.size["height"] == 112 and image_processor.max_patches == 1  # tiny-112, data.max_tiles=1
     # Loading the run's output with an explicit base config still loads the trained weights, not the base.
     with_base, _, _ = load_trained(result.output, ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
     assert all(torch.equal(p, dict(with_base.named_parameters())[n]) for n, p in reloaded.named_parameters())
@@ -275,4 +277,4 @@ def test_gradient_checkpointing_gives_the_same_losses(shapes, tmp_path):
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/sft/*.yaml")), ids=lambda p: p.name)
 def test_shipped_sft_configs_are_valid(path):
     config = load_config(SFTConfig, path)
-    assert config.model.name_or_path.startswith("OpenGVLab/") and config.model.name_or_path.endswith("-hf")
+    assert config.model.name_or_path.startswith("OpenGVLab/") and config.model.name_or_path.endswith(("-hf", "-HF"))

@@ -20,8 +20,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from ivl.config import ConfigError
 from ivl.data.chat import (
     IGNORE_INDEX,
+    IMG_CONTEXT,
     Conversation,
     ConversationTokenizer,
     SampleError,
@@ -56,6 +58,14 @@ class SampleBuilder:
         self.tokenize = ConversationTokenizer(
             tokenizer, resolve_template(data.template, tokenizer), self.tokens_per_tile
         )
+        # The image token is whatever the checkpoint says (InternVL3: 151667, InternVL3.5: 151671): tokenizer and
+        # model config must agree, or the image features would land nowhere.
+        model_token = getattr(model_config, "image_token_id", None)
+        if model_token is not None and model_token != self.tokenize.image_token_id:
+            raise ConfigError(
+                f"model.tokenizer: its {IMG_CONTEXT} is id {self.tokenize.image_token_id} but the model's config says "
+                f"image_token_id {model_token}; use the checkpoint's own tokenizer"
+            )
 
     def conversation(self, record: Record) -> Conversation:
         conversation = to_conversation(record)
@@ -87,14 +97,15 @@ class SampleBuilder:
         self._check_length(input_ids, labels)
         return {"input_ids": input_ids, "labels": labels, "tiles": tiles, "num_tiles": num_tiles}
 
-    def build_prompt(self, record: Record) -> dict[str, Any]:
+    def build_prompt(self, record: Record, thinking: bool | None = None) -> dict[str, Any]:
         """A generation prompt from a record: its conversation up to the last assistant reply, which becomes the
-        `reference` answer (empty if the record has none). No augmentation."""
+        `reference` answer (empty if the record has none). No augmentation. `thinking`: see
+        `ConversationTokenizer.prompt`."""
         conversation = self.conversation(record)
         last = conversation.messages[-1] if conversation.messages else None
         reference = last["content"] if last and last["role"] == "assistant" else ""
         tiles, num_tiles = self._tiles(record, conversation, None, augment=False)
-        input_ids = self.tokenize.prompt(conversation, num_tiles)
+        input_ids = self.tokenize.prompt(conversation, num_tiles, thinking)
         return {"input_ids": input_ids, "tiles": tiles, "num_tiles": num_tiles, "reference": reference}
 
     def _tiles(
@@ -130,11 +141,12 @@ class SampleBuilder:
         """`build` as datasets call it: augmentation seeded by (seed, index), so it is reproducible across workers and
         resumes; a bad row raises with its `file:line`, or gives None under `on_error: skip`."""
         try:
-            return self.build(record, np.random.default_rng([self.data.seed, index]))
+            sample = self.build(record, np.random.default_rng([self.data.seed, index]))
         except (SampleError, ImageError) as error:
             if self.data.on_error == "skip":
                 return None
             raise SampleError(f"{record.location}: {error}") from error
+        return {**sample, "location": record.location}  # `file:line`, to name the rows of a diverging step
 
     def measure(self, record: Record) -> dict[str, Any]:
         """Token and tile counts of a sample, decoding every image once (to catch unreadable files) but not tiling."""
@@ -187,7 +199,8 @@ class SFTDataset(Dataset):
 
 def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str, Any]:
     """Right-pad a batch: input_ids / labels / attention_mask [B, T]; sample_tokens [B, T] each row's supervised-target
-    count (0 on padding; the loss weights 1/x^p read it); tiles uint8 [sum of tiles, 3, S, S] or None."""
+    count (0 on padding; the loss weights 1/x^p read it); tiles uint8 [sum of tiles, 3, S, S] or None; locations the
+    rows' `file:line`."""
     kept = [sample for sample in samples if sample is not None]
     if not kept:
         return {"num_skipped": len(samples), "input_ids": None}
@@ -211,6 +224,7 @@ def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str
         "tiles": torch.cat(tiles) if tiles else None,
         "num_tiles": [sample["num_tiles"] for sample in kept],
         "num_skipped": len(samples) - len(kept),
+        "locations": [sample.get("location", "?") for sample in kept],
     }
 
 
