@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoImageProcessor, InternVLForConditionalGeneration, LlamaConfig
+from transformers import InternVLForConditionalGeneration, LlamaConfig
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from ivl.cli import main as cli_main
@@ -345,7 +346,12 @@ def test_original_to_hf_to_original_is_exact(tmp_path, tokenizer, family):
     assert not any(info.values()), info
     assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert model.dtype == torch.bfloat16
-    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    # The class the saved config names (GotOcr2ImageProcessor), in its PIL flavour: AutoImageProcessor would pick the
+    # torchvision one, which transformers 5.17 cannot build without torchvision.
+    assert json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())["image_processor_type"] == (
+        "GotOcr2ImageProcessor"
+    )
+    processor = GotOcr2ImageProcessorPil.from_pretrained(tmp_path / "hf")
     assert (processor.crop_to_patches, processor.min_patches, processor.max_patches) == (True, 1, 6)
     assert processor.size["height"] == VIT["image"]
 
