@@ -15,8 +15,8 @@ tokens, i.e. the attention mask's sum.
 
 - ours: `ivl.finetune.sft.setup` + `optimizer_step` on the same padded batches (the kit's memory-lean loss: hidden
   states, vocabulary projection only at supervised positions, chunked);
-- ours+packing: the same with `data.packing=true`: the round's samples packed (SPEC 6) into sequences of at most
-  `--pack-tokens` tokens, `--batch-size` packs per step (so fewer, fuller steps over the same samples);
+- ours+packing: the same with `data.packing=true`: the round's samples packed (docs/design/packing.md) into sequences of
+  at most `--pack-tokens` tokens, `--batch-size` packs per step (so fewer, fuller steps over the same samples);
 - padded: HF model forward with `labels` on right-padded batches, the model's own loss, `accelerator.backward`;
 - trl: TRL's `SFTTrainer` (its default loss: the fused LM head, plus its entropy / accuracy metrics) on the same
   padded batches through a data collator, `skip_prepare_dataset`; step time from callbacks.

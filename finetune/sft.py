@@ -7,7 +7,7 @@ LLM).
 
 setup -> train -> save. The loop below is the whole algorithm: micro-batches of one optimizer step are fetched
 together so the loss is normalised by the *global* supervised-token count of the step (all micro-batches, all
-processes), which makes the update independent of how the step is split (SPEC 5).
+processes), which makes the update independent of how the step is split (docs/design/loss_reweighting.md).
 """
 
 from __future__ import annotations
@@ -134,9 +134,10 @@ def setup(config: SFTConfig) -> Run:
 
 
 def forward_loss(run: Run, batch: dict[str, Any], denominator: torch.Tensor) -> torch.Tensor:
-    """This micro-batch's share of the step loss: its weighted CE sum / the step's global weight sum (SPEC 5); with a
-    mixture-of-experts LLM that trains, plus its share of the routers' load-balancing loss, weighted as the model's
-    own loss weighs it (the unweighted value is kept in `run.router_losses` for the metrics)."""
+    """This micro-batch's share of the step loss: its weighted CE sum / the step's global weight sum
+    (docs/design/loss_reweighting.md); with a mixture-of-experts LLM that trains, plus its share of the routers'
+    load-balancing loss, weighted as the model's own loss weighs it (the unweighted value is kept in `run.router_losses`
+    for the metrics)."""
     if batch["input_ids"] is None:  # every row skipped: a zero loss that still touches every trainable weight (DDP)
         return sum(p.sum() for p in run.model.parameters() if p.requires_grad) * 0.0
     with router_logits_caught(run.model, enabled=run.info["modes"]["llm"] != "frozen") as router_logits:

@@ -1,4 +1,5 @@
-"""Packing (SPEC 6) and loss reductions (SPEC 5): budgets, splitting outside images, isolation, resume, reductions."""
+"""Packing (docs/design/packing.md) and loss reductions (docs/design/loss_reweighting.md): budgets, splitting outside
+images, isolation, resume, reductions."""
 
 import json
 import math
