@@ -3,8 +3,9 @@
 The model is built on the meta device from its config (a preset, a local checkpoint's config.json, a hub config) and
 goes through the recipe's own `apply_trainability` and `optimizer_groups`, so the parameter groups and learning rates
 shown are the ones training would use. The memory estimate is deliberately simple: parameters by dtype (NF4 for the
-LLM's linear weights under QLoRA), fp32 gradients of the trainable ones and the optimizer's states. Activations are
-not included (they depend on sequence length, batch size and checkpointing): `ivl plan` adds them.
+LLM's linear weights and fused MoE expert weights under QLoRA), fp32 gradients of the trainable ones and the optimizer's
+states. Activations are not included (they depend on sequence length, batch size and checkpointing): `ivl plan` adds
+them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ivl.finetune.sft import SFTConfig, optimizer_groups
 from ivl.model.adapters import apply_trainability, trainable_report
 from ivl.model.load import load_model_config, resolve_dtype
 from ivl.model.partial_lora import partial_lora_of
-from ivl.model.parts import PARTS, llm_layer_index, model_parts, part_of
+from ivl.model.parts import PARTS, llm_expert_parameters, llm_layer_index, model_parts, part_of
 
 GIB = 2**30
 # NF4 with double quantisation: 4-bit values, one 8-bit absmax per 64 values, one fp32 scale per 256 absmaxes.
@@ -39,9 +40,10 @@ def meta_model(config: SFTConfig, model_config: Any, dtype: torch.dtype) -> tupl
     with torch.device("meta"):
         model = InternVLForConditionalGeneration(model_config).to(dtype)
     quantized = set()
-    if config.adapter.qlora:
+    if config.adapter.qlora:  # and a mixture-of-experts LLM's fused expert weights, stored in NF4 the same way
         llm = model_parts(model).llm
         quantized = {id(module.weight) for module in llm.modules() if isinstance(module, nn.Linear)}
+        quantized |= {id(parameter) for parameter in llm_expert_parameters(model)}
     model = apply_trainability(model, config.modes(), config.vision, config.adapter)
     return model, quantized
 
@@ -53,7 +55,11 @@ def _layout(model: nn.Module, config: SFTConfig, modes: dict[str, str]) -> dict[
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             targets, layers = found[part_of(name)]
-            targets.add(name.rsplit(".", 1)[-1])
+            if hasattr(module, "parameter_name"):  # LoRA on a parameter (fused MoE experts): "experts.down_proj"
+                owner = name.replace(".base_layer", "").rsplit(".", 1)[-1]
+                targets.add(f"{owner}.{module.parameter_name}")
+            else:
+                targets.add(name.rsplit(".", 1)[-1])
             index = llm_layer_index(name)
             if index is not None:
                 layers.add(index)

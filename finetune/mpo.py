@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from ivl.losses import mpo_loss, num_supervised_tokens
 from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
 from ivl.model.checkpoint import read_training_info
 from ivl.model.load import load_model, resolve_dtype
+from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_logits_caught
 from ivl.model.quantize import keep_training_layout
 from ivl.recipe import recipe_main
 from ivl.runtime import (
@@ -87,6 +88,7 @@ class Run:
     dtype: torch.dtype
     metrics: MetricsLog
     info: dict[str, Any]
+    router_losses: list[torch.Tensor] = field(default_factory=list)  # this logging window's (MoE LLM), for the metrics
 
 
 def _checked_pairs(path: str, builder: SampleBuilder, accelerator: Accelerator, seed: int) -> PairDataset:
@@ -178,7 +180,8 @@ def forward_loss(run: Run, batch: dict[str, Any], shift: float, pairs_per_proces
     inputs = model_inputs(batch, run.accelerator.device, run.dtype)
     labels = inputs.pop("labels")
     pairs = len(batch["indices"])
-    policy = pair_logps(run.model, inputs, labels)  # [2B]: chosen rows, then rejected rows
+    with router_logits_caught(run.model, enabled=run.info["modes"]["llm"] != "frozen") as router_logits:
+        policy = pair_logps(run.model, inputs, labels)  # [2B]: chosen rows, then rejected rows
     if run.reference_logps is not None:
         ref = run.reference_logps[torch.tensor(batch["indices"], device=labels.device)].T.flatten()
     else:
@@ -194,6 +197,10 @@ def forward_loss(run: Run, batch: dict[str, Any], shift: float, pairs_per_proces
                              reward_shift=shift)  # fmt: skip
     metrics["loss"] = loss.detach()
     sums = torch.stack([metrics[name] * pairs for name in METRICS] + [metrics["reward_sum"], metrics["reward_count"]])
+    if router_logits:  # a mixture-of-experts LLM that trains: its routers' load-balancing loss, as in SFT
+        aux = load_balancing_loss(run.model, router_logits, inputs.get("attention_mask"))
+        run.router_losses.append(aux.detach())
+        return loss * scale + router_aux_coefficient(run.model) * aux / run.config.loop.grad_accum, sums
     return loss * scale, sums
 
 
@@ -236,8 +243,12 @@ def train(run: Run) -> dict[str, float]:
         window_metrics.append(optimizer_step(run, window, shift))
         if loop.log_due():
             means = {name: sum(m[name] for m in window_metrics) / len(window_metrics) for name in METRICS}
-            loop.log({**means, "reward_shift": shift.mean, "tokens_per_second": loop.per_second(tokens),
-                      "skipped_rows": loop.state.skipped_rows}, show=("loss", "rewards_accuracy", "rewards_margin"))
+            if run.router_losses:  # mixture-of-experts LLM: the load-balancing loss (unweighted), mean of the window
+                means["router_aux_loss"] = run.accelerator.reduce(torch.stack(run.router_losses).mean(), "mean").item()
+                run.router_losses.clear()
+            values = {**means, "reward_shift": shift.mean, "tokens_per_second": loop.per_second(tokens),
+                      "skipped_rows": loop.state.skipped_rows}  # fmt: skip
+            loop.log(values, show=("loss", "rewards_accuracy", "rewards_margin"))
             window_metrics, tokens = [], 0
         if loop.eval_due():
             loop.last.update(evaluate(run, loop.state.step))

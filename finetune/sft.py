@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from ivl.model.adapters import (
     trainable_report,
 )
 from ivl.model.load import load_model, resolve_dtype
+from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_logits_caught
 from ivl.model.packed_attention import check_packing_support
 from ivl.model.parts import layer_class_names
 from ivl.model.quantize import keep_training_layout
@@ -72,6 +73,7 @@ class Run:
     dtype: torch.dtype
     metrics: MetricsLog
     info: dict[str, Any]
+    router_losses: list[torch.Tensor] = field(default_factory=list)  # this logging window's (MoE LLM), for the metrics
 
 
 def setup(config: SFTConfig) -> Run:
@@ -124,12 +126,20 @@ def setup(config: SFTConfig) -> Run:
 
 
 def forward_loss(run: Run, batch: dict[str, Any], denominator: torch.Tensor) -> torch.Tensor:
-    """This micro-batch's share of the step loss: its weighted CE sum / the step's global weight sum (SPEC 5)."""
+    """This micro-batch's share of the step loss: its weighted CE sum / the step's global weight sum (SPEC 5); with a
+    mixture-of-experts LLM that trains, plus its share of the routers' load-balancing loss, weighted as the model's
+    own loss weighs it (the unweighted value is kept in `run.router_losses` for the metrics)."""
     if batch["input_ids"] is None:  # every row skipped: a zero loss that still touches every trainable weight (DDP)
         return sum(p.sum() for p in run.model.parameters() if p.requires_grad) * 0.0
-    supervised, logps, labels = batch_logps(run.model, batch, run.accelerator.device, run.dtype)
+    with router_logits_caught(run.model, enabled=run.info["modes"]["llm"] != "frozen") as router_logits:
+        supervised, logps, labels = batch_logps(run.model, batch, run.accelerator.device, run.dtype)
     weights = target_weights(labels, batch["sample_tokens"].to(labels.device), run.config.loss.reduction)
-    return weighted_nll(logps, weights[supervised.rows, supervised.cols], denominator)
+    loss = weighted_nll(logps, weights[supervised.rows, supervised.cols], denominator)
+    if not router_logits:
+        return loss
+    aux = load_balancing_loss(run.model, router_logits, batch["attention_mask"])
+    run.router_losses.append(aux.detach())
+    return loss + router_aux_coefficient(run.model) * aux / run.config.loop.grad_accum
 
 
 def optimizer_step(run: Run, window: list[dict[str, Any]]) -> StepResult:
@@ -171,8 +181,12 @@ def train(run: Run) -> dict[str, float]:
         tokens += sum(int(b["attention_mask"].sum()) for b in window if b["input_ids"] is not None)
         losses.append(optimizer_step(run, window).loss)
         if loop.log_due():
-            loop.log({"loss": torch.stack(losses).mean().item(), "tokens_per_second": loop.per_second(tokens),
-                      "skipped_rows": loop.state.skipped_rows})  # fmt: skip
+            values = {"loss": torch.stack(losses).mean().item(), "tokens_per_second": loop.per_second(tokens),
+                      "skipped_rows": loop.state.skipped_rows}  # fmt: skip
+            if run.router_losses:  # mixture-of-experts LLM: the load-balancing loss (unweighted), mean of the window
+                values["router_aux_loss"] = run.accelerator.reduce(torch.stack(run.router_losses).mean(), "mean").item()
+                run.router_losses.clear()
+            loop.log(values)
             losses, tokens = [], 0
         if loop.eval_due():
             loop.last.update(evaluate(run, loop.state.step))

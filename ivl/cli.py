@@ -152,7 +152,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         (model, tokenizer), data = load_model(base), {}
     builder = SampleBuilder(tokenizer, unwrap(model).config, DataConfig(**data))
     question = " ".join(args.question)
-    print(answer_question(model, builder, question, args.image, args.max_new_tokens))
+    print(answer_question(model, builder, question, args.image, args.max_new_tokens, thinking=args.thinking))
     return 0
 
 
@@ -196,7 +196,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     import torch
     from transformers import InternVLForConditionalGeneration
 
-    from ivl.model.presets import ZOO, preset_config
+    from ivl.model.presets import TINY, ZOO, preset_config
 
     print(f"{'preset':<28} {'vision':<16} {'llm':<16} {'parameters':>11}")
     for name, (vision, llm, _) in ZOO.items():
@@ -204,7 +204,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
             model = InternVLForConditionalGeneration(preset_config(name))
         billions = sum(p.numel() for p in model.parameters()) / 1e9
         print(f"{name:<28} {vision:<16} {llm:<16} {billions:>10.2f}B")
-    print("tiny presets (random weights, demo tokenizer): tiny, tiny-112, tiny-llama, tiny-phi3, tiny-6b-style")
+    print(f"tiny presets (random weights, demo tokenizer): {', '.join(TINY)}")
     print("use as model.name_or_path=preset:NAME")
     return 0
 
@@ -290,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--adapter", help="a run's adapter/ or model/ directory")
     chat.add_argument("--image", action="append", default=[], help="an image path (repeat for several)")
     chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument(
+        "--thinking",
+        action="store_true",
+        help="reason in <think>...</think> before answering (InternVL3.5: the thinking system prompt); without it, "
+        "thinking-mode templates answer directly (empty think block)",
+    )
     chat.add_argument("question", nargs="+")
     chat.set_defaults(handler=cmd_chat)
 

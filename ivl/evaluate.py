@@ -183,12 +183,18 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
 
 @torch.no_grad()
 def answer_question(
-    model: nn.Module, builder: SampleBuilder, question: str, images: list[str], max_new_tokens: int = 256
+    model: nn.Module,
+    builder: SampleBuilder,
+    question: str,
+    images: list[str],
+    max_new_tokens: int = 256,
+    thinking: bool | None = None,
 ) -> str:
-    """One greedy answer to `question` about `images` (paths; none for a text-only question)."""
+    """One greedy answer to `question` about `images` (paths; none for a text-only question). `thinking`: True asks
+    for reasoning before the answer, False for none (thinking-mode templates), None: the template's default."""
     row = {"image": images, "conversations": [{"from": "human", "value": question}]}
     record = Record("the question", row, DataSource("chat", "chat", Path.cwd()))
-    prompt = builder.build_prompt(record)
+    prompt = builder.build_prompt(record, thinking)
     tokenizer = builder.tokenize.tokenizer
     base = unwrap(model)
     inputs = model_inputs(collate_prompts([prompt], tokenizer.pad_token_id), base.device, base.dtype)

@@ -93,7 +93,11 @@ class AdapterConfig:
     use_dora: bool = option(False, "DoRA: weight-decomposed LoRA (not with partial_lora)")
     use_rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)")
     qlora: bool = option(False, "the LLM in 4-bit NF4 (double quantisation) via bitsandbytes; ViT, projector as is")
-    llm_targets: list[str] = option(help="LLM linear layers to adapt; empty: the family's full set", factory=list)
+    llm_targets: list[str] = option(
+        help="LLM layers to adapt: linear layers by name, and in a mixture-of-experts LLM experts.gate_up_proj, "
+        "experts.down_proj, router; empty: every linear layer of the family and the experts (not the router)",
+        factory=list,
+    )
     llm_layers: list[int] = option(help="LLM decoder layers (0-based) to adapt; empty: all", factory=list)
 
     def validate(self) -> None:
@@ -114,7 +118,9 @@ class DataConfig:
 
     train: str | None = option(None, "InternVL jsonl, meta .json, or HF dataset (saved dir, data file, or hub id)")
     validation: str | None = option(None, "held-out data, same forms as train; null: no evaluation")
-    template: str = option("auto", "auto | tokenizer | internvl2_5 | internlm2-chat | Hermes-2 | phi3-chat")
+    template: str = option(
+        "auto", "auto | tokenizer | internvl2_5 | internlm2-chat | Hermes-2 | phi3-chat | internvl3_5 (thinking mode)"
+    )
     max_length: int = option(4096, "tokens after image expansion; longer samples are bad rows, never truncated")
     min_tiles: int = option(1, "fewest tiles per image (dynamic tiling)")
     max_tiles: int = option(6, "most tiles per image (InternVL's max_dynamic_patch; a meta entry's overrides it)")

@@ -14,6 +14,7 @@ YAML's sections.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -169,18 +170,65 @@ def _vision_items(config, model_config, model, work: Workload, act_bytes: int) -
     return {"vision activations": max(saved, working), "projector activations": projector, "pixel values": pixels}
 
 
+def _moe(text) -> dict[str, int] | None:
+    """A mixture-of-experts LLM's routing shape: experts, active experts per token, one expert's intermediate size;
+    None for a dense LLM."""
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    if not experts:
+        return None
+    inter = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+    return {"experts": experts, "active": text.num_experts_per_tok, "intermediate": inter}
+
+
+def _as_dense(text, moe: dict[str, int]):
+    """The LLM config as the activation tables see it: a token's MLP activations are those of its active experts."""
+    dense = copy.copy(text)
+    dense.intermediate_size = moe["active"] * moe["intermediate"]
+    return dense
+
+
+def _moe_items(config, text, moe, model, tokens: int, act_bytes: int, trains: bool) -> tuple[dict[str, float], float]:
+    """MODELLED (not measured) extra memory of a mixture-of-experts LLM: (items, extra saved bytes per token per
+    layer). Each expert keeps its own gathered copy of its tokens' inputs and weighted outputs (2 x active x H per
+    token); the routers' logits of every layer live until the load-balancing loss, with its fp32 softmax. Expert
+    weights in bf16 that carry LoRA are materialised per layer as W + the whole LoRA delta (PEFT's parameter LoRA),
+    kept for the backward pass. NF4 experts are dequantised one expert at a time, as bitsandbytes' 4-bit matmul does
+    for a linear layer, with the LoRA update computed on top (the 4-bit experts of QLoRA): one expert's weights."""
+    layers, hidden = text.num_hidden_layers, text.hidden_size
+    items = {}
+    if trains:
+        items["router logits + load-balancing loss"] = layers * tokens * moe["experts"] * (act_bytes + 4)
+    per_expert = {"gate_up_proj": 2 * moe["intermediate"] * hidden, "down_proj": moe["intermediate"] * hidden}
+    # PEFT's parameter-LoRA wrappers name the weight they adapt.
+    adapted = {getattr(module, "parameter_name", None) for module in model.modules()} & set(per_expert)
+    if config.adapter.qlora:
+        items["dequantised nf4 expert (one at a time)"] = sum(per_expert.values()) * act_bytes
+    elif adapted:
+        kept = 1 if config.llm.gradient_checkpointing else layers
+        values = moe["experts"] * sum(per_expert[key] for key in adapted)
+        items["expert weights + LoRA delta (bf16 experts)"] = 2 * kept * values * act_bytes
+    return items, 2 * moe["active"] * hidden * act_bytes
+
+
 def _llm_items(config, model_config, model, work: Workload, act_bytes: int, device: Device) -> dict[str, float]:
     """LLM activations (saved for backward), the backward pass's working set, logits and loss buffers."""
     from ivl.losses import LOGITS_CHUNK_ELEMENTS
 
     text = model_config.text_config
     modes = config.modes()
+    moe = _moe(text)
+    moe_items, moe_per_token = ({}, 0.0)
+    if moe:
+        moe_items, moe_per_token = _moe_items(config, text, moe, model, work.rows * work.tokens_per_row, act_bytes,
+                                              modes["llm"] != "frozen")  # fmt: skip
+        text = _as_dense(text, moe)
     tokens = work.rows * work.tokens_per_row
     layers = text.num_hidden_layers
     upstream_trains = modes["vision"] != "frozen" or modes["projector"] != "frozen"
     mode = {"lora": "lora", "full": "full"}.get(modes["llm"], "frozen" if upstream_trains else None)
     targets_per_layer = _lora_targets(model, "llm") / layers if modes["llm"] == "lora" else 0
     per_layer = llm_layer_bytes_per_token(text, mode or "frozen", act_bytes, config.adapter.r, targets_per_layer)
+    per_layer += moe_per_token
     hidden = tokens * text.hidden_size * act_bytes
     if mode is None:
         saved = 0.0
@@ -195,12 +243,13 @@ def _llm_items(config, model_config, model, work: Workload, act_bytes: int, devi
     if config.llm.gradient_checkpointing and mode is not None:
         backward += tokens * per_layer
     items["backward working set"] = backward
-    if config.model.attn_implementation == "eager":  # [rows, heads, T, T] scores and probabilities in every layer
+    items.update(moe_items)
+    if _attention(config, model_config) == "eager":  # [rows, heads, T, T] scores and probabilities in every layer
         items["attention scores (eager)"] = (
             (layers if mode and not config.llm.gradient_checkpointing else 1)
             * 2 * work.rows * text.num_attention_heads * work.tokens_per_row**2 * act_bytes
         )  # fmt: skip
-    elif work.rows > 1 and config.model.attn_implementation != "flash_attention_2":
+    elif work.rows > 1 and _attention(config, model_config) != "flash_attention_2":
         items["attention mask (padded batch)"] = work.rows * work.tokens_per_row**2  # [B, 1, T, T] bool, shared
     # The memory-lean loss projects one chunk of LOGITS_CHUNK_ELEMENTS // V supervised positions at a time (fp32).
     chunk_rows = min(LOGITS_CHUNK_ELEMENTS // text.vocab_size, tokens)
@@ -211,6 +260,14 @@ def _llm_items(config, model_config, model, work: Workload, act_bytes: int, devi
     if work.reference_pass:  # no graph: one layer's working set, the final hidden states and a logits chunk
         items["reference forward (no grad)"] = hidden * 2 + tokens * text.intermediate_size * act_bytes * 2
     return items
+
+
+def _attention(config, model_config) -> str:
+    """The LLM's attention implementation (GPT-OSS runs eager when sdpa is asked for: its attention sinks)."""
+    from ivl.model.parts import attention_implementation
+
+    chosen = attention_implementation(model_config, config.model.attn_implementation)
+    return chosen["text_config"] if isinstance(chosen, dict) else chosen
 
 
 def plan_sft(config, device: Device, memory_gib: float, recipe: str = "sft", pair_rows: bool = False) -> Plan:

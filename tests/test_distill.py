@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, InternVLVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, InternVLForConditionalGeneration, InternVLVisionModel
 
 import ivl.distill.train
 from ivl.config import ConfigError, load_config
@@ -132,6 +132,31 @@ def test_teacher_loads_the_same_vit_from_every_checkpoint_layout(tmp_path):
     expected = hidden_states(reference, pixels, [1])[1]
     for layout in ("hf", "original", "hf-vit", "original-vit"):
         teacher = load_vision_checkpoint(tmp_path / layout, torch.float32)
+        assert torch.allclose(hidden_states(teacher, pixels, [1])[1], expected, atol=1e-5), layout
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_teacher_loads_the_vit_of_internvl35_checkpoints(tmp_path, family):
+    """InternVL3.5-38B's InternViT-6B as a teacher: a tiny 3.5-shaped checkpoint (6B-style ViT: RMSNorm, QK-norm, no
+    qkv bias; Qwen3 / Qwen3-MoE LLM) saved by plain transformers, and its original-layout conversion."""
+    from test_convert_35 import _tiny_35_config
+
+    from ivl.model.presets import load_demo_tokenizer
+
+    tokenizer = load_demo_tokenizer()
+    config = _tiny_35_config(tokenizer, family)
+    config.vision_config.norm_type, config.vision_config.use_qk_norm = "rms_norm", True
+    config.vision_config.attention_bias = False
+    model = InternVLForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    convert_checkpoint(tmp_path / "hf", tmp_path / "original", to="original")
+    assert json.loads((tmp_path / "original" / "config.json").read_text())["vision_config"]["qk_normalization"]
+    pixels = normalize(tiles(2))
+    expected = hidden_states(model_parts(model).vision, pixels, [1])[1]
+    for layout in ("hf", "original"):
+        teacher = load_teacher(TeacherConfig(name_or_path=str(tmp_path / layout), dtype="float32"), "cpu")
+        assert teacher.config.use_qk_norm and teacher.config.norm_type == "rms_norm"
         assert torch.allclose(hidden_states(teacher, pixels, [1])[1], expected, atol=1e-5), layout
 
 

@@ -157,3 +157,16 @@ def test_llm_table_equals_what_autograd_keeps():
 def test_an_unknown_device_is_a_config_error():
     with pytest.raises(ConfigError, match="--device"):
         plan_file(ZOO_1B, [], device="tpu")
+
+
+@pytest.mark.slow
+def test_internvl35_moe_qlora_fits_a_24gb_card_with_its_experts_in_nf4():
+    """Predictions (no GPU measured them): InternVL3.5-30B-A3B QLoRA <= 22 GiB and InternVL3.5-8B QLoRA <= 12 GiB at
+    4k tokens and 6 tiles (+ thumbnail); the fused expert weights count in NF4 under QLoRA."""
+    moe = plan_file("configs/sft/internvl3_5_30b_a3b_qlora.yaml", [], device="cuda", memory_gib=24)
+    assert moe.workload["tokens_per_row"] == 4096 and moe.workload["tiles"] == 7
+    assert moe.total_gib <= 22 and "router logits + load-balancing loss" in moe.items
+    bf16_experts = plan_file("configs/sft/internvl3_5_30b_a3b_qlora.yaml", ["adapter.qlora=false"], device="cuda")
+    assert moe.items["frozen weights"] < 0.3 * bf16_experts.items["frozen weights"]
+    assert "expert weights + LoRA delta (bf16 experts)" in bf16_experts.items
+    assert plan_file("configs/sft/internvl3_5_8b_qlora.yaml", [], device="cuda").total_gib <= 12

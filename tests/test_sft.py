@@ -275,4 +275,4 @@ def test_gradient_checkpointing_gives_the_same_losses(shapes, tmp_path):
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/sft/*.yaml")), ids=lambda p: p.name)
 def test_shipped_sft_configs_are_valid(path):
     config = load_config(SFTConfig, path)
-    assert config.model.name_or_path.startswith("OpenGVLab/") and config.model.name_or_path.endswith("-hf")
+    assert config.model.name_or_path.startswith("OpenGVLab/") and config.model.name_or_path.endswith(("-hf", "-HF"))

@@ -6,8 +6,9 @@ after the end token, or any image token.
 
 All templates are Jinja chat templates, so one mechanism serves both: the tokenizer's own template (HF-native
 checkpoints, so training text equals inference text) and InternVL's named templates (`internvl2_5`, `internlm2-chat`,
-`Hermes-2`, `phi3-chat`). Assistant spans are found by rendering prefixes of the conversation; the text is tokenized
-once with one `<IMG_CONTEXT>` per image, which is then expanded at the id level (cheap, and the count is exact).
+`Hermes-2`, `phi3-chat`, and `internvl3_5` with thinking mode: see THINKING_SYSTEM_PROMPT). Assistant spans are found
+by rendering prefixes of the conversation; the text is tokenized once with one `<IMG_CONTEXT>` per image, which is then
+expanded at the id level (cheap, and the count is exact).
 """
 
 from __future__ import annotations
@@ -45,6 +46,56 @@ def _chatml(default_system: str) -> str:
     )
 
 
+# Thinking mode (InternVL3.5, on Qwen3 / GPT-OSS LLMs): the model reasons inside <think>...</think> before the answer
+# when its system prompt asks for it: this one, InternVL3.5's published thinking system prompt (model card, "Thinking
+# Mode"). An answer without reasoning is preceded by an empty think block, which is how Qwen3's chat template renders a
+# reply that does not think, and what a generation prompt ends with when thinking is switched off.
+THINK_START, THINK_END = "<think>", "</think>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+THINKING_SYSTEM_PROMPT = """
+You are an AI assistant that rigorously follows this response protocol:
+1. First, conduct a detailed analysis of the question. Consider different angles, potential solutions, and reason \
+through the problem step-by-step. Enclose this entire thinking process within <think> and </think> tags.
+2. After the thinking section, provide a clear, concise, and direct answer to the user's question. Separate the \
+answer from the think section with a newline.
+Ensure that the thinking process is thorough but remains focused on the query. The final answer should be standalone \
+and not reference the thinking section.
+""".strip()
+
+
+def _chatml_thinking(default_system: str) -> str:
+    """ChatML with InternVL3.5's thinking convention: a reply without a think block gets the empty one, and a
+    generation prompt asked not to think (`enable_thinking=False`) ends with it."""
+    return (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = '" + default_system + "' %}{% endif %}"
+        "{{ '<|im_start|>system\n' + system + '<|im_end|>\n' }}"
+        "{% for message in messages %}{% set content = message['content'] %}"
+        "{% if message['role'] == 'assistant' and '</think>' not in content %}"
+        "{% set content = '<think>\n\n</think>\n\n' + content %}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+        "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+        "{% endif %}"
+    )
+
+
+def thinks(messages: list[dict[str, str]]) -> bool:
+    """Whether a conversation's answers carry reasoning (`<think>...</think>` opening an assistant turn); a malformed
+    think block is a SampleError."""
+    found = False
+    for message in messages:
+        content = message["content"]
+        if THINK_START not in content and THINK_END not in content:
+            continue
+        if message["role"] != "assistant":
+            raise SampleError(f"{THINK_START} / {THINK_END} in a {message['role']} turn: reasoning belongs to answers")
+        if content.count(THINK_START) != 1 or content.count(THINK_END) != 1 or not content.startswith(THINK_START):
+            raise SampleError(f"an answer's reasoning must open it as one {THINK_START}...{THINK_END} block")
+        found = True
+    return found
+
+
 def _phi3(default_system: str) -> str:
     return (
         "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
@@ -67,6 +118,7 @@ NAMED_TEMPLATES = {
     "Hermes-2": ChatTemplate("Hermes-2", _chatml(_INTERNVL2_SYSTEM), "<|im_end|>"),
     "internlm2-chat": ChatTemplate("internlm2-chat", _chatml(_INTERNVL2_SYSTEM), "<|im_end|>"),
     "phi3-chat": ChatTemplate("phi3-chat", _phi3(_INTERNVL2_SYSTEM), "<|end|>"),
+    "internvl3_5": ChatTemplate("internvl3_5", _chatml_thinking(_INTERNVL_SYSTEM), "<|im_end|>"),
 }
 TEMPLATE_CHOICES = ("auto", "tokenizer", *NAMED_TEMPLATES)
 
@@ -138,34 +190,45 @@ class ConversationTokenizer:
         self.tokens_per_tile = tokens_per_tile
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         self.end_token = template.end_token or tokenizer.eos_token
+        # A template with a thinking mode (InternVL3.5's, Qwen3-style ones) knows the think block; others do not, and
+        # their rows are trained as written, without the thinking system prompt.
+        self.thinking_mode = THINK_END in (template.jinja or tokenizer.chat_template or "")
         if not tokenizer.is_fast:
             raise ValueError("a fast tokenizer is required (offsets are used to find the assistant spans)")
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    def render(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, thinking: bool | None = None
+    ) -> str:
+        """`thinking` (generation prompts): passed to the template as `enable_thinking`; None: left undefined."""
+        extra = {} if thinking is None else {"enable_thinking": thinking}
         return self.tokenizer.apply_chat_template(
             messages,
             chat_template=self.template.jinja,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **extra,
         )
 
     def supervised_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered text and the character spans of each assistant reply up to and including its end token."""
+        """The rendered text and the character spans of each assistant reply up to and including its end token.
+
+        A reply starts where the conversation up to it, rendered with a generation prompt, ends, and runs through the
+        first end token after that in the whole rendering: a template may render an earlier reply differently once
+        later turns follow (Qwen3's drops the reasoning of replies before the last question), and what is supervised
+        is the reply as the whole conversation renders it."""
         text = self.render(messages)
         spans = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
             prefix = self.render(messages[:index], add_generation_prompt=True)
-            through = self.render(messages[: index + 1])
-            if not (through.startswith(prefix) and text.startswith(through)):
+            end = text.find(self.end_token, len(prefix)) if text.startswith(prefix) else -1
+            if end < 0:
                 raise SampleError(
                     f"chat template {self.template.name!r} does not render conversations prefix-consistently, so "
                     "assistant turns cannot be located; pick a named template (data.template)"
                 )
-            end = through.rfind(self.end_token, len(prefix))
-            end = end + len(self.end_token) if end >= 0 else len(through.rstrip())
-            spans.append((len(prefix), end))
+            spans.append((len(prefix), end + len(self.end_token)))
         return text, spans
 
     def __call__(self, conversation: Conversation, tiles_per_image: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,22 +241,34 @@ class ConversationTokenizer:
         supervised = _inside_spans([start for start, _ in encoding["offset_mapping"]], spans)
         return self._expand(encoding["input_ids"], supervised, tiles_per_image)
 
-    def prompt(self, conversation: Conversation, tiles_per_image: list[int]) -> torch.Tensor:
+    def prompt(
+        self, conversation: Conversation, tiles_per_image: list[int], thinking: bool | None = None
+    ) -> torch.Tensor:
         """The generation prompt (everything up to the assistant's turn) as input ids [T]; a trailing assistant reply
-        in `conversation` is left out (it is the reference answer)."""
+        in `conversation` is left out (it is the reference answer). `thinking`: True asks for reasoning (the thinking
+        system prompt unless the conversation has its own), False switches it off (the template's empty think block),
+        None leaves the template's default."""
         messages = self._marked(conversation)
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages or messages[-1]["role"] != "user":
             raise SampleError("a generation prompt must end with a user turn")
-        text = self.render(messages, add_generation_prompt=True)
+        if thinking and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": THINKING_SYSTEM_PROMPT}, *messages]
+        text = self.render(messages, add_generation_prompt=True, thinking=thinking)
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         input_ids, _ = self._expand(ids, [False] * len(ids), tiles_per_image)
         return input_ids
 
     def _marked(self, conversation: Conversation) -> list[dict[str, str]]:
+        """The messages with image markers; under a thinking-mode template, a conversation whose answers reason and
+        that has no system turn gets the thinking system prompt, which is what switches thinking on."""
         num_frames = len(conversation.video_frames)
-        return [{"role": m["role"], "content": _with_markers(m["content"], num_frames)} for m in conversation.messages]
+        messages = [{"role": m["role"], "content": _with_markers(m["content"], num_frames)}
+                    for m in conversation.messages]  # fmt: skip
+        if thinks(messages) and self.thinking_mode and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": THINKING_SYSTEM_PROMPT})
+        return messages
 
     def _expand(self, ids, supervised, tiles_per_image) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace the single <IMG_CONTEXT> of image i by tokens_per_tile * tiles[i] copies (all unsupervised)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ivl.data.chat import SampleError
+from ivl.data.chat import SampleError, thinks
 from ivl.data.filters import repetition_flags
 from ivl.data.preference import is_preference_row, measure_pair
 from ivl.data.records import DataSourceError, iter_records, sources_for
@@ -34,6 +34,7 @@ class CheckReport:
     flagged_rows: list[tuple[str, list[str]]] = field(default_factory=list)
     tiles: Counter = field(default_factory=Counter)  # tiles per sample -> rows
     token_lengths: list[int] = field(default_factory=list)
+    thinking_rows: int = 0  # rows whose answers reason in <think>...</think> (InternVL3.5 thinking mode)
 
     @property
     def clean(self) -> bool:
@@ -44,6 +45,7 @@ class CheckReport:
             "path": self.path,
             "rows_ok": self.rows_ok,
             "rows_bad": len(self.bad_rows),
+            "rows_thinking": self.thinking_rows,
             "bad_rows": [{"location": loc, "reason": reason} for loc, reason in self.bad_rows],
             "flagged_rows": [{"location": loc, "flags": flags} for loc, flags in self.flagged_rows],
             "tiles_histogram": {str(k): v for k, v in sorted(self.tiles.items())},
@@ -53,6 +55,8 @@ class CheckReport:
 
     def format(self) -> str:
         lines = [f"{self.path}: {self.rows_ok} rows OK, {len(self.bad_rows)} bad, {len(self.flagged_rows)} flagged"]
+        if self.thinking_rows:
+            lines.append(f"  {self.thinking_rows} of the OK rows think (<think>...</think> before the answer)")
         for location, reason in self.bad_rows[:MAX_LISTED]:
             lines.append(f"  {location}: {reason}")
         if len(self.bad_rows) > MAX_LISTED:
@@ -104,6 +108,7 @@ def _check_record(record, builder: SampleBuilder, report: CheckReport) -> None:
     report.rows_ok += 1
     report.tiles[measured["num_tiles"]] += 1
     report.token_lengths.append(measured["num_tokens"])
+    report.thinking_rows += thinks(measured["conversation"].messages)
     replies = [m["content"] for m in measured["conversation"].messages if m["role"] == "assistant"]
     flags = [flag for reply in replies for flag in repetition_flags(reply)]
     if flags:

@@ -20,8 +20,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from ivl.config import ConfigError
 from ivl.data.chat import (
     IGNORE_INDEX,
+    IMG_CONTEXT,
     Conversation,
     ConversationTokenizer,
     SampleError,
@@ -56,6 +58,14 @@ class SampleBuilder:
         self.tokenize = ConversationTokenizer(
             tokenizer, resolve_template(data.template, tokenizer), self.tokens_per_tile
         )
+        # The image token is whatever the checkpoint says (InternVL3: 151667, InternVL3.5: 151671): tokenizer and
+        # model config must agree, or the image features would land nowhere.
+        model_token = getattr(model_config, "image_token_id", None)
+        if model_token is not None and model_token != self.tokenize.image_token_id:
+            raise ConfigError(
+                f"model.tokenizer: its {IMG_CONTEXT} is id {self.tokenize.image_token_id} but the model's config says "
+                f"image_token_id {model_token}; use the checkpoint's own tokenizer"
+            )
 
     def conversation(self, record: Record) -> Conversation:
         conversation = to_conversation(record)
@@ -87,14 +97,15 @@ class SampleBuilder:
         self._check_length(input_ids, labels)
         return {"input_ids": input_ids, "labels": labels, "tiles": tiles, "num_tiles": num_tiles}
 
-    def build_prompt(self, record: Record) -> dict[str, Any]:
+    def build_prompt(self, record: Record, thinking: bool | None = None) -> dict[str, Any]:
         """A generation prompt from a record: its conversation up to the last assistant reply, which becomes the
-        `reference` answer (empty if the record has none). No augmentation."""
+        `reference` answer (empty if the record has none). No augmentation. `thinking`: see
+        `ConversationTokenizer.prompt`."""
         conversation = self.conversation(record)
         last = conversation.messages[-1] if conversation.messages else None
         reference = last["content"] if last and last["role"] == "assistant" else ""
         tiles, num_tiles = self._tiles(record, conversation, None, augment=False)
-        input_ids = self.tokenize.prompt(conversation, num_tiles)
+        input_ids = self.tokenize.prompt(conversation, num_tiles, thinking)
         return {"input_ids": input_ids, "tiles": tiles, "num_tiles": num_tiles, "reference": reference}
 
     def _tiles(

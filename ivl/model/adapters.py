@@ -4,8 +4,11 @@
     model = apply_trainability(model, modes, vision, adapter)   # a PeftModel when any part uses LoRA
 
 LoRA parts get PEFT LoRA layers on the linear layers `parts.lora_target_regex` names for that part and LLM family
-(`adapter.llm_targets` / `adapter.llm_layers` narrow the LLM's). `adapter.kind: partial_lora` makes the LLM's LoRA
-update apply at image-token positions only (`ivl.model.partial_lora`); such an adapter cannot be merged.
+(`adapter.llm_targets` / `adapter.llm_layers` narrow the LLM's); a mixture-of-experts LLM also gets LoRA on its fused
+expert weights (PEFT `target_parameters`, `parts.lora_target_parameters`), its router only when named.
+`adapter.kind: partial_lora` makes the LLM's LoRA update apply at image-token positions only
+(`ivl.model.partial_lora`); such an adapter cannot be merged, and leaves the experts out (their LoRA changes the fused
+weights, which no token mask can limit).
 Fully trained parts (and `vision.unfreeze_last_layers`) become PEFT `modules_to_save` when any part uses LoRA, so
 `PeftModel.from_pretrained(base, adapter_dir)` restores everything that trained; without LoRA nothing is wrapped and
 the whole model is saved. Trainable parameters are kept in fp32 (master weights) even when the frozen base is bf16 or
@@ -38,6 +41,8 @@ from ivl.model.partial_lora import (
 from ivl.model.parts import (
     PARTS,
     Part,
+    llm_lora_targets,
+    lora_target_parameters,
     lora_target_regex,
     model_parts,
     part_modules,
@@ -126,13 +131,30 @@ def apply_trainability(
     lora_parts = tuple(part for part in PARTS if modes[part] == "lora")
     model.requires_grad_(False)
     if lora_parts:
+        targets, layers = tuple(adapter.llm_targets), tuple(adapter.llm_layers)
+        parameters = lora_target_parameters(model, targets, layers) if modes["llm"] == "lora" else []
+        if parameters and (adapter.kind == "partial_lora" or adapter.use_dora):
+            if targets:  # asked for explicitly: refuse; by default: the experts are left out
+                named = sorted(set(targets) - set(llm_lora_targets(model)))
+                raise ConfigError(
+                    f"adapter.llm_targets: expert / router LoRA is a change of the fused weights, so it can be neither "
+                    f"limited to image tokens nor DoRA-rescaled; drop {named}"
+                )
+            parameters = []
+        if parameters and adapter.dropout:
+            raise ConfigError(
+                f"adapter.dropout={adapter.dropout}: PEFT's LoRA on the fused expert weights of this "
+                "mixture-of-experts LLM has no dropout; set adapter.dropout=0 (or leave the experts out with "
+                "adapter.llm_targets)"
+            )
         config = LoraConfig(
             r=adapter.r,
             lora_alpha=adapter.alpha,
             lora_dropout=adapter.dropout,
             use_dora=adapter.use_dora,
             use_rslora=adapter.use_rslora,
-            target_modules=lora_target_regex(model, lora_parts, tuple(adapter.llm_targets), tuple(adapter.llm_layers)),
+            target_modules=lora_target_regex(model, lora_parts, targets, layers) or [],
+            target_parameters=parameters or None,
             modules_to_save=full_modules or None,
         )
         with peft_wrap_quietly():
@@ -277,7 +299,9 @@ def merge_adapter(
     info = read_training_info(adapter_dir)
     model, _ = load_model(_recorded_base(adapter_dir, info, base), quantize_llm=bool(info.get("qlora")))
     if info.get("qlora"):
-        model = model.dequantize()  # transformers swaps each 4-bit linear for a plain one with the dequantised weight
+        from ivl.model.quantize import dequantized
+
+        model = dequantized(model)  # 4-bit linear layers and MoE experts, dequantised
     with peft_wrap_quietly():
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)))

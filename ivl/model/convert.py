@@ -6,10 +6,12 @@
 
 Weights (SPEC 11): the ViT's fused `attn.qkv` is split into q/k/v (q | k | v rows), `ls1/ls2` become `lambda_1/2`,
 `mlp1.{0,1,3}` the projector; an InternLM2 LLM becomes LLaMA-structured (its interleaved `wqkv` de-interleaved, see
-`split_wqkv`); Qwen2, LLaMA and Phi-3 originals are transformers' own classes, so their LLM is only moved (Phi-3 keeps
-its fused `qkv_proj` / `gate_up_proj`, as transformers' Phi-3 does). Names are matched by role: this module holds the
-original names, `ivl.model.parts.HF_NAMES` the HF-native ones. Configs: `ivl.model.convert_config`; tokenizers:
-`ivl.model.convert_tokenizer`.
+`split_wqkv`); Qwen2, LLaMA, Phi-3 and InternVL3.5's Qwen3, Qwen3-MoE and GPT-OSS originals are transformers' own
+classes, so their LLM is only moved (Phi-3 keeps its fused `qkv_proj` / `gate_up_proj`, as transformers' Phi-3 does;
+Qwen3-MoE's experts stay one tensor per expert in both checkpoint layouts and are fused only inside a model, see
+`fuse_experts`). A model whose lm_head is tied to its embeddings stays tied: both layouts then hold the matrix once.
+Names are matched by role: this module holds the original names, `ivl.model.parts.HF_NAMES` the HF-native ones.
+Configs: `ivl.model.convert_config`; tokenizers: `ivl.model.convert_tokenizer`.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from ivl.model.convert_tokenizer import (
     save_original_tokenizer_from,
     token_id_from_files,
 )
-from ivl.model.parts import HF_NAMES, loaded_name, saved_name
+from ivl.model.parts import HF_NAMES, attention_implementation, loaded_name, saved_name
 from ivl.model.tensor_io import TensorGroup, TensorSource, open_tensors, tensors_in_memory, write_shards
 
 Format = Literal["hf", "original"]
@@ -94,8 +96,21 @@ _INTERNLM2_LLM = {
     "llm.norm": "language_model.model.norm",
     "lm_head": "language_model.output",
 }
-ORIGINAL_LLM_NAMES = {"qwen2": _TRANSFORMERS_LLM, "llama": _TRANSFORMERS_LLM, "phi3": _TRANSFORMERS_LLM}
-ORIGINAL_LLM_NAMES["internlm2"] = _INTERNLM2_LLM
+# Experts by layout: Qwen3-MoE checkpoints (original and HF-native alike) hold one gate / up / down per expert,
+# GPT-OSS's hold them fused (3-D, with biases). Each family accepts its own layout only.
+_PER_EXPERT_ROLES = ("llm.expert_gate", "llm.expert_up", "llm.expert_down")
+_FUSED_EXPERT_ROLES = ("llm.experts_gate_up", "llm.experts_gate_up_bias", "llm.experts_down", "llm.experts_down_bias")
+_DENSE_LLM = {role: name for role, name in _TRANSFORMERS_LLM.items() if role not in _FUSED_EXPERT_ROLES}
+_DENSE_LLM = {role: name for role, name in _DENSE_LLM.items() if role not in _PER_EXPERT_ROLES}
+ORIGINAL_LLM_NAMES = dict.fromkeys(("qwen2", "llama", "phi3", "qwen3"), _DENSE_LLM) | {
+    "internlm2": _INTERNLM2_LLM,
+    "qwen3_moe": {role: name for role, name in _TRANSFORMERS_LLM.items() if role not in _FUSED_EXPERT_ROLES},
+    "gpt_oss": {role: name for role, name in _TRANSFORMERS_LLM.items() if role not in _PER_EXPERT_ROLES},
+}
+# transformers' Qwen3-MoE keeps its experts fused in the model (`gate_up_proj` [E, 2I, H]: each expert's gate rows
+# then its up rows; `down_proj` [E, H, I]) and splits them per expert when it saves (its conversion mapping, reverted):
+# models built here from checkpoint tensors are fused, models written from memory are split, as transformers does.
+PER_EXPERT_FAMILIES = ("qwen3_moe",)
 
 
 def split_wqkv(wqkv: Tensor, num_heads: int, num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -176,9 +191,48 @@ def conversion_rules(family: str, num_heads: int, num_kv_heads: int) -> list[Rul
 
 
 def _pattern(template: str) -> re.Pattern:
-    """`a.{i}.b` -> a regex for its parameters: `a.<digits>.b` plus `.weight` / `.bias` or nothing (bare parameters)."""
-    body = r"(?P<i>\d+)".join(re.escape(part) for part in template.split("{i}"))
+    """`a.{i}.b.{e}.c` -> a regex for its parameters: `a.<digits>.b.<digits>.c` plus `.weight` / `.bias` or nothing
+    (bare parameters); the layer index is group `i`, the expert index group `e`."""
+    body = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
     return re.compile(rf"^{body}(?P<suffix>\.weight|\.bias|)$")
+
+
+def fuse_experts(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-expert tensors (HF-native names) -> the fused expert parameters of transformers' Qwen3-MoE."""
+    per_expert = {role: _pattern(HF_NAMES[role]) for role in _PER_EXPERT_ROLES}
+    fused: dict[str, dict[str, dict[int, Tensor]]] = {}  # layer -> role -> expert -> [rows, columns]
+    result = {}
+    for name, tensor in state.items():
+        found = next(((role, match) for role, pattern in per_expert.items() if (match := pattern.match(name))), None)
+        if found is None:
+            result[name] = tensor
+            continue
+        role, match = found
+        fused.setdefault(match.group("i"), {}).setdefault(role, {})[int(match.group("e"))] = tensor
+    for layer, roles in fused.items():
+        gate, up, down = ([roles[role][e] for e in sorted(roles[role])] for role in _PER_EXPERT_ROLES)
+        name = HF_NAMES["llm.experts_gate_up"].format(i=layer)
+        result[name] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)  # [E, 2I, H]
+        result[HF_NAMES["llm.experts_down"].format(i=layer)] = torch.stack(down)  # [E, H, I]
+    return result
+
+
+def split_experts(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `fuse_experts`: fused Qwen3-MoE expert parameters -> one gate / up / down weight per expert."""
+    gate_up, down = _pattern(HF_NAMES["llm.experts_gate_up"]), _pattern(HF_NAMES["llm.experts_down"])
+    result = {}
+    for name, tensor in state.items():
+        if match := gate_up.match(name):
+            gates, ups = tensor.chunk(2, dim=1)
+            for e in range(tensor.shape[0]):
+                result[HF_NAMES["llm.expert_gate"].format(i=match.group("i"), e=e) + ".weight"] = gates[e]
+                result[HF_NAMES["llm.expert_up"].format(i=match.group("i"), e=e) + ".weight"] = ups[e]
+        elif match := down.match(name):
+            for e in range(tensor.shape[0]):
+                result[HF_NAMES["llm.expert_down"].format(i=match.group("i"), e=e) + ".weight"] = tensor[e]
+        else:
+            result[name] = tensor
+    return result
 
 
 def plan_conversion(keys: list[str], rules: list[Rule], to: Format, family: str) -> list[TensorGroup]:
@@ -189,20 +243,25 @@ def plan_conversion(keys: list[str], rules: list[Rule], to: Format, family: str)
     present, seen, groups = set(keys), set(), []
     for key in keys:
         found = next(((match, rule) for pattern, rule in matchers if (match := pattern.match(key))), None)
+        if found is None and key.endswith(("_blocks", "_scales")):
+            raise ModelLoadError(
+                f"{key}: MXFP4-quantised experts (gpt-oss's release format); dequantise them first, e.g. load with "
+                "transformers' Mxfp4Config(dequantize=True) and save_pretrained"
+            )
         if found is None:
             layout = "original" if to == "hf" else "HF-native"
             raise ModelLoadError(f"{key}: not a parameter of a {layout} InternVL with a {family} LLM")
         match, rule = found
-        layer, suffix = match.groupdict().get("i"), match.group("suffix")
-        if (rule, layer, suffix) in seen:
+        layer, expert, suffix = match.groupdict().get("i"), match.groupdict().get("e"), match.group("suffix")
+        if (rule, layer, expert, suffix) in seen:
             continue  # the group was made from an earlier key (q made it; k and v belong to it)
-        seen.add((rule, layer, suffix))
+        seen.add((rule, layer, expert, suffix))
         source_roles, target_roles, transform = rule.sides(to)
-        sources = tuple(source_names[role].format(i=layer) + suffix for role in source_roles)
+        sources = tuple(source_names[role].format(i=layer, e=expert) + suffix for role in source_roles)
         missing = [name for name in sources if name not in present]
         if missing:
             raise ModelLoadError(f"{key} comes with {', '.join(missing)}, which the checkpoint lacks")
-        targets = tuple(target_names[role].format(i=layer) + suffix for role in target_roles)
+        targets = tuple(target_names[role].format(i=layer, e=expert) + suffix for role in target_roles)
         groups.append(TensorGroup(sources, targets, transform))
     return groups
 
@@ -230,19 +289,31 @@ def _hf_groups(source: TensorSource, config: InternVLConfig, family: str, to: Fo
     text = config.text_config
     rules = conversion_rules(family, text.num_attention_heads, text.num_key_value_heads or text.num_attention_heads)
     keys = source.keys()
-    lm_head = HF_NAMES["lm_head"] + ".weight"
+    lm_heads = {HF_NAMES["lm_head"] + ".weight", ORIGINAL_LLM_NAMES[family]["lm_head"] + ".weight"}
     groups = plan_conversion(keys, rules, to, family)
-    if to == "original" and lm_head not in keys:
-        # An HF model with tied embeddings saves the matrix once; the original always has its own lm_head.
+    if config.tie_word_embeddings:
+        # Tied on both sides: each checkpoint holds the matrix once, as the embeddings (a stray lm_head is the same
+        # matrix to the tied model, which never reads it).
+        return [group for group in groups if not lm_heads & set(group.targets)]
+    if to == "original" and HF_NAMES["lm_head"] + ".weight" not in keys:
+        # An untied original has its own lm_head even where an HF checkpoint left it out.
         embed = HF_NAMES["llm.embed"] + ".weight"
         groups.append(TensorGroup((embed,), (ORIGINAL_LLM_NAMES[family]["lm_head"] + ".weight",), _same))
     return groups
 
 
+def file_state(state: dict[str, Tensor], config: InternVLConfig) -> dict[str, Tensor]:
+    """A model's state dict as transformers writes it to a checkpoint: a tied lm_head left out, Qwen3-MoE experts
+    one tensor per expert."""
+    if config.tie_word_embeddings:
+        state = {name: tensor for name, tensor in state.items() if name != HF_NAMES["lm_head"] + ".weight"}
+    return split_experts(state) if config.text_config.model_type in PER_EXPERT_FAMILIES else state
+
+
 def _check_hf_keys(config: InternVLConfig, names: set[str], source: str) -> None:
-    """The converted names must be exactly the HF model's parameters: nothing missing, nothing left over."""
+    """The converted names must be exactly the HF checkpoint's: nothing missing, nothing left over."""
     with torch.device("meta"):
-        expected = set(InternVLForConditionalGeneration(config).state_dict())
+        expected = set(file_state(InternVLForConditionalGeneration(config).state_dict(), config))
     if names != expected:
         missing, unexpected = sorted(expected - names), sorted(names - expected)
         raise ModelLoadError(
@@ -279,13 +350,20 @@ def load_original_model(path: Path, dtype: torch.dtype, attn_implementation: str
     config.dtype = dtype
     # Parameters on the meta device until the converted tensors are assigned; buffers (rotary frequencies) are real.
     with init_empty_weights(include_buffers=False):
-        model = InternVLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+        attention = attention_implementation(config, attn_implementation)
+        model = InternVLForConditionalGeneration._from_config(config, attn_implementation=attention)
     state = {}
     for group in groups:
         for name, tensor in group.run(source).items():
             tensor = tensor.to(dtype)
             state[name] = tensor.clone() if tensor._base is not None else tensor  # no parameter views of another's data
+    if config.text_config.model_type in PER_EXPERT_FAMILIES:
+        state = fuse_experts(state)
+    if config.tie_word_embeddings:
+        state[HF_NAMES["lm_head"] + ".weight"] = state[HF_NAMES["llm.embed"] + ".weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()  # assigning gave the lm_head its own Parameter object: make it the embeddings' again
     return model.eval()
 
 
@@ -353,7 +431,7 @@ def save_original(
 
 def save_model_as_original(model, tokenizer, dst: str | Path, llm_arch: str | None = None) -> Path:
     """Write an in-memory HF-native model as an original checkpoint (`ivl merge --format original`)."""
-    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    state = file_state({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, model.config)
     return save_original(tensors_in_memory(state), model.config, tokenizer, Path(dst), llm_arch)
 
 

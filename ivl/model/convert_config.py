@@ -28,11 +28,20 @@ LLM_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Phi3ForCausalLM": "phi3",
     "InternLM2ForCausalLM": "internlm2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 ARCHITECTURE_OF = {family: name for name, family in LLM_ARCHITECTURES.items()}
-HF_TEXT_MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "phi3": "phi3", "internlm2": "llama"}
-# The conversation template an original config names, when the HF side does not say (InternVL's own choices).
+# Every family but InternLM2 is transformers' own CausalLM inside the original, so its text model type is its name.
+HF_TEXT_MODEL_TYPE = {family: family for family in ARCHITECTURE_OF} | {"internlm2": "llama"}
+# The conversation template an original config names, when the HF side does not say (InternVL's own choices;
+# InternVL3.5 keeps InternVL2.5's).
 DEFAULT_TEMPLATES = {"qwen2": "internvl2_5", "internlm2": "internlm2-chat", "phi3": "phi3-chat", "llama": "Hermes-2"}
+DEFAULT_TEMPLATES |= dict.fromkeys(("qwen3", "qwen3_moe", "gpt_oss"), "internvl2_5")
+ROPE_TYPE_FAMILIES = ("qwen3", "qwen3_moe", "gpt_oss")
+# GPT-OSS alternates sliding-window and full attention by `layer_types`: part of the model, so it travels.
+LAYER_TYPES_FAMILIES = ("gpt_oss",)
 # InternLM2-based InternVLs use <IMG_CONTEXT> = 92546 (SPEC 11): how a LLaMA-structured HF config is told apart.
 INTERNLM2_IMAGE_TOKEN_ID = 92546
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -87,7 +96,7 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
 
 
 def llm_family(original: dict[str, Any]) -> str:
-    """The LLM family of an original config: qwen2 | llama | phi3 | internlm2."""
+    """The LLM family of an original config: qwen2 | llama | phi3 | internlm2 | qwen3 | qwen3_moe | gpt_oss."""
     architectures = original.get("llm_config", {}).get("architectures") or [None]
     if architectures[0] not in LLM_ARCHITECTURES:
         raise ModelLoadError(
@@ -114,10 +123,23 @@ def hf_family(config: InternVLConfig, llm_arch: str | None = None) -> str:
 
 
 def _config_fields(config_class: type) -> set[str]:
-    """A config class's own fields (not the generic PreTrainedConfig ones), rope given apart."""
+    """A config class's own fields (not the generic PreTrainedConfig ones), rope given apart, plus `head_dim`: the
+    attention of every family reads it when given, and Qwen3-MoE's (not in its signature) needs it, since
+    hidden / heads is not its head size (Qwen3-30B-A3B: 2048 / 32 heads of 128)."""
     own = set(inspect.signature(config_class.__init__).parameters)
     generic = set(inspect.signature(PreTrainedConfig.__init__).parameters)
-    return own - generic - {"self", "kwargs", "rope_parameters", "rope_theta", "rope_scaling", "layer_types"}
+    return own - generic - {"self", "kwargs", "rope_parameters", "rope_theta", "rope_scaling", "layer_types"} | {
+        "head_dim"
+    }
+
+
+def _own_fields(text: PreTrainedConfig) -> dict[str, Any]:
+    """The fields of text config `text` under the names its class takes (`to_dict` writes an aliased field under
+    its alias: Qwen3-MoE's `num_experts` as `num_local_experts`)."""
+    fields = _config_fields(type(text))
+    aliases = {alias: name for name, alias in type(text).attribute_map.items()}
+    named = {(name if name in fields else aliases.get(name, name)): value for name, value in text.to_dict().items()}
+    return {name: value for name, value in named.items() if name in fields}
 
 
 def _text_config(llm: dict[str, Any], family: str) -> dict[str, Any]:
@@ -131,6 +153,8 @@ def _text_config(llm: dict[str, Any], family: str) -> dict[str, Any]:
     if family == "phi3" and scaling and "original_max_position_embeddings" in llm:
         # transformers' longrope reads it from the rope parameters, Phi-3 configs keep it at the top level.
         scaling = {"original_max_position_embeddings": llm["original_max_position_embeddings"], **scaling}
+    if family in LAYER_TYPES_FAMILIES and "layer_types" in llm:
+        text["layer_types"] = list(llm["layer_types"])
     rope = {"rope_theta": llm["rope_theta"]} if "rope_theta" in llm else {}
     # A copy: transformers adds its own keys to the rope parameters it is given.
     return {"model_type": model_type, **text, **rope, **({"rope_scaling": copy.deepcopy(scaling)} if scaling else {})}
@@ -170,7 +194,9 @@ def hf_config_from_original(original: dict[str, Any], image_token_id: int, sourc
         downsample_ratio=original.get("downsample_ratio", 0.5),
         vision_feature_layer=original.get("select_layer", -1),
         image_seq_length=tokens_per_tile_of(image_size, vision["patch_size"], original.get("downsample_ratio", 0.5)),
-        tie_word_embeddings=False,
+        # The original's LLM ties its lm_head to the embeddings when its config says so (its checkpoint then holds the
+        # matrix once); the HF model ties by this top-level flag.
+        tie_word_embeddings=bool(original["llm_config"].get("tie_word_embeddings", False)),
         architectures=["InternVLForConditionalGeneration"],
         **{ORIGINAL_CONFIG_KEY: original},
     )
@@ -204,8 +230,9 @@ def _side(size: int | list[int] | tuple[int, ...]) -> int:
 
 
 def _rope_scaling(scaling: dict[str, Any] | None, family: str) -> dict[str, Any] | None:
-    """Rope scaling as original configs write it: `type` (not transformers 5's `rope_type`), Phi-3's `su`, and none
-    of the keys transformers adds to its rope parameters. Also the canonical form two configs are compared in."""
+    """Rope scaling as original configs write it: `type` (not transformers 5's `rope_type`; InternVL3.5's LLMs, whose
+    code is transformers 4.5x's, read `rope_type`), Phi-3's `su`, and none of the keys transformers adds to its rope
+    parameters. Also the canonical form two configs are compared in."""
     if not scaling:
         return None
     scaling = {key: value for key, value in scaling.items() if key != "rope_theta"}
@@ -216,17 +243,21 @@ def _rope_scaling(scaling: dict[str, Any] | None, family: str) -> dict[str, Any]
     if family == "phi3":
         scaling.pop("original_max_position_embeddings", None)  # Phi-3 keeps it at the top level
         kind = "su" if kind == "longrope" else kind  # InternVL's Phi-3 code knows `su` (= longrope) and `yarn`
-    return {"type": kind, **scaling} if kind != "default" or scaling else None
+    key = "rope_type" if family in ROPE_TYPE_FAMILIES else "type"
+    return {key: kind, **scaling} if kind != "default" or scaling else None
 
 
-def _llm_config(text: PreTrainedConfig, family: str) -> dict[str, Any]:
+def _llm_config(config: InternVLConfig, family: str) -> dict[str, Any]:
+    text = config.text_config
     if family == "internlm2":
         derived = {name: getattr(text, hf) for name, hf in INTERNLM2_FIELDS.items()}
     else:
-        fields = _config_fields(type(text))
-        derived = {name: value for name, value in text.to_dict().items() if name in fields}
+        derived = _own_fields(text)
+    if family in LAYER_TYPES_FAMILIES:
+        derived["layer_types"] = list(text.layer_types)
     rope = dict(text.rope_parameters or {})
     derived.update(
+        tie_word_embeddings=bool(config.tie_word_embeddings),  # the HF model ties by the top-level flag
         rope_theta=rope.get("rope_theta"),
         rope_scaling=_rope_scaling(rope, family),
         architectures=[ARCHITECTURE_OF[family]],
@@ -308,7 +339,7 @@ def original_config_from_hf(
     derived_vision.update(image_size=image_size, patch_size=_side(vision.patch_size))
     _overlay(result["vision_config"], derived_vision, only_existing)
     llm = result["llm_config"]
-    derived_llm = _llm_config(text, family)
+    derived_llm = _llm_config(config, family)
     if "rope_scaling" in llm and _rope_scaling(llm["rope_scaling"], family) == derived_llm["rope_scaling"]:
         derived_llm.pop("rope_scaling")  # the same scaling: keep the original's spelling of it
     _overlay(llm, derived_llm, llm_kept)

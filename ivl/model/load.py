@@ -18,11 +18,14 @@ import torch
 from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
 from ivl.errors import ModelLoadError  # noqa: F401  re-exported
+from ivl.model.parts import attention_implementation
 from ivl.model.presets import demo_tokenizer_path, preset_config
 from ivl.model.presets import tokens_per_tile_of as _tokens_per_tile_of
 from ivl.options import ModelConfig
 
 PRESET_PREFIX = "preset:"
+# InternVL3.5 ships each size in four training stages (InternVL3_5-8B-Pretrained / -Instruct / -MPO / final).
+STAGE_SUFFIXES = ("-Pretrained", "-Instruct", "-MPO")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -65,26 +68,31 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_preset_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0, dtype=torch.float32):
+def build_preset_model(
+    name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0, dtype=torch.float32, attn_implementation="sdpa"
+):
     """A random-weight model of preset `name` (deterministic for a given seed)."""
     config = preset_config(name, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config)
+        model = InternVLForConditionalGeneration._from_config(
+            config, attn_implementation=attention_implementation(config, attn_implementation)
+        )
     return model.to(dtype)
 
 
 def load_model(config: ModelConfig, device: torch.device | str | None = None, quantize_llm: bool = False):
     """Load (model, tokenizer). The model is in eval mode; its dtype follows `config.dtype`.
 
-    `quantize_llm`: the LLM in 4-bit NF4 for QLoRA (`ivl.model.quantize`); the rest keeps `config.dtype`.
+    `quantize_llm`: the LLM in 4-bit NF4 for QLoRA (`ivl.model.quantize`), fused MoE experts included; the rest keeps
+    `config.dtype`.
     """
     name = preset_name(config.name_or_path)
     original = _original_checkpoint(config.name_or_path)
     tokenizer = load_tokenizer(config)
     dtype = resolve_dtype(config.dtype)
     if name is not None and not quantize_llm:
-        model = build_preset_model(name, tokenizer, config.init_seed, dtype)
+        model = build_preset_model(name, tokenizer, config.init_seed, dtype, config.attn_implementation)
     elif original is not None and not quantize_llm:
         from ivl.model.convert import load_original_model
 
@@ -98,7 +106,8 @@ def load_model(config: ModelConfig, device: torch.device | str | None = None, qu
 
                 convert_checkpoint(original, tmp, to="hf")
             else:
-                build_preset_model(name, tokenizer, config.init_seed, dtype).save_pretrained(tmp)
+                preset = build_preset_model(name, tokenizer, config.init_seed, dtype, config.attn_implementation)
+                preset.save_pretrained(tmp)
             model = _from_pretrained(tmp, config, dtype, quantize_llm, device)
     else:
         model = _from_pretrained(config.name_or_path, config, dtype, quantize_llm, device)
@@ -115,16 +124,22 @@ def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, quant
 
         extra = {"quantization_config": nf4_config(dtype), "device_map": {"": device or "cpu"}}
     try:
-        return InternVLForConditionalGeneration.from_pretrained(
+        model_config = InternVLConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        model = InternVLForConditionalGeneration.from_pretrained(
             source,
             dtype=dtype,
-            attn_implementation=config.attn_implementation,
+            attn_implementation=attention_implementation(model_config, config.attn_implementation),
             trust_remote_code=config.trust_remote_code,
             use_safetensors=True,
             **extra,
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load an InternVL model from {config.name_or_path!r}: {error}") from error
+    if quantize_llm:
+        from ivl.model.quantize import quantize_moe_experts
+
+        quantize_moe_experts(model, dtype)  # bitsandbytes quantised the linear layers only
+    return model
 
 
 def save_checkpoint(model, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
@@ -168,15 +183,18 @@ def load_model_config(config: ModelConfig):
 
 def model_config_of(model: ModelConfig) -> InternVLConfig:
     """The `InternVLConfig` of `model.name_or_path` without downloading: zoo hub ids (OpenGVLab/InternVL3-8B-hf,
-    InternVL2_5-8B, ...) are matched to `ivl.model.presets.ZOO`; presets and local checkpoints are read as training
-    reads them; anything else asks the hub for its config.json only."""
+    InternVL2_5-8B, InternVL3_5-8B-Instruct-HF, ...) are matched to `ivl.model.presets.ZOO`; presets and local
+    checkpoints are read as training reads them; anything else asks the hub for its config.json only."""
     from ivl.model.presets import ZOO
 
     def key(name: str) -> str:
         return "".join(char for char in name.lower() if char.isalnum())
 
     zoo = {key(name): name for name in ZOO}
-    hub_name = key(model.name_or_path.rsplit("/", 1)[-1].removesuffix("-hf").removesuffix("-HF"))
+    hub_name = model.name_or_path.rsplit("/", 1)[-1].removesuffix("-hf").removesuffix("-HF")
+    for stage in STAGE_SUFFIXES:  # a release's training stages share its shapes
+        hub_name = hub_name.removesuffix(stage)
+    hub_name = key(hub_name)
     if hub_name in zoo and not model.name_or_path.startswith("preset:"):
         return preset_config(zoo[hub_name])
     return load_model_config(model)

@@ -33,13 +33,44 @@ LLM_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "internlm2": ("wqkv", "wo", "w1", "w2", "w3"),
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    # Qwen3 (InternVL3.5): LLaMA-structured; its QK-norm weights (q_norm, k_norm) are RMSNorms, never targeted.
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    # Qwen3-MoE: attention, and the dense MLP of any `mlp_only_layers` (none in the released models).
+    "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    # GPT-OSS: attention only among linear layers (its attention sinks are per-head parameters, left alone).
+    "gpt_oss": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+# Mixture-of-experts LLMs keep their experts as fused 3-D parameters ([experts, out, in] or [experts, in, out]), which
+# PEFT adapts through `target_parameters` (one low-rank pair per expert). Names a user gives in adapter.llm_targets ->
+# the parameter path inside a decoder layer. The router trains only when asked for ("router").
+LLM_EXPERT_TARGETS: dict[str, dict[str, str]] = {
+    "qwen3_moe": {
+        "experts.gate_up_proj": "mlp.experts.gate_up_proj",
+        "experts.down_proj": "mlp.experts.down_proj",
+        "router": "mlp.gate.weight",
+    },
+    "gpt_oss": {
+        "experts.gate_up_proj": "mlp.experts.gate_up_proj",
+        "experts.down_proj": "mlp.experts.down_proj",
+        "router": "mlp.router.weight",
+    },
+}
+DEFAULT_EXPERT_TARGETS = ("experts.gate_up_proj", "experts.down_proj")
+# Attention backends an LLM family cannot run, and what its LLM runs instead (the ViT keeps the one asked for).
+# GPT-OSS adds a learned per-head sink logit to every softmax, which sdpa and flash-attention-2 do not have:
+# it runs eager attention, the implementation that applies the sinks on every device.
+LLM_ATTENTION_FALLBACK: dict[str, dict[str, str]] = {
+    "gpt_oss": {"sdpa": "eager", "flash_attention_2": "eager"},
 }
 VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
 PROJECTOR_LORA_TARGETS = ("linear_1", "linear_2")
 
-# HF-native module (or bare parameter) names by role, `{i}` a layer index, for converting checkpoints written in other
-# layouts (`ivl.model.convert` holds the original InternVLChatModel names for the same roles). The LLM roles cover
-# LLaMA-structured families (Qwen2, LLaMA, InternLM2 once converted) and Phi-3's fused `qkv_proj` / `gate_up_proj`.
+# HF-native module (or bare parameter) names by role, `{i}` a layer index, `{e}` an expert index, for converting
+# checkpoints written in other layouts (`ivl.model.convert` holds the original InternVLChatModel names for the same
+# roles). The LLM roles cover LLaMA-structured families (Qwen2, LLaMA, InternLM2 once converted), Phi-3's fused
+# `qkv_proj` / `gate_up_proj`, Qwen3's QK-norm, Qwen3-MoE's router (`mlp.gate`) and experts, which checkpoint files
+# hold one tensor per expert and the model as fused 3-D parameters, and GPT-OSS's attention sinks, router and fused
+# experts with biases (fused in files too).
 _VISION_LAYER = "model.vision_tower.encoder.layer.{i}."
 _LLM_LAYER = "model.language_model.layers.{i}."
 HF_NAMES: dict[str, str] = {
@@ -67,10 +98,22 @@ HF_NAMES: dict[str, str] = {
     "llm.v": _LLM_LAYER + "self_attn.v_proj",
     "llm.qkv": _LLM_LAYER + "self_attn.qkv_proj",
     "llm.o": _LLM_LAYER + "self_attn.o_proj",
+    "llm.q_norm": _LLM_LAYER + "self_attn.q_norm",
+    "llm.k_norm": _LLM_LAYER + "self_attn.k_norm",
+    "llm.sinks": _LLM_LAYER + "self_attn.sinks",
     "llm.gate": _LLM_LAYER + "mlp.gate_proj",
     "llm.up": _LLM_LAYER + "mlp.up_proj",
     "llm.gate_up": _LLM_LAYER + "mlp.gate_up_proj",
     "llm.down": _LLM_LAYER + "mlp.down_proj",
+    "llm.router_gate": _LLM_LAYER + "mlp.gate",
+    "llm.router": _LLM_LAYER + "mlp.router",
+    "llm.expert_gate": _LLM_LAYER + "mlp.experts.{e}.gate_proj",
+    "llm.expert_up": _LLM_LAYER + "mlp.experts.{e}.up_proj",
+    "llm.expert_down": _LLM_LAYER + "mlp.experts.{e}.down_proj",
+    "llm.experts_gate_up": _LLM_LAYER + "mlp.experts.gate_up_proj",
+    "llm.experts_gate_up_bias": _LLM_LAYER + "mlp.experts.gate_up_proj_bias",
+    "llm.experts_down": _LLM_LAYER + "mlp.experts.down_proj",
+    "llm.experts_down_bias": _LLM_LAYER + "mlp.experts.down_proj_bias",
     "llm.input_norm": _LLM_LAYER + "input_layernorm",
     "llm.post_norm": _LLM_LAYER + "post_attention_layernorm",
     "llm.norm": "model.language_model.norm",
@@ -218,6 +261,15 @@ def llm_family(model: nn.Module) -> str:
     return unwrap(model).config.text_config.model_type
 
 
+def attention_implementation(model_config, requested: str) -> str | dict[str, str]:
+    """transformers' `attn_implementation` argument for an `InternVLConfig`: `requested` everywhere, unless the LLM's
+    family cannot run it (GPT-OSS's attention sinks, LLM_ATTENTION_FALLBACK): then one per sub-config."""
+    llm = LLM_ATTENTION_FALLBACK.get(model_config.text_config.model_type, {}).get(requested, requested)
+    if llm == requested:
+        return requested
+    return {"": requested, "vision_config": requested, "text_config": llm}
+
+
 def llm_lora_targets(model: nn.Module) -> tuple[str, ...]:
     """The LoRA-able linear layers of the model's LLM family (SPEC 8)."""
     family = llm_family(model)
@@ -229,9 +281,45 @@ def llm_lora_targets(model: nn.Module) -> tuple[str, ...]:
     return LLM_LORA_TARGETS[family]
 
 
-def _llm_alternative(model: nn.Module, targets: tuple[str, ...], layers: tuple[int, ...]) -> str:
-    """The LLM's part of a target regex: `targets` (default: the family's) in decoder `layers` (default: all)."""
-    known = llm_lora_targets(model)
+def llm_expert_targets(model: nn.Module) -> dict[str, str]:
+    """The model's expert / router LoRA targets (adapter.llm_targets name -> parameter path in a decoder layer); empty
+    for a dense LLM."""
+    return LLM_EXPERT_TARGETS.get(llm_family(model), {})
+
+
+def llm_routers(model: nn.Module) -> list[nn.Module]:
+    """The router (gate) of every mixture-of-experts decoder layer, in layer order; empty for a dense LLM."""
+    router = LLM_EXPERT_TARGETS.get(llm_family(model), {}).get("router")
+    if router is None:
+        return []
+    path = router.rpartition(".")[0]
+    routers = []
+    for layer in model_parts(model).llm_layers:
+        try:  # a dense layer among MoE ones (Qwen3-MoE's mlp_only_layers) has none
+            routers.append(layer.get_submodule(path))
+        except AttributeError:
+            continue
+    return routers
+
+
+def llm_expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The fused expert weights of every MoE decoder layer (not the router, not biases); empty for a dense LLM."""
+    experts = LLM_EXPERT_TARGETS.get(llm_family(model), {})
+    found = []
+    for layer in model_parts(model).llm_layers:
+        for target in DEFAULT_EXPERT_TARGETS:
+            module_path, _, parameter = experts.get(target, "").rpartition(".")
+            try:
+                module = layer.get_submodule(module_path) if module_path else None
+            except AttributeError:
+                continue
+            if module is not None and isinstance(getattr(module, parameter, None), nn.Parameter):
+                found.append(getattr(module, parameter))
+    return found
+
+
+def _check_llm_choice(model: nn.Module, targets: tuple[str, ...], layers: tuple[int, ...]) -> None:
+    known = (*llm_lora_targets(model), *llm_expert_targets(model))
     unknown = sorted(set(targets) - set(known))
     if unknown:
         raise ConfigError(f"adapter.llm_targets: {unknown} are not LoRA targets of this LLM; choose from {list(known)}")
@@ -239,7 +327,42 @@ def _llm_alternative(model: nn.Module, targets: tuple[str, ...], layers: tuple[i
     outside = sorted(index for index in layers if not 0 <= index < num_layers)
     if outside:
         raise ConfigError(f"adapter.llm_layers: {outside} outside this LLM's layers 0..{num_layers - 1}")
-    names = "|".join(targets or known)
+
+
+def lora_target_parameters(
+    model: nn.Module, llm_targets: tuple[str, ...] = (), llm_layers: tuple[int, ...] = ()
+) -> list[str]:
+    """PEFT `target_parameters` for the LLM's experts (and router, when named in `llm_targets`): full parameter names
+    of every decoder layer in `llm_layers` (default: all) that has them. Default targets: the experts' two fused
+    projections. Empty for a dense LLM, or when `llm_targets` names only linear layers."""
+    experts = llm_expert_targets(model)
+    _check_llm_choice(model, llm_targets, llm_layers)
+    chosen = [name for name in llm_targets if name in experts] if llm_targets else list(DEFAULT_EXPERT_TARGETS)
+    if not experts or not chosen:
+        return []
+    layers = model_parts(model).llm_layers
+    names = []
+    for index in sorted(set(llm_layers)) if llm_layers else range(len(layers)):
+        for target in chosen:
+            module_path, _, parameter = experts[target].rpartition(".")
+            try:  # a dense layer among MoE ones (Qwen3-MoE's mlp_only_layers) has no experts
+                found = getattr(layers[index].get_submodule(module_path), parameter, None)
+            except AttributeError:
+                continue
+            if isinstance(found, nn.Parameter):
+                names.append(_LLM_LAYER.format(i=index) + experts[target])
+    return names
+
+
+def _llm_alternative(model: nn.Module, targets: tuple[str, ...], layers: tuple[int, ...]) -> str | None:
+    """The LLM's part of a target regex: linear `targets` (default: the family's) in decoder `layers` (default: all);
+    None when `targets` names only experts / the router."""
+    known = llm_lora_targets(model)
+    _check_llm_choice(model, targets, layers)
+    linear = [name for name in targets if name in known] if targets else list(known)
+    if not linear:
+        return None
+    names = "|".join(linear)
     if not layers:
         return rf"{re.escape(PART_PREFIXES['llm'][0])}(?:.*\.)?(?:{names})"
     indices = "|".join(str(index) for index in sorted(set(layers)))
@@ -252,8 +375,9 @@ def lora_target_regex(
     parts: tuple[Part, ...] = ("llm",),
     llm_targets: tuple[str, ...] = (),
     llm_layers: tuple[int, ...] = (),
-) -> str:
-    """A PEFT `target_modules` regex for the LoRA-able linear layers of `parts`, never leaking across parts.
+) -> str | None:
+    """A PEFT `target_modules` regex for the LoRA-able linear layers of `parts`, never leaking across parts; None when
+    no linear layer is targeted (only experts, see `lora_target_parameters`).
 
     `llm_targets` narrows the LLM's linear layers (default: its family's full set), `llm_layers` its decoder layers
     (indices, default: all). The lm_head is never a target: only modules under the first prefix of each part.
@@ -261,8 +385,9 @@ def lora_target_regex(
     alternatives = []
     for part in parts:
         if part == "llm":
-            alternatives.append(_llm_alternative(model, tuple(llm_targets), tuple(llm_layers)))
+            llm = _llm_alternative(model, tuple(llm_targets), tuple(llm_layers))
+            alternatives += [llm] if llm else []
             continue
         names = {"vision": VISION_LORA_TARGETS, "projector": PROJECTOR_LORA_TARGETS}[part]
         alternatives.append(rf"{re.escape(PART_PREFIXES[part][0])}(?:.*\.)?(?:{'|'.join(names)})")
-    return rf"^(?:{'|'.join(alternatives)})$"
+    return rf"^(?:{'|'.join(alternatives)})$" if alternatives else None

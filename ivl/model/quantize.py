@@ -1,5 +1,7 @@
 """QLoRA's 4-bit base (bitsandbytes): the LLM in NF4 with double quantisation; ViT, projector and lm_head stay
 unquantised (SPEC 8: 4-bit ViTs lose accuracy badly). bitsandbytes is imported only when a 4-bit model is asked for.
+Its loader quantises `nn.Linear` layers only; the fused experts of MoE LLMs are stored in NF4 by
+`ivl.model.quantize_experts` after loading.
 """
 
 from __future__ import annotations
@@ -37,3 +39,21 @@ def keep_training_layout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def quantize_moe_experts(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """The fused experts of an MoE LLM in NF4 too (bitsandbytes' loader leaves them dense); returns how many expert
+    modules were quantised (0 for a dense LLM)."""
+    from ivl.model.quantize_experts import quantize_experts
+
+    return quantize_experts(model, compute_dtype)
+
+
+def dequantized(model: torch.nn.Module) -> torch.nn.Module:
+    """The 4-bit model with every quantised weight dequantised (linear layers and MoE experts), for merging a QLoRA
+    adapter into the weights it trained on."""
+    from ivl.model.quantize_experts import dequantize_experts
+
+    model = model.dequantize()  # transformers swaps each 4-bit linear for a plain one with the dequantised weight
+    dequantize_experts(model)
+    return model
