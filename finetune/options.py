@@ -82,6 +82,8 @@ class RLOptions:
     top_p: float = option(1.0, "nucleus sampling: smallest token set of this probability mass; 1.0: off")
     max_new_tokens: int = option(64, "longest sampled answer (tokens)")
     updates_per_batch: int = option(1, "optimizer steps on each generation batch (old log-probs kept); 1: on-policy")
+    thinking: bool | None = option(None, "InternVL3.5: true asks for <think> reasoning, false switches it off; null: "
+                                   "the template's default")  # fmt: skip
 
     def validate(self) -> None:
         if self.num_generations < 2:

@@ -4,7 +4,8 @@ row's reference fields; the run's reward is their weighted sum (`rewards.weights
 Every reward is called as `reward(prompt, answer, reference)`:
 - prompt: the question the answer replies to (the row's last user turn, image placeholders included);
 - answer: the sampled text, as decoded (with its `<think> ... </think>` block if the model thought);
-- reference: the row's fields besides its images and conversation, plus `answer` = the row's last assistant reply.
+- reference: the row's fields besides its images and conversation; `answer` is the row's own `answer` field, else
+  its last assistant reply.
 Built-in rewards compare the *final* answer: the text inside `<answer> ... </answer>` if present, else what follows
 the last `</think>`, else the whole text. A user reward is named by dotted path, `mypkg.rewards:score`.
 """

@@ -90,12 +90,13 @@ def setup(config: RLConfig) -> Run:
                           "(LoRA / QLoRA / partial LoRA) or set loss.beta=0")  # fmt: skip
     accelerator.print(format_report(trainable_report(model, modes)))
     builder = SampleBuilder(tokenizer, model.config, config.data)
+    thinking = config.rl.thinking
     train_set = PromptDataset(checked_dataset(config.data.train, builder, accelerator, config.data.seed).records,
-                              builder)  # fmt: skip
+                              builder, thinking)  # fmt: skip
     validation_set = None
     if config.data.validation:
         checked = checked_dataset(config.data.validation, builder, accelerator, config.data.seed)
-        validation_set = PromptDataset(checked.records, builder)
+        validation_set = PromptDataset(checked.records, builder, thinking)
     optimizer = build_optimizer(optimizer_groups(model, config), config.optim)
     # loop.epochs counts generation batches over the prompts; each gives rl.updates_per_batch optimizer steps.
     generation_batches = count_steps(loop, train_set, accelerator.num_processes)

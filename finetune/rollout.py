@@ -33,15 +33,15 @@ class PromptDataset(Dataset):
     """Generation prompts of checked records: the tokenised prompt and tiles, the question text, and the reference
     fields the rewards read (the row's other fields, and `answer` = its last assistant reply)."""
 
-    def __init__(self, records: list[Record], builder: SampleBuilder):
-        self.records, self.builder = records, builder
+    def __init__(self, records: list[Record], builder: SampleBuilder, thinking: bool | None = None):
+        self.records, self.builder, self.thinking = records, builder, thinking
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        prompt = self.builder.build_prompt(record)
+        prompt = self.builder.build_prompt(record, self.thinking)
         messages = self.builder.conversation(record).messages
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         fields = {key: value for key, value in (record.row or {}).items() if key not in MEDIA_KEYS}

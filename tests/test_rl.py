@@ -10,9 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from ivl.config import ConfigError, load_config
+from ivl.data.checks import check_data
+from ivl.data.samples import SampleBuilder, load_records
 from ivl.data.shapes import write_split
 from ivl.finetune.options import RLConfig
 from ivl.finetune.rl import run_rl
+from ivl.finetune.rollout import PromptDataset
+from ivl.model.load import load_model_config, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +76,37 @@ def test_config_errors(shapes, tmp_path):
         tiny_rl(shapes, tmp_path, "rl.updates_per_batch=2", "loop.save_every=3")
     with pytest.raises(ConfigError, match="num_generations"):
         tiny_rl(shapes, tmp_path, "rl.num_generations=1")
+
+
+def _prompt_rows(shapes, path, with_answer=True):
+    """The shapes rows as RL prompt rows: the question only, the reference in an `answer` field."""
+    rows = [json.loads(line) for line in (shapes / "train.jsonl").read_text().splitlines()]
+    with path.open("w") as handle:
+        for row in rows:
+            reference = row["conversations"][1]["value"]
+            prompt_row = {"image": str(shapes / row["image"]), "conversations": row["conversations"][:1]}
+            handle.write(json.dumps({**prompt_row, **({"answer": reference} if with_answer else {})}) + "\n")
+    return path
+
+
+def test_prompt_rows_with_an_answer_field_pass_the_data_check_and_train(shapes, tmp_path):
+    config = tiny_rl(shapes, tmp_path, f"data.train={_prompt_rows(shapes, tmp_path / 'rl.jsonl')}",
+                     "loop.max_steps=1", "data.validation=null")  # fmt: skip
+    builder = SampleBuilder(load_tokenizer(config.model), load_model_config(config.model), config.data)
+    assert check_data(config.data.train, builder, progress=False).clean
+    unanswered = check_data(_prompt_rows(shapes, tmp_path / "bare.jsonl", with_answer=False), builder, False)
+    assert not unanswered.clean and "no assistant turn" in unanswered.bad_rows[0][1]
+    first = PromptDataset(load_records(config.data.train), builder)[0]
+    expected = json.loads((shapes / "train.jsonl").read_text().splitlines()[0])["conversations"][1]["value"]
+    assert first["fields"]["answer"] == expected and "What" in first["question"]
+    run_rl(config)
+    assert [r["step"] for r in _records(tmp_path) if "reward" in r] == [1]
+
+
+def test_rl_thinking_reaches_the_prompts(shapes, tmp_path):
+    config = tiny_rl(shapes, tmp_path, "data.template=internvl3_5", "rl.thinking=true")
+    builder = SampleBuilder(load_tokenizer(config.model), load_model_config(config.model), config.data)
+    records = load_records(config.data.train)
+    thinking = PromptDataset(records, builder, config.rl.thinking)[0]["input_ids"]
+    assert thinking.tolist() == builder.build_prompt(records[0], True)["input_ids"].tolist()
+    assert thinking.tolist() != PromptDataset(records, builder, False)[0]["input_ids"].tolist()
