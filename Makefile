@@ -1,4 +1,5 @@
 # Two entry points (see README): `make demo` and `make test`. Both build .venv on first use.
+# `make test-floor`: the same suite on the lowest versions pyproject.toml allows, in .venv-floor (CI runs both).
 PYTHON ?= python3
 VENV ?= .venv
 # Installed only when the venv has no torch yet. Our machines pin the local CPU build;
@@ -6,8 +7,9 @@ VENV ?= .venv
 # or create $(VENV) with your torch first: an existing torch is always kept.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+FLOOR_VENV ?= .venv-floor
 
-.PHONY: demo test lint setup
+.PHONY: demo test test-floor lint setup
 
 setup: $(VENV)/.installed
 
@@ -27,3 +29,16 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/python tools/check_layers.py
+
+# Every dependency and dev tool pinned to its floor (tools/floor_pins.py reads them from pyproject.toml); torch is the
+# main venv's (TORCH), since its build depends on the machine.
+$(FLOOR_VENV)/.installed: pyproject.toml tools/floor_pins.py
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python tools/floor_pins.py > $(FLOOR_VENV)/floor-pins.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -c "import torch" 2>/dev/null || $(FLOOR_VENV)/bin/python -m pip install -q $(TORCH)
+	$(FLOOR_VENV)/bin/python -m pip install -q -c $(FLOOR_VENV)/floor-pins.txt -e ".[dev]"
+	touch $@
+
+test-floor: $(FLOOR_VENV)/.installed
+	$(FLOOR_VENV)/bin/python -m pytest -q

@@ -227,6 +227,10 @@ class CachedTiles(Dataset):
     def __len__(self) -> int:
         return self.manifest["num_items"]
 
+    def source(self, index: int) -> str:
+        """Where item `index` comes from, for messages: its image and tile when known, else its place in the cache."""
+        return self.tiles.source(index) if self.tiles is not None else f"{self.root} item {index}"
+
     def __getitem__(self, index: int) -> dict:
         shard, row = divmod(index, self.manifest["shard_tiles"])
         with safe_open(str(shard_path(self.root, shard)), "pt") as handle:

@@ -98,6 +98,11 @@ class TileDataset(Dataset):
             self._last = (image, tiles)
         return self._last[1]
 
+    def source(self, index: int) -> str:
+        """Where item `index` comes from, for messages: `PATH tile T` or `shapes:SPLIT #I tile T`."""
+        image, tile = self.items[index]
+        return f"{image if isinstance(image, str) else f'shapes:{image[0]} #{image[1]}'} tile {tile}"
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         image, tile = self.items[index]
         return {"pixels": self.tiles_of(image)[tile], "index": torch.tensor(index)}

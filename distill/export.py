@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import InternVLVisionModel
 
@@ -29,6 +30,8 @@ from ivl.distill.student import StudentWithAdaptors
 from ivl.model.checkpoint import TRAINING_INFO, read_training_info
 from ivl.model.load import ModelConfig, load_model, save_checkpoint, tile_size
 from ivl.model.parts import model_parts, part_modules, unwrap
+from ivl.model.processor import save_processor
+from ivl.outputs import temporary_path, write_error
 from ivl.runtime import plot_curves
 
 STUDENT_DIR = "student"
@@ -37,15 +40,20 @@ ADAPTORS_FILE = "adaptors.safetensors"
 
 def save_run(out_dir: Path, model: StudentWithAdaptors, info: dict[str, Any], title: str) -> Path:
     """Write the student (atomically: temp dir + rename), its adaptors and the loss plot."""
-    student_dir, tmp = out_dir / STUDENT_DIR, out_dir / f".{STUDENT_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.student.save_pretrained(tmp, safe_serialization=True)
-    (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(student_dir, ignore_errors=True)
-    os.replace(tmp, student_dir)
+    student_dir, tmp = out_dir / STUDENT_DIR, temporary_path(out_dir / STUDENT_DIR)
+    adaptors_tmp = temporary_path(out_dir / ADAPTORS_FILE)
     adaptors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.adaptors.state_dict().items()}
-    save_file(adaptors, out_dir / f".{ADAPTORS_FILE}.tmp")
-    os.replace(out_dir / f".{ADAPTORS_FILE}.tmp", out_dir / ADAPTORS_FILE)
+    try:
+        model.student.save_pretrained(tmp, safe_serialization=True)
+        (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(student_dir, ignore_errors=True)
+        os.replace(tmp, student_dir)
+        save_file(adaptors, adaptors_tmp)
+        os.replace(adaptors_tmp, out_dir / ADAPTORS_FILE)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        adaptors_tmp.unlink(missing_ok=True)
+        raise write_error(out_dir, error, "the run's checkpoints, if any, are intact: rerun to resume") from error
     plot_curves(out_dir / "metrics.jsonl", out_dir / "loss.png", title)
     return student_dir
 
@@ -96,4 +104,5 @@ def place_into_internvl(student_dir: str | Path, base: ModelConfig, out_dir: str
     else:
         notes.append("projector kept; it was trained on the old ViT's features, so start with stage=stage1 anyway")
     save_checkpoint(model, tokenizer, out_dir)
+    save_processor(out_dir, base, config)  # the tiles and tokens per tile are the base's (checked above)
     return notes

@@ -42,7 +42,9 @@ from ivl.distill.student import StudentWithAdaptors, build_student
 from ivl.distill.teacher import TeacherTargets, load_teacher
 from ivl.image import normalize
 from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
+from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import resolve_dtype
+from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.runtime import (
     MetricsLog,
@@ -83,6 +85,7 @@ class TeacherSide:
     make_targets: Any  # (layers, dataset) -> TeacherTargets | CachedTargets
     train_set: TileDataset | CachedTiles
     validation_set: TileDataset | CachedTiles | None
+    teacher: nn.Module | None  # online only
 
 
 def tile_datasets(data: DistillDataConfig, tile_size: int) -> tuple[TileDataset, TileDataset | None]:
@@ -103,11 +106,12 @@ def teacher_side(config: DistillConfig, device: torch.device, tile_size: int) ->
         manifest = train_set.manifest
         return TeacherSide(manifest["teacher_num_layers"], manifest["teacher_width"], manifest["image_size"],
                            lambda layers, dataset: CachedTargets(dataset.pca, layers, device),
-                           train_set, validation_set)  # fmt: skip
+                           train_set, validation_set, None)  # fmt: skip
     teacher = load_teacher(config.teacher, device)
     train_set, validation_set = tile_datasets(config.data, tile_size)
     return TeacherSide(teacher.config.num_hidden_layers, teacher.config.hidden_size, image_size_of(teacher.config),
-                       lambda layers, dataset: TeacherTargets(teacher, layers), train_set, validation_set)  # fmt: skip
+                       lambda layers, dataset: TeacherTargets(teacher, layers), train_set, validation_set,
+                       teacher)  # fmt: skip
 
 
 def check_cache(config: DistillConfig, side: TeacherSide, teacher_layers: list[int]) -> None:
@@ -141,6 +145,8 @@ def setup(config: DistillConfig) -> Run:
         count = min(config.student.calibration_tiles, len(side.train_set))
         calibration = torch.stack([side.train_set[i]["pixels"] for i in range(count)])
     student, init_report = build_student(config.student, calibration)
+    # What a resume must find unchanged besides the config: the student's starting weights and the online teacher.
+    base_fingerprint = weights_fingerprint([student] + ([side.teacher] if side.teacher is not None else []))
     if config.student.gradient_checkpointing:
         checkpoint_activations(student)
     if "cosine_to_clip" in init_report:
@@ -158,7 +164,8 @@ def setup(config: DistillConfig) -> Run:
     # The scheduler stays outside `prepare`: Accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     info = {"recipe": "distill", "mode": config.mode, "teacher": to_dict(config.teacher), "layer_pairs": pairs,
-            "student_preset": config.student.preset, "init": init_report, "loss": to_dict(config.loss)}  # fmt: skip
+            "student_preset": config.student.preset, "init": init_report, "loss": to_dict(config.loss),
+            "base_fingerprint": base_fingerprint}  # fmt: skip
     metrics = MetricsLog(Path(loop.output_dir) / "metrics.jsonl", accelerator)
     start_trackers(accelerator, "ivl-distill", to_dict(config))
     validation_targets = side.make_targets(teacher_layers, side.validation_set) if side.validation_set else None
@@ -177,10 +184,14 @@ def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     return per_tile.sum() / (loop.batch_size * loop.grad_accum)
 
 
-def optimizer_step(run: Run, window: list[dict[str, Any]]) -> StepResult:
-    """Forward + backward over the step's micro-batches and one optimizer update. No autocast around the forward:
-    the teacher runs in its own dtype, `forward_loss` autocasts the student only."""
-    return accumulate_and_step(run, window, partial(forward_loss, run), autocast=False)
+def optimizer_step(run: Run, window: list[dict[str, Any]], step: int) -> StepResult:
+    """Forward + backward over the step's micro-batches and one optimizer update (step number `step`). No autocast
+    around the forward: the teacher runs in its own dtype, `forward_loss` autocasts the student only."""
+
+    def sources(window: list[dict[str, Any]]) -> list[str]:
+        return [run.train_set.source(int(index)) for batch in window for index in batch["index"]]
+
+    return accumulate_and_step(run, window, partial(forward_loss, run), step, autocast=False, sources=sources)
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
@@ -209,9 +220,14 @@ def train(run: Run) -> dict[str, float]:
     losses, tiles = [], 0
     for window in loop.steps(batches):
         tiles += sum(len(batch["pixels"]) for batch in window)
-        losses.append(optimizer_step(run, window).loss)
+        result = optimizer_step(run, window, loop.state.step)
+        if result.applied:
+            losses.append(result.loss)
+        else:  # loop.on_nonfinite=skip
+            loop.state.nonfinite_steps += 1
         if loop.log_due():
-            loop.log({"loss": torch.stack(losses).mean().item(), "tiles_per_second": loop.per_second(tiles)})
+            mean = {"loss": torch.stack(losses).mean().item()} if losses else {}  # none if all were skipped
+            loop.log({**mean, "tiles_per_second": loop.per_second(tiles)})
             losses, tiles = [], 0
         if loop.eval_due():
             loop.last.update(evaluate(run, loop.state.step))
@@ -233,10 +249,11 @@ def save(run: Run) -> Path:
 
 
 def run_distill(config: DistillConfig) -> RunResult:
-    run = setup(config)
-    metrics = train(run)
-    out_dir = save(run)
-    end_training(run.accelerator)
+    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
+        run = setup(config)
+        metrics = train(run)
+        out_dir = save(run)
+        end_training(run.accelerator)
     return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
 
 

@@ -52,9 +52,11 @@ from ivl.loop import RunResult, TrainingLoop, TrainState, accumulate_and_step, c
 from ivl.losses import mpo_loss, num_supervised_tokens
 from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
 from ivl.model.checkpoint import read_training_info
+from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_logits_caught
 from ivl.model.quantize import keep_training_layout
+from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.runtime import (
     MetricsLog,
@@ -110,6 +112,7 @@ def _build_model(config: MPOConfig, accelerator: Accelerator) -> tuple[nn.Module
         info.update({k: v for k, v in read_training_info(config.mpo.init_adapter).items() if k != "base_model"})
         info["recipe"] = "mpo"
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=bool(info["qlora"]))
+    info["base_fingerprint"] = weights_fingerprint([model])  # of the base as loaded, before any adapter or update
     if info["qlora"]:
         keep_training_layout(model)
     enable_gradient_checkpointing(model, config)
@@ -204,9 +207,10 @@ def forward_loss(run: Run, batch: dict[str, Any], shift: float, pairs_per_proces
     return loss * scale, sums
 
 
-def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift) -> dict[str, float]:
-    """Forward + backward over the step's micro-batches, one optimizer update, one reward-shift update; returns the
-    step's metrics (pair-weighted means over all processes)."""
+def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift, step: int) -> dict[str, float] | None:
+    """Forward + backward over the step's micro-batches, one optimizer update, one reward-shift update (step number
+    `step`); returns the step's metrics (pair-weighted means over all processes), or None when the step was not
+    finite and skipped (loop.on_nonfinite=skip: neither the weights nor the reward shift take it)."""
     accelerator = run.accelerator
     kept = [b for b in window if b["input_ids"] is not None]
     local_pairs = sum(len(b["indices"]) for b in kept)
@@ -223,7 +227,8 @@ def optimizer_step(run: Run, window: list[dict[str, Any]], shift: RewardShift) -
         sums.add_(batch_sums.float())
         return loss
 
-    accumulate_and_step(run, window, forward)
+    if not accumulate_and_step(run, window, forward, step).applied:
+        return None
     sums = accelerator.reduce(sums.double(), "sum")
     step_metrics = {name: (sums[i] / global_pairs.clamp(min=1)).item() for i, name in enumerate(METRICS)}
     if run.config.mpo.reward_shift:
@@ -240,9 +245,15 @@ def train(run: Run) -> dict[str, float]:
     window_metrics, tokens = [], 0
     for window in loop.steps(batches):
         tokens += sum(int(b["attention_mask"].sum()) for b in window if b["input_ids"] is not None)
-        window_metrics.append(optimizer_step(run, window, shift))
+        step_metrics = optimizer_step(run, window, shift, loop.state.step)
+        if step_metrics is None:  # loop.on_nonfinite=skip
+            loop.state.nonfinite_steps += 1
+        else:
+            window_metrics.append(step_metrics)
         if loop.log_due():
-            means = {name: sum(m[name] for m in window_metrics) / len(window_metrics) for name in METRICS}
+            # A window whose every step was skipped (loop.on_nonfinite=skip) logs no loss.
+            means = {name: sum(m[name] for m in window_metrics) / len(window_metrics)
+                     for name in METRICS if window_metrics}  # fmt: skip
             if run.router_losses:  # mixture-of-experts LLM: the load-balancing loss (unweighted), mean of the window
                 means["router_aux_loss"] = run.accelerator.reduce(torch.stack(run.router_losses).mean(), "mean").item()
                 run.router_losses.clear()
@@ -269,10 +280,11 @@ def training_batches(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
 
 
 def run_mpo(config: MPOConfig) -> RunResult:
-    run = setup(config)
-    metrics = train(run)
-    out_dir = save(run, "MPO")
-    end_training(run.accelerator)
+    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
+        run = setup(config)
+        metrics = train(run)
+        out_dir = save(run, "MPO")
+        end_training(run.accelerator)
     return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
 
 

@@ -34,6 +34,7 @@ from ivl.model.adapters import peft_wrap_quietly
 from ivl.model.forward import final_hidden_states, output_layer
 from ivl.model.partial_lora import attach_partial_lora, read_marker
 from ivl.model.parts import model_parts
+from ivl.outputs import temporary_path, write_error
 
 
 @dataclass
@@ -183,9 +184,14 @@ def load_or_compute_reference(path: Path, key: str, compute, accelerator: Accele
     table = compute()
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"key": key, "logps": table.cpu()}, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache
+        tmp = temporary_path(path)
+        try:
+            with tmp.open("wb") as handle:
+                torch.save({"key": key, "logps": table.cpu()}, handle)
+            tmp.replace(path)  # atomic: a crash never leaves a half-written cache
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise write_error(path, error) from error
     accelerator.wait_for_everyone()
     return table
 

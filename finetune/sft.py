@@ -38,11 +38,13 @@ from ivl.model.adapters import (
     format_report,
     trainable_report,
 )
+from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_logits_caught
 from ivl.model.packed_attention import check_packing_support
 from ivl.model.parts import layer_class_names
 from ivl.model.quantize import keep_training_layout
+from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.runtime import (
     MetricsLog,
@@ -88,6 +90,7 @@ def setup(config: SFTConfig) -> Run:
             "of forward passes over the sharded model); drop it and run `ivl eval CONFIG --adapter OUTPUT/adapter`"
         )
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=config.adapter.qlora)
+    base_fingerprint = weights_fingerprint([model])  # of the base as loaded, before any adapter or update
     if config.adapter.qlora:
         keep_training_layout(model)  # mid-run evaluation must not repack the 4-bit weights for CPU inference
     enable_gradient_checkpointing(model, config)
@@ -118,6 +121,7 @@ def setup(config: SFTConfig) -> Run:
         "adapter_kind": config.adapter.kind,
         "modes": modes,
         "data": {k: v for k, v in to_dict(config.data).items() if k not in ("train", "validation")},
+        "base_fingerprint": base_fingerprint,
     }
     metrics = MetricsLog(Path(loop.output_dir) / "metrics.jsonl", accelerator)
     start_trackers(accelerator, "ivl-sft", to_dict(config))
@@ -142,15 +146,15 @@ def forward_loss(run: Run, batch: dict[str, Any], denominator: torch.Tensor) -> 
     return loss + router_aux_coefficient(run.model) * aux / run.config.loop.grad_accum
 
 
-def optimizer_step(run: Run, window: list[dict[str, Any]]) -> StepResult:
-    """Forward + backward over the step's micro-batches and one optimizer update."""
+def optimizer_step(run: Run, window: list[dict[str, Any]], step: int) -> StepResult:
+    """Forward + backward over the step's micro-batches and one optimizer update (step number `step`)."""
     accelerator, reduction = run.accelerator, run.config.loss.reduction
     batches = [b for b in window if b["input_ids"] is not None]
     local_weight = sum(float(target_weights(b["labels"], b["sample_tokens"], reduction).sum()) for b in batches)
     global_weight = accelerator.reduce(torch.tensor(local_weight, device=accelerator.device), "sum")
     # DDP averages gradients over processes, so each process divides by global_weight / num_processes.
     denominator = global_weight.clamp(min=1e-12) / accelerator.num_processes
-    return accumulate_and_step(run, window, lambda batch: forward_loss(run, batch, denominator))
+    return accumulate_and_step(run, window, lambda batch: forward_loss(run, batch, denominator), step)
 
 
 def training_batches(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
@@ -179,10 +183,15 @@ def train(run: Run) -> dict[str, float]:
     losses, tokens = [], 0
     for window in loop.steps(batches):
         tokens += sum(int(b["attention_mask"].sum()) for b in window if b["input_ids"] is not None)
-        losses.append(optimizer_step(run, window).loss)
+        result = optimizer_step(run, window, loop.state.step)
+        if result.applied:
+            losses.append(result.loss)
+        else:  # loop.on_nonfinite=skip
+            loop.state.nonfinite_steps += 1
         if loop.log_due():
-            values = {"loss": torch.stack(losses).mean().item(), "tokens_per_second": loop.per_second(tokens),
-                      "skipped_rows": loop.state.skipped_rows}  # fmt: skip
+            values = {"tokens_per_second": loop.per_second(tokens), "skipped_rows": loop.state.skipped_rows}
+            if losses:  # none when every step of the window was skipped (loop.on_nonfinite=skip)
+                values["loss"] = torch.stack(losses).mean().item()
             if run.router_losses:  # mixture-of-experts LLM: the load-balancing loss (unweighted), mean of the window
                 values["router_aux_loss"] = run.accelerator.reduce(torch.stack(run.router_losses).mean(), "mean").item()
                 run.router_losses.clear()
@@ -198,10 +207,11 @@ def train(run: Run) -> dict[str, float]:
 
 
 def run_sft(config: SFTConfig) -> RunResult:
-    run = setup(config)
-    metrics = train(run)
-    out_dir = save(run)
-    end_training(run.accelerator)
+    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
+        run = setup(config)
+        metrics = train(run)
+        out_dir = save(run)
+        end_training(run.accelerator)
     return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
 
 

@@ -105,7 +105,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ivl.options import ModelConfig
 
     base = ModelConfig(name_or_path=args.base) if args.base else None
-    out = merge_adapter(args.adapter, args.out, base, out_format=args.format)
+    out, notes = merge_adapter(args.adapter, args.out, base, out_format=args.format)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     loads_with = {"hf": "InternVLForConditionalGeneration.from_pretrained", "original": "InternVL's remote code"}
     print(f"merged {args.format} checkpoint written to {out} (loads with {loads_with[args.format]})")
     return 0

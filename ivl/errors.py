@@ -29,6 +29,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be resumed from; the message says why and what to do."""
 
 
+class DivergenceError(RuntimeError):
+    """A training step's loss or gradient norm is not finite; the message names the step and its rows."""
+
+
+class OutputError(RuntimeError):
+    """The output folder cannot be written (disk full, read-only, a file in the way) or another run holds it."""
+
+
 class PartialLoraMergeError(RuntimeError):
     """A partial-LoRA adapter was asked to merge into the weights; it cannot be."""
 
@@ -40,5 +48,7 @@ KNOWN_ERRORS = (
     SampleError,
     ImageError,
     CheckpointError,
+    DivergenceError,
+    OutputError,
     PartialLoraMergeError,
 )

@@ -26,9 +26,12 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ivl.config import to_dict
 from ivl.model.checkpoint import load_training_checkpoint, resume_point, save_training_checkpoint
+from ivl.model.integrity import run_record
 from ivl.options import LoopConfig, OptimConfig
 from ivl.runtime import MetricsLog, progress_bar
+from ivl.update import finish_step
 
 Batch = dict[str, Any]
 
@@ -48,6 +51,7 @@ class TrainingRun(Protocol):
     scheduler: Any
     total_steps: int
     metrics: MetricsLog
+    info: dict[str, Any]  # with "base_fingerprint" (`ivl.model.integrity.weights_fingerprint` of the base)
 
 
 @dataclass
@@ -57,20 +61,22 @@ class TrainState:
     step: int = 0  # optimizer steps done
     micro_batches: int = 0  # per process: where the step-aligned sampler restarts
     skipped_rows: int = 0  # rows left out so far (by the data check, then by collators that report `num_skipped`)
+    nonfinite_steps: int = 0  # updates dropped because the loss or gradient norm was not finite (on_nonfinite=skip)
     recipe: dict[str, Any] = field(default_factory=dict)  # the recipe's own: MPO's reward shift, the packers' states
 
     def saved(self) -> dict[str, Any]:
         """The state.json fields besides the step (which the checkpoint writes itself)."""
-        return {"micro_batches": self.micro_batches, "skipped_rows": self.skipped_rows, **self.recipe}
+        return {"micro_batches": self.micro_batches, "skipped_rows": self.skipped_rows,
+                "nonfinite_steps": self.nonfinite_steps, **self.recipe}  # fmt: skip
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any], layout: dict[str, Any], fresh: TrainState) -> TrainState:
         """Read back `saved()` (a state.json, which also holds the run layout); fields an older checkpoint lacks
         keep their `fresh` values."""
-        own = {"step", "micro_batches", "skipped_rows"}
+        own = {"step", "micro_batches", "skipped_rows", "nonfinite_steps", "run"}  # "run": the run record
         recipe = {k: v for k, v in saved.items() if k not in own and k not in layout}
         return cls(saved["step"], saved.get("micro_batches", fresh.micro_batches),
-                   saved.get("skipped_rows", fresh.skipped_rows), recipe)  # fmt: skip
+                   saved.get("skipped_rows", fresh.skipped_rows), saved.get("nonfinite_steps", 0), recipe)  # fmt: skip
 
 
 @dataclass
@@ -78,7 +84,8 @@ class StepResult:
     """One optimizer step, as tensors on the device (`.item()` them only when logging: each one syncs)."""
 
     loss: torch.Tensor  # [] the step's loss, averaged over processes the way the gradients are
-    grad_norm: torch.Tensor | None  # [] total gradient norm before clipping; None with optim.max_grad_norm=0
+    grad_norm: torch.Tensor  # [] total gradient norm before clipping (measured with optim.max_grad_norm=0 too)
+    applied: bool = True  # False: the loss or norm was not finite and loop.on_nonfinite=skip dropped the update
 
 
 @dataclass
@@ -104,11 +111,22 @@ def count_steps(loop: LoopConfig, dataset: Sized | None, num_processes: int) -> 
     return max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
 
 
+def batch_locations(window: list[Batch]) -> list[str]:
+    """The `file:line` of every row of a step's micro-batches (collators put them in `locations`)."""
+    return [location for batch in window for location in batch.get("locations", [])]
+
+
 def accumulate_and_step(
-    run: TrainingRun, window: list[Batch], forward: Callable[[Batch], torch.Tensor], autocast: bool = True
+    run: TrainingRun,
+    window: list[Batch],
+    forward: Callable[[Batch], torch.Tensor],
+    step: int,
+    autocast: bool = True,
+    sources: Callable[[list[Batch]], list[str]] = batch_locations,
 ) -> StepResult:
-    """Forward + backward over one optimizer step's micro-batches, then the update: clip the gradient norm, step the
-    optimizer and the schedule, zero the gradients.
+    """Forward + backward over one optimizer step's micro-batches, then the update: clip the gradient norm, refuse a
+    non-finite step (`ivl.update.finish_step`: stop naming step `step` and the rows `sources(window)`, or skip it
+    under loop.on_nonfinite=skip), step the optimizer and the schedule, zero the gradients.
 
     `forward(batch)` returns the micro-batch's share of the step loss: shares summed over the micro-batches of every
     process make num_processes x the step loss, because DDP averages gradients over processes. With `autocast` the
@@ -122,13 +140,11 @@ def accumulate_and_step(
                 loss = forward(batch)
             accelerator.backward(loss)
         step_loss += loss.detach()
-    grad_norm = None
-    if run.config.optim.max_grad_norm > 0:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.config.optim.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(accelerator.reduce(step_loss, "sum") / accelerator.num_processes, grad_norm)
+    step_loss = accelerator.reduce(step_loss, "sum") / accelerator.num_processes
+    applied, grad_norm = finish_step(accelerator, model, run.optimizer, run.scheduler, step_loss,
+                                     run.config.optim.max_grad_norm, run.config.loop.on_nonfinite, step,
+                                     lambda: sources(window))  # fmt: skip
+    return StepResult(step_loss, grad_norm, applied)
 
 
 class TrainingLoop:
@@ -144,6 +160,8 @@ class TrainingLoop:
         self.layout = {"num_processes": accelerator.num_processes, "batch_size": loop.batch_size,
                        "grad_accum": loop.grad_accum, "seed": loop.seed, **layout}  # fmt: skip
         self.state = fresh or TrainState()
+        # What every checkpoint records so that a resume continues only this run (config and base weights).
+        self.record = run_record(to_dict(run.config), run.info["base_fingerprint"])
         self.last: dict[str, float] = {}  # the last logged values and what evaluation added since
         self._clock = time.perf_counter()
         self._progress = None
@@ -155,7 +173,8 @@ class TrainingLoop:
         iterator draws its workers' base seed from the global RNG; the uninterrupted run drew it at the same point."""
         run = self.run
         saved: dict[str, Any] = {}
-        resume_from = resume_point(self.config.resume, self.config.output_dir, saved, self.layout)
+        resume_from = resume_point(self.config.resume, self.config.output_dir, saved, self.layout, self.record,
+                                   run.accelerator.print)  # fmt: skip
         if resume_from is not None:
             self.state = TrainState.from_saved(saved, self.layout, self.state)
         batches = make_batches(self.state)
@@ -202,15 +221,16 @@ class TrainingLoop:
     def log(self, values: dict[str, float], show: tuple[str, ...] = ("loss", "lr")) -> None:
         """Write {step, values, lr} to metrics.jsonl (and the trackers), show the `show` ones on the progress bar and
         start the next logging window."""
-        self.last = {"step": self.state.step, **values, "lr": self.run.scheduler.get_last_lr()[0]}
+        self.last = {"step": self.state.step, **values, "lr": self.run.scheduler.get_last_lr()[0],
+                     "nonfinite_steps": self.state.nonfinite_steps}  # fmt: skip
         self.run.metrics.write(self.last)
-        if self._progress is not None:
-            self._progress.set_postfix({name: f"{self.last[name]:.4g}" for name in show})
+        if self._progress is not None:  # a window whose every step was skipped has no loss to show
+            self._progress.set_postfix({name: f"{self.last[name]:.4g}" for name in show if name in self.last})
         self._clock = time.perf_counter()
 
     def save(self, recipe_state: dict[str, Any] | None = None) -> None:
         """A resumable checkpoint of this step (every process calls this), with the recipe's own state."""
         self.state.recipe.update(recipe_state or {})
-        run, saved = self.run, {**self.layout, **self.state.saved()}
+        run, saved = self.run, {**self.layout, **self.state.saved(), "run": self.record}
         save_training_checkpoint(self.config.output_dir, self.state.step, run.accelerator, run.model, run.optimizer,
                                  run.scheduler, saved, self.config.keep_last)  # fmt: skip

@@ -9,6 +9,7 @@ acts; `ivl <recipe> --help`, `--show-config` and the field-help test pick it up.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -200,8 +201,8 @@ class OptimConfig:
     max_grad_norm: float = option(1.0, "gradient-norm clipping; 0 turns it off")
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr must be a finite positive number, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -225,8 +226,15 @@ class LoopConfig:
     eval_every: int = option(0, "optimizer steps between evaluations (the eval section); 0: only at the end")
     save_every: int = option(0, "optimizer steps between resumable checkpoints; 0: only the final adapter / model")
     keep_last: int = option(2, "resumable checkpoints kept")
-    resume: str = option("auto", "auto: from the newest checkpoint in output_dir, if any | never | a checkpoint dir")
+    resume: str = option(
+        "auto",
+        "auto: from the newest good checkpoint in output_dir, if any, of the same run (config, base weights) | "
+        "force: that checkpoint even if the config or base changed | never | a checkpoint dir",
+    )
     num_workers: int = option(2, "DataLoader worker processes building samples")
+    on_nonfinite: Literal["stop", "skip"] = option(
+        "stop", "a step whose loss / gradient norm is inf or NaN: stop the run there | skip that update (counted)"
+    )
     report_to: list[str] = option(help="Accelerate trackers: tensorboard, wandb, ...", factory=list)
 
     # What evaluates, and how, is the eval section's: one name for the evaluation batch size everywhere.

@@ -21,6 +21,7 @@ from transformers import get_scheduler
 
 from ivl.config import ConfigError
 from ivl.options import LoopConfig, OptimConfig
+from ivl.outputs import temporary_path, write_error
 
 
 def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:
@@ -162,8 +163,11 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise write_error(self.path, error) from error
         if self.accelerator.log_with:
             step = record.get("step")
             values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -173,13 +177,31 @@ class MetricsLog:
         """Drop records past `step` (a resumed run rewrites them), so the file reads as one uninterrupted run."""
         if not self.accelerator.is_main_process or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [json.dumps(record) for record in read_metrics(self.path) if record.get("step", 0) <= step]
+        tmp = temporary_path(self.path)
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise write_error(self.path, error) from error
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A line that does not parse (the last one, cut short when a run was killed
+    mid-write) is left out."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def progress_bar(accelerator: Accelerator, total: int, initial: int, description: str) -> tqdm | LogProgress:

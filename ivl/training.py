@@ -6,7 +6,6 @@ nothing here imports a recipe.
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,8 @@ from ivl.model.adapters import (
     save_trained,
 )
 from ivl.model.checkpoint import export_final
-from ivl.model.parts import model_parts
+from ivl.model.parts import model_parts, unwrap
+from ivl.model.processor import save_processor
 from ivl.model.sharded import full_state_dict, is_sharded
 from ivl.options import TrainConfig
 from ivl.runtime import checkpoint_activations, plot_curves
@@ -88,8 +88,13 @@ def save(run: Any, recipe: str = "SFT") -> Path:
     # FSDP2: the weights are gathered whole on every process first (a collective); else the model's own state dict.
     state_dict = full_state_dict(model, trainable_only=is_peft(model)) if is_sharded(model) else None
     out_dir = output_dir / ("adapter" if is_peft(model) else "model")
+
+    def write(model: nn.Module, directory: Path) -> None:  # weights, then what AutoProcessor loads
+        save_trained(model, directory, state_dict=state_dict)
+        save_processor(directory, run.config.model, unwrap(model).config, run.info.get("data"))
+
     if accelerator.is_main_process:
-        export_final(out_dir, model, run.tokenizer, run.info, partial(save_trained, state_dict=state_dict))
+        export_final(out_dir, model, run.tokenizer, run.info, write)
         plot_curves(output_dir / "metrics.jsonl", output_dir / "loss.png", f"{recipe} {run.config.model.name_or_path}")
     accelerator.wait_for_everyone()
     return out_dir

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoImageProcessor, InternVLForConditionalGeneration, LlamaConfig
+from transformers import InternVLForConditionalGeneration, LlamaConfig
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from ivl.cli import main as cli_main
@@ -345,7 +346,12 @@ def test_original_to_hf_to_original_is_exact(tmp_path, tokenizer, family):
     assert not any(info.values()), info
     assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert model.dtype == torch.bfloat16
-    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    # The class the saved config names (GotOcr2ImageProcessor), in its PIL flavour: AutoImageProcessor would pick the
+    # torchvision one, which transformers 5.17 cannot build without torchvision.
+    assert json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())["image_processor_type"] == (
+        "GotOcr2ImageProcessor"
+    )
+    processor = GotOcr2ImageProcessorPil.from_pretrained(tmp_path / "hf")
     assert (processor.crop_to_patches, processor.min_patches, processor.max_patches) == (True, 1, 6)
     assert processor.size["height"] == VIT["image"]
 
@@ -538,7 +544,7 @@ def test_without_sentencepiece_the_internlm2_tokenizer_is_copied_and_said_so(tmp
 
 
 @pytest.mark.slow
-def test_converted_original_trains_merges_and_converts_back(tmp_path, tokenizer):
+def test_converted_original_trains_merges_and_converts_back(tmp_path, tokenizer, capsys):
     from test_sft import tiny_run
 
     from ivl.config import load_config
@@ -550,8 +556,11 @@ def test_converted_original_trains_merges_and_converts_back(tmp_path, tokenizer)
     write_dataset(tmp_path / "shapes", num_train=8, num_validation=4, width=112, height=112)
     overrides = [*tiny_run(tmp_path / "shapes"), f"model.name_or_path={tmp_path / 'orig'}", "loop.max_steps=2"]
     result = run_sft(load_config(SFTConfig, None, [*overrides, "loop.batch_size=4", f"loop.output_dir={tmp_path}/run"]))
+    (tmp_path / "orig" / "modeling_internvl_chat.py").write_text("# the original's remote code travels along\n")
     merge = ["merge", "--adapter", result.output, "--out", str(tmp_path / "merged"), "--format", "original"]
     assert cli_main(merge) == 0
+    assert (tmp_path / "merged" / "modeling_internvl_chat.py").is_file()  # carried from the base: nothing to note
+    assert "note:" not in capsys.readouterr().err
     merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert merged_config["llm_config"]["architectures"] == ["InternLM2ForCausalLM"]
     assert merged_config["template"] == "internlm2-chat" and merged_config["vision_config"]["drop_path_rate"] == 0.1

@@ -2,15 +2,18 @@
 recipe online / offline / resumed, the feature cache, evaluation and export."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, InternVLForConditionalGeneration, InternVLVisionModel
+from transformers import (
+    AutoImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    InternVLForConditionalGeneration,
+    InternVLVisionModel,
+)
 
 import ivl.distill.train
 from ivl.config import ConfigError, load_config
@@ -33,6 +36,7 @@ from ivl.model.convert import convert_checkpoint
 from ivl.model.load import ModelConfig, load_model, save_checkpoint
 from ivl.model.parts import model_parts, part_of
 from ivl.runtime import read_metrics
+from tests.helpers import torchrun
 
 TILE = 112
 
@@ -280,18 +284,58 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path, monkeypatch):
     assert all(torch.allclose(final[name], again[name], atol=1e-6) for name in final)
 
 
+@pytest.mark.parametrize("pairs", [None, [[0, 1], [1, 3]]])
+def test_the_supervised_layers_are_exactly_the_configured_ones(tmp_path, pairs):
+    """The final held-out cosines the recipe logs equal those restated from transformers' own hidden states
+    (`output_hidden_states`: entry i + 1 is layer i's output) of the configured layers: the student's saved weights and
+    adaptors on student layer s against the teacher's layer t, for each configured pair (s, t). With loss.last_k=2 on
+    a 2-layer student and 4-layer teacher the pairs are (0, 2), (1, 3); the explicit pairs are not the default.
+    The teacher is the tiny preset with its layer scales at 1 instead of 0.1, so that each layer moves the hidden states
+    far enough for a neighbouring layer to give other cosines (with 0.1 an off-by-one moved them by only 4e-5; now
+    4e-4 .. 2e-3). Both sides are the same fp32 cosines in another order: they agree to 1.5e-8, so 1e-6."""
+    teacher = build_vision_model(vision_config("tiny-teacher"), 0, torch.float32)
+    with torch.no_grad():
+        for name, parameter in teacher.named_parameters():
+            if ".lambda_" in name:
+                parameter.fill_(1.0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    overrides = ["loop.max_steps=2", f"teacher.name_or_path={tmp_path / 'teacher'}",
+                 *([f"loss.pairs={pairs}"] if pairs else [])]  # fmt: skip
+    config = distill_config(tmp_path, *overrides)
+    result = run_distill(config)
+    expected_pairs = [tuple(pair) for pair in pairs] if pairs else [(0, 2), (1, 3)]
+    info = json.loads((tmp_path / "run" / "student" / "ivl_training.json").read_text())
+    assert [tuple(pair) for pair in info["layer_pairs"]] == expected_pairs
+
+    student = InternVLVisionModel.from_pretrained(result.output).eval()
+    adaptors = load_file(tmp_path / "run" / "adaptors.safetensors")
+    teacher.eval()
+    data = config.data
+    dataset = TileDataset(list_images(data.validation, data.validation_images), TILE, data)
+    pixels = normalize(torch.stack([dataset[i]["pixels"] for i in range(len(dataset))]))
+    with torch.no_grad():
+        student_states = student(pixel_values=pixels, output_hidden_states=True).hidden_states
+        teacher_states = teacher(pixel_values=pixels, output_hidden_states=True).hidden_states
+    patch, cls = [], []
+    for index, (s, t) in enumerate(expected_pairs):
+        adapted = student_states[s + 1] @ adaptors[f"{index}.weight"].T + adaptors[f"{index}.bias"]
+        cosines = torch.nn.functional.cosine_similarity(adapted, teacher_states[t + 1], dim=-1)  # [tiles, 1 + patches]
+        patch.append(cosines[:, 1:].mean())
+        cls.append(cosines[:, 0].mean())
+    final = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_cosine_patch" in r][-1]
+    assert final["step"] == 2
+    assert final["eval_cosine_patch"] == pytest.approx(torch.stack(patch).mean().item(), abs=1e-6)
+    assert final["eval_cosine_cls"] == pytest.approx(torch.stack(cls).mean().item(), abs=1e-6)
+
+
 def test_ddp_accumulation_and_checkpointing_give_the_same_losses(tmp_path):
     """2 CPU processes x batch 4 == 1 process x batch 8 == 1 process x batch 4 x 2 accumulation steps with gradient
     checkpointing: the step's update is the mean over its global batch however it is split."""
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     common = [*distill_args(tmp_path), "data.validation=", "loop.max_steps=4"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29527"]
-    command = [*torchrun, "-m", "ivl.distill.train", str(config), *common, "loop.batch_size=4",
-               f"loop.output_dir={tmp_path / 'ddp'}"]  # fmt: skip
-    completed = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                               timeout=300)  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    torchrun("-m", "ivl.distill.train", str(config), *common, "loop.batch_size=4",
+             f"loop.output_dir={tmp_path / 'ddp'}")  # fmt: skip
     run_distill(load_config(DistillConfig, None, [*common, f"loop.output_dir={tmp_path / 'one'}"]))
     run_distill(load_config(DistillConfig, None, [*common, "loop.batch_size=4", "loop.grad_accum=2",
                                                   "student.gradient_checkpointing=true",
@@ -356,6 +400,9 @@ def test_export_places_the_student_into_internvl_ready_for_stage1(tmp_path):
     notes = place_into_internvl(tmp_path / "same", ModelConfig(name_or_path="preset:tiny-112"), tmp_path / "kept")
     kept, _ = load_model(ModelConfig(name_or_path=str(tmp_path / "kept"), dtype="float32"))
     assert any("projector kept" in note for note in notes)
+    processor = json.loads((tmp_path / "kept" / "processor_config.json").read_text())
+    assert processor["image_seq_length"] == 16  # what the tiles of 112 px give in 14 px patches, pixel-shuffled
+    assert AutoImageProcessor.from_pretrained(tmp_path / "kept").size["height"] == 112
     assert all(torch.equal(p, before[name]) for name, p in kept.named_parameters() if part_of(name) != "vision")
     wide = build_vision_model(vision_config("tiny-teacher"), seed=3)  # 64 wide: the projector must be rebuilt
     wide.save_pretrained(tmp_path / "vit")

@@ -21,23 +21,10 @@ from ivl.image import (
 
 
 def reference_grid(width, height, min_num, max_num, image_size):
-    """InternVL's rule restated plainly: enumerate grids, stable-sort by product, closest ratio, tie rule."""
-    target_ratios = set()
-    for n in range(min_num, max_num + 1):
-        for i in range(1, n + 1):
-            for j in range(1, n + 1):
-                if min_num <= i * j <= max_num:
-                    target_ratios.add((i, j))
-    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
-    aspect_ratio = width / height
-    best_diff, best = float("inf"), (1, 1)
-    for ratio in target_ratios:
-        diff = abs(aspect_ratio - ratio[0] / ratio[1])
-        if diff < best_diff:
-            best_diff, best = diff, ratio
-        elif diff == best_diff and width * height > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
-            best = ratio
-    return best
+    """transformers' own grid choice for InternVL (GotOcr2's `get_optimal_tiled_canvas`), on the same inputs."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    return get_optimal_tiled_canvas((height, width), (image_size, image_size), min_num, max_num)
 
 
 def random_image(width, height, seed=0):
@@ -62,6 +49,40 @@ def test_best_grid_tie_rule_and_spec_example():
     assert best_grid(700, 700) == (2, 2)  # 490000 > 0.5 * 448^2 * 4
     assert best_grid(1000, 1000) == (3, 3)  # 1e6 > 0.5 * 448^2 * 9 = 903168
     assert best_grid(900, 900) == (2, 2)  # 810000 < 903168: stays at 2x2
+
+
+@pytest.mark.parametrize(
+    "width, height, expected",
+    [
+        # min 3, max 4: candidates by tile count 1x3, 3x1 (3 tiles), then 1x4, 2x2, 4x1 (4 tiles). Aspect 2 is 1 away
+        # from both 3x1 and 2x2; 2x2 comes later (more tiles) and wins when the area > 0.5 * 448^2 * 4 = 401,408.
+        (1000, 500, (2, 2)),
+        (700, 350, (3, 1)),  # 245,000: the earlier 3x1 stays
+    ],
+)
+def test_an_exact_tie_goes_to_the_grid_with_more_tiles_only_for_a_large_enough_image(width, height, expected):
+    assert best_grid(width, height, 3, 4, 448) == expected
+    assert reference_grid(width, height, 3, 4, 448) == expected
+
+
+def test_best_grid_matches_transformers_on_every_exact_tie_with_three_or_more_tiles():
+    """Images whose aspect ratio lies exactly midway between the ratios of two grids of different tile counts (a tie
+    the order by tile count decides), at a small and a large area, for tile bounds that exclude 1 and 2 tiles.
+    (Between grids of the same count, e.g. 2x2 and 4x1 at aspect 2.5, InternVL's order is its set's iteration order,
+    which the kit keeps and transformers' processor does not.)"""
+    checked = 0
+    for low in range(3, 7):
+        for high in range(low, 13):
+            grids = {(i, j) for i in range(1, high + 1) for j in range(1, high + 1) if low <= i * j <= high}
+            for a, b in {
+                (g, h) for g in grids for h in grids if g[0] * h[1] < h[0] * g[1] and g[0] * g[1] != h[0] * h[1]
+            }:
+                width, height = a[0] * b[1] + b[0] * a[1], 2 * a[1] * b[1]  # width / height = the two ratios' mean
+                for scale in (1, 300):
+                    args = (width * scale, height * scale, low, high, 448)
+                    assert best_grid(*args) == reference_grid(*args), args
+                    checked += 1
+    assert checked > 1000
 
 
 def test_spec_example_tiles_and_crops_equal_reference_crop():

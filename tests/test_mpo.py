@@ -2,10 +2,7 @@
 preference data, and the recipe end to end on a tiny model."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -31,8 +28,10 @@ from ivl.finetune.mpo import MPOConfig, run_mpo
 from ivl.finetune.preference import ReferencePolicy, pair_logps
 from ivl.losses import mpo_loss
 from ivl.model.adapters import AdapterConfig, PartConfig, VisionPartConfig, apply_trainability, resolve_modes
+from ivl.model.checkpoint import load_trainable_state_dict
 from ivl.model.load import ModelConfig, load_model, load_model_config, load_tokenizer
 from ivl.model.parts import model_parts
+from tests.helpers import torchrun
 
 
 def _trl_mpo_loss(policy_tokens, ref_chosen, ref_rejected, completion_mask, beta):
@@ -354,12 +353,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pairs, tmp_p
               "loop.max_steps=2", "loop.log_every=1", "loop.save_every=2", "loop.num_workers=0"]  # fmt: skip
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
-    command = [*torchrun, "-m", "ivl.finetune.mpo", str(config), *common, "loop.batch_size=2",
-               f"loop.output_dir={tmp_path / 'ddp'}"]  # fmt: skip
-    completed = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                               timeout=300)  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    torchrun("-m", "ivl.finetune.mpo", str(config), *common, "loop.batch_size=2", f"loop.output_dir={tmp_path / 'ddp'}")
     run_mpo(load_config(MPOConfig, None, [*common, "loop.batch_size=4", f"loop.output_dir={tmp_path / 'one'}"]))
     one, ddp = (_records(tmp_path / name) for name in ("one", "ddp"))
     assert len(one) == 2 and one[1]["rewards_margin"] != 0
@@ -378,3 +372,62 @@ def test_two_processes_match_one_process_with_the_same_global_batch(pairs, tmp_p
     assert all(one_weights[name].abs().sum() > 0 for name in trained_parts["vision_tower"] if "lora_B" in name)
     for name, expected in one_weights.items():
         assert torch.allclose(ddp_weights[name], expected, atol=1e-5), name
+
+
+def _answer_logps(model, inputs, labels, rows):
+    """Per-row sums of the answer tokens' log-probs and the answers' token counts of `rows`, from a plain forward
+    with full logits (no shared ViT pass, no chunked projection): the formula's log pi(y|x), restated."""
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"][rows], attention_mask=inputs["attention_mask"][rows],
+                       pixel_values=inputs["pixel_values"]).logits.double()  # fmt: skip
+    targets = labels[rows][:, 1:]
+    supervised = targets != -100
+    logps = logits[:, :-1].log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+    return (logps * supervised).sum(1), supervised.sum(1)
+
+
+def test_recipe_steps_equal_the_mpo_formula_with_asymmetric_weights_and_the_running_reward_shift(pairs, tmp_path):
+    """Each logged step of a single-process run (all 16 pairs in one batch) against the formula, restated:
+    L = w_p * mean(-log s(r_c - r_r)) + w_q * mean(-log s(r_c - d) - log s(-(r_r - d))) + w_g * NLL(chosen) / |chosen|
+    with r = beta * (log pi - log pi_ref), pi the policy as checkpointed after the previous step, pi_ref the base, and
+    d the mean of every reward of all earlier steps. The three weights differ (a swap changes the loss), beta is not
+    the default, the SFT term is on the chosen answers over their tokens only.
+    Tolerance: both sides run the same fp32 model and differ only in summation order (the recipe's shared ViT pass and
+    chunked log-softmax against one plain forward in float64 here): float32 rounding of log-probs whose sums stay
+    below 100, ~1e-5 at most in a sum, so ~3e-6 in a reward (times beta); measured 4e-7 on the loss, 8e-7 on a reward.
+    2e-5 is 50x above that and 50x below the smallest move of a planted fault (1.1e-3, the SFT term on rejected
+    answers)."""
+    weights, beta, steps = (0.7, 0.2, 0.45), 0.3, 3
+    out = tmp_path / "run"
+    config = tiny_mpo(pairs, out, "loop.batch_size=16", f"loop.max_steps={steps}", "loop.save_every=1",
+                      "loop.keep_last=5", f"mpo.beta={beta}", f"mpo.preference_weight={weights[0]}",
+                      f"mpo.quality_weight={weights[1]}", f"mpo.generation_weight={weights[2]}")  # fmt: skip
+    run_mpo(config)
+    logged = [r for r in _records(out) if "rewards_accuracy" in r]
+    assert [r["step"] for r in logged] == list(range(1, steps + 1))
+
+    base, _ = load_model(ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
+    inputs, labels, _ = _pair_batch(base, pairs, count=16)
+    chosen, rejected = slice(0, 16), slice(16, 32)
+    ref_chosen, _ = _answer_logps(base, inputs, labels, chosen)
+    ref_rejected, _ = _answer_logps(base, inputs, labels, rejected)
+    policy = apply_trainability(load_model(config.model)[0], config.modes(), config.vision, config.adapter)
+    reward_sum, reward_count = 0.0, 0
+    for step, record in enumerate(logged, start=1):
+        if step > 1:  # the weights this step's forward saw: those saved after the previous step
+            previous = out / "checkpoints" / f"step-{step - 1:06d}" / "trainable.safetensors"
+            load_trainable_state_dict(policy, load_file(previous), previous)
+        policy_chosen, chosen_tokens = _answer_logps(policy, inputs, labels, chosen)
+        policy_rejected, _ = _answer_logps(policy, inputs, labels, rejected)
+        r_c, r_r = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+        shift = reward_sum / reward_count if reward_count else 0.0
+        preference = -torch.nn.functional.logsigmoid(r_c - r_r).mean()
+        quality = (-torch.nn.functional.logsigmoid(r_c - shift) - torch.nn.functional.logsigmoid(-(r_r - shift))).mean()
+        generation = -policy_chosen.sum() / chosen_tokens.sum()
+        expected = weights[0] * preference + weights[1] * quality + weights[2] * generation
+        assert record["loss"] == pytest.approx(expected.item(), abs=2e-5), step
+        assert record["rewards_chosen"] == pytest.approx(r_c.mean().item(), abs=1e-5), step
+        assert record["rewards_rejected"] == pytest.approx(r_r.mean().item(), abs=1e-5), step
+        reward_sum, reward_count = reward_sum + (r_c.sum() + r_r.sum()).item(), reward_count + 32
+        assert record["reward_shift"] == pytest.approx(reward_sum / reward_count, abs=1e-5), step
+    assert abs(logged[-1]["rewards_margin"]) > 1e-3 and abs(logged[-1]["reward_shift"]) > 1e-4  # not a trivial run

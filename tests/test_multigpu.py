@@ -2,10 +2,7 @@
 whole weights; refused backends say why; the shipped accelerate configs launch what they claim."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,22 +17,19 @@ from ivl.finetune.sft import SFTConfig, run_sft
 from ivl.model.load import ModelConfig, load_model
 from ivl.model.parts import layer_class_names, part_of
 from ivl.runtime import _check_backend
-from tests.test_sft import tiny_run
+from tests.helpers import tiny_run, torchrun
 
 pytestmark = pytest.mark.slow
 ACCELERATE_CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
 
 
-def _fsdp2(tmp_path: Path, out: Path, *overrides: str, port: int) -> None:
+def _fsdp2(tmp_path: Path, out: Path, *overrides: str) -> None:
     """`ivl.finetune.sft` on 2 CPU processes under FSDP2 (tests/fsdp2_cpu.py), batch 2 each."""
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     driver = str(Path(__file__).parent / "fsdp2_cpu.py")
-    command = [*torchrun, driver, str(config), *overrides, "loop.batch_size=2", f"loop.output_dir={out}"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    torchrun(driver, str(config), *overrides, "loop.batch_size=2", f"loop.output_dir={out}",
+             environment={"PYTHONPATH": str(Path(__file__).parent.parent)})  # fmt: skip
 
 
 def _losses(out: Path) -> list[float]:
@@ -45,7 +39,7 @@ def _losses(out: Path) -> list[float]:
 def test_fsdp2_lora_equals_one_process_and_resumes_exactly(shapes, tmp_path):
     """Default modes (frozen ViT, full projector as modules_to_save, LoRA LLM): mixed requires_grad under FSDP2."""
     common = [*tiny_run(shapes), "loop.save_every=2", "loop.keep_last=5"]
-    _fsdp2(tmp_path, tmp_path / "fsdp", *common, port=29531)
+    _fsdp2(tmp_path, tmp_path / "fsdp", *common)
     run_sft(load_config(SFTConfig, None, [*common, "loop.batch_size=4", f"loop.output_dir={tmp_path / 'one'}"]))
     sharded, one = _losses(tmp_path / "fsdp"), _losses(tmp_path / "one")
     assert len(one) == 4 and sharded == pytest.approx(one, abs=1e-5)
@@ -59,14 +53,14 @@ def test_fsdp2_lora_equals_one_process_and_resumes_exactly(shapes, tmp_path):
     # A crash after step 2: the resumed sharded run restores weights and optimizer state and repeats the losses.
     shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-000004")
     shutil.rmtree(tmp_path / "fsdp" / "adapter")
-    _fsdp2(tmp_path, tmp_path / "fsdp", *common, port=29532)
+    _fsdp2(tmp_path, tmp_path / "fsdp", *common)
     assert _losses(tmp_path / "fsdp") == pytest.approx(sharded, abs=1e-6)
     again = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
     assert all(torch.allclose(final[name], again[name], atol=1e-6) for name in final)
 
 
 def test_fsdp2_full_training_exports_a_whole_model(shapes, tmp_path):
-    _fsdp2(tmp_path, tmp_path / "fsdp", *tiny_run(shapes), "loop.max_steps=2", "stage=stage1.5", port=29533)
+    _fsdp2(tmp_path, tmp_path / "fsdp", *tiny_run(shapes), "loop.max_steps=2", "stage=stage1.5")
     trained = dict(InternVLForConditionalGeneration.from_pretrained(tmp_path / "fsdp" / "model").named_parameters())
     base, _ = load_model(ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
     before = dict(base.named_parameters())

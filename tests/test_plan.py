@@ -18,13 +18,54 @@ def activations(plan) -> float:
     return sum(value for name, value in plan.items.items() if "activations" in name)
 
 
-def test_items_add_up_to_the_total_and_the_zoo_needs_no_download():
-    plan = plan_file(ZOO_1B, [], device="cuda")
-    assert plan.total_bytes == pytest.approx(sum(plan.items.values()))
-    report = plan.to_json()
-    assert report["total_gib"] == pytest.approx(sum(report["items_gib"].values()))
-    assert plan.dtype == "bfloat16" and plan.workload["tokens_per_row"] == 8192 and plan.workload["tiles"] == 7
+# InternVL3-1B's shapes, restated: InternViT-300M (width 1024, MLP 4096, 14 px patches of 448 px tiles, 256 image
+# tokens per tile) and Qwen2.5-0.5B (24 layers, width 896, MLP 4864, 14 heads, 2 KV heads of 64, vocabulary 151674).
+VIT_WIDTH, VIT_MLP, VIT_TOKENS_PER_TILE, IMAGE_TOKENS_PER_TILE = 1024, 4096, (448 // 14) ** 2 + 1, 256
+LLM_LAYERS, LLM_WIDTH, LLM_MLP, KV_WIDTH, VOCAB = 24, 896, 4864, 2 * 64, 151674
+
+
+def _restated_1b_items(rows: int) -> dict[str, float]:
+    """The zoo 1B config's items (stage2-lora: frozen ViT, full projector, LoRA r=16 on the LLM's 7 linear layers,
+    checkpointing on; bf16 activations = 2 bytes; 8192 tokens and 6 + 1 thumbnail tiles per row), each from its own
+    formula rather than the planner's code."""
+    tokens, tiles, act = rows * 8192, rows * 7, 2
+    projector = 2 * 4 * VIT_WIDTH + (4 * VIT_WIDTH * LLM_WIDTH + LLM_WIDTH) + (LLM_WIDTH * LLM_WIDTH + LLM_WIDTH)
+    lora_per_layer = 16 * (2 * (LLM_WIDTH + LLM_WIDTH) + 2 * (LLM_WIDTH + KV_WIDTH) + 3 * (LLM_WIDTH + LLM_MLP))
+    trainable = projector + LLM_LAYERS * lora_per_layer  # parameters, fp32 masters
+    items = {
+        "trainable weights (fp32)": 4 * trainable,
+        "gradients (fp32)": 4 * trainable,
+        "optimizer states (adamw)": 2 * 4 * trainable,
+        # A frozen ViT keeps no graph: one layer's forward (input, output, MLP hidden) over every tile's tokens.
+        "vision activations": tiles * VIT_TOKENS_PER_TILE * (2 * VIT_WIDTH + VIT_MLP) * act,
+        # Pixel-shuffled features (4x ViT width) and their norm, linear_1 and its GELU (LLM width), per image token.
+        "projector activations": tiles * IMAGE_TOKENS_PER_TILE * (8 * VIT_WIDTH + 2 * LLM_WIDTH) * act,
+        "pixel values": tiles * 3 * 448**2 * (1 + act),  # uint8 tiles + their normalised bf16 copy
+        # Checkpointing: each layer keeps its input; + the embeddings and the final norm's output.
+        "llm activations": (LLM_LAYERS + 2) * tokens * LLM_WIDTH * act,
+        "logits + loss (one chunk)": 3 * (2**25 // VOCAB) * VOCAB * 4,  # 3 live copies of one fp32 chunk
+    }
+    if rows > 1:
+        items["attention mask (padded batch)"] = rows * 8192**2  # [B, 1, T, T] bool
+    return items
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_zoo_1b_items_equal_their_formulas_and_the_zoo_needs_no_download(rows):
+    plan = plan_file(ZOO_1B, [f"loop.batch_size={rows}"], device="cuda")
+    assert plan.dtype == "bfloat16" and plan.workload == {"rows": rows, "tokens_per_row": 8192, "tiles": 7 * rows,
+                                                          "reference_pass": False}  # fmt: skip
+    expected = _restated_1b_items(rows)
+    assert {name: plan.items[name] for name in expected} == expected
     assert 1.5 * GIB < plan.items["frozen weights"] < 2.0 * GIB  # InternVL3-1B: 938M parameters in bf16
+    live = sum(expected.values()) + plan.items["frozen weights"] + plan.items["backward working set"]
+    assert set(plan.items) == {*expected, "frozen weights", "backward working set", "allocator slack (assumed)",
+                               "cuda context (assumed)"}  # fmt: skip
+    assert plan.total_bytes == pytest.approx(1.1 * live + 0.5 * GIB, rel=1e-12)  # 10% slack + the CUDA context
+    assert plan.to_json()["total_gib"] == pytest.approx((1.1 * live + 0.5 * GIB) / GIB, rel=1e-12)
+    if rows == 2:  # the backward working set (one layer's gradients and its recomputed activations) is per token
+        one = plan_file(ZOO_1B, ["loop.batch_size=1"], device="cuda")
+        assert plan.items["backward working set"] == 2 * one.items["backward working set"]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from ivl.config import ConfigError
 from ivl.data.loader import StepBatchSampler
 from ivl.losses import token_cross_entropy
 from ivl.model.checkpoint import CheckpointError, list_checkpoints, resolve_resume
+from ivl.model.integrity import write_manifest
 from ivl.runtime import LoopConfig, make_accelerator, plot_curves
 
 
@@ -70,6 +71,10 @@ def test_loss_plot_is_written_from_metrics(tmp_path):
 def test_only_finished_checkpoints_count_for_resume(tmp_path):
     for name in ("step-000010", "step-000020", ".step-000030.tmp", "notes"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    for name in ("step-000010", "step-000020"):  # finished: every file, then the manifest
+        for file in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json"):
+            (tmp_path / "checkpoints" / name / file).write_text("{}")
+        write_manifest(tmp_path / "checkpoints" / name)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000010", "step-000020"]
     assert resolve_resume("auto", tmp_path).name == "step-000020"
     assert resolve_resume("never", tmp_path / "fresh") is None

@@ -1,16 +1,13 @@
 """The SFT recipe end to end on a tiny model: trainability per part, resume, merge, eval, bad data."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import InternVLForConditionalGeneration
+from transformers import AutoImageProcessor, InternVLForConditionalGeneration
 
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config
@@ -20,6 +17,7 @@ from ivl.model.adapters import load_trained, merge_adapter
 from ivl.model.checkpoint import CheckpointError
 from ivl.model.load import ModelConfig, load_model
 from ivl.model.parts import model_parts, part_of
+from tests.helpers import tiny_run, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -27,22 +25,6 @@ pytestmark = pytest.mark.slow
 def sft_config(shapes, out, *overrides):
     base = [*tiny_run(shapes), f"data.validation={shapes / 'validation.jsonl'}", "loop.batch_size=4"]
     return load_config(SFTConfig, None, [*base, f"loop.output_dir={out}", *overrides])
-
-
-def tiny_run(shapes):
-    """Overrides for a deterministic 4-step fp32 run on the shapes train split."""
-    return [
-        f"data.train={shapes / 'train.jsonl'}",
-        "data.max_tiles=1",
-        "data.use_thumbnail=false",
-        "model.dtype=float32",
-        "adapter.dropout=0",
-        "optim.lr=5e-3",
-        "optim.warmup_ratio=0",
-        "loop.max_steps=4",
-        "loop.log_every=1",
-        "loop.num_workers=0",
-    ]
 
 
 def base_state():
@@ -92,6 +74,8 @@ def test_full_training_without_lora_saves_a_whole_model(shapes, tmp_path):
     result = run_sft(sft_config(shapes, tmp_path, "stage=stage1.5"))
     assert result.output.endswith("model")
     reloaded = InternVLForConditionalGeneration.from_pretrained(result.output)
+    image_processor = AutoImageProcessor.from_pretrained(result.output)  # the processor files travel with it
+    assert image_processor.size["height"] == 112 and image_processor.max_patches == 1  # tiny-112, data.max_tiles=1
     # Loading the run's output with an explicit base config still loads the trained weights, not the base.
     with_base, _, _ = load_trained(result.output, ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
     assert all(torch.equal(p, dict(with_base.named_parameters())[n]) for n, p in reloaded.named_parameters())
@@ -222,19 +206,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(shapes, tmp_
     common = [*tiny_run(shapes), f"loss.reduction={reduction}"]
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    command = [
-        *torchrun,
-        "-m",
-        "ivl.finetune.sft",
-        str(config),
-        *common,
-        "loop.batch_size=2",
-        f"loop.output_dir={tmp_path / 'ddp'}",
-    ]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = torchrun("-m", "ivl.finetune.sft", str(config), *common, "loop.batch_size=2",
+                         f"loop.output_dir={tmp_path / 'ddp'}")  # fmt: skip
     capsys.readouterr()
     assert cli_main(["sft", str(config), *common, "loop.batch_size=4", f"loop.output_dir={tmp_path / 'one'}"]) == 0
     # Every way of launching prints the same summary: the output directory and the last metrics.
@@ -276,3 +249,33 @@ def test_gradient_checkpointing_gives_the_same_losses(shapes, tmp_path):
 def test_shipped_sft_configs_are_valid(path):
     config = load_config(SFTConfig, path)
     assert config.model.name_or_path.startswith("OpenGVLab/") and config.model.name_or_path.endswith(("-hf", "-HF"))
+
+
+@pytest.mark.parametrize("reduction, p", [("token", 0.0), ("square", 0.5)])
+def test_first_step_loss_is_the_reduction_formula_over_the_whole_batch(shapes, tmp_path, reduction, p):
+    """One step over all 24 rows at once: the logged loss is sum_s x_s^-p * CE_s / sum_s x_s^(1-p), CE_s the summed
+    cross-entropy of sample s's x_s supervised next tokens under the base model (LoRA starts as a no-op), restated
+    from a plain forward with full logits. The denominator is the weight sum, which is the token count only for
+    reduction=token. fp32 on both sides, summation order only: 1e-5 relative."""
+    from ivl.data.samples import SampleBuilder, SFTDataset, collate, load_records, model_inputs
+
+    config = sft_config(shapes, tmp_path, "loop.batch_size=24", "loop.max_steps=1", f"loss.reduction={reduction}")
+    run_sft(config)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    loss = next(r["loss"] for r in logged if r.get("step") == 1 and "loss" in r)
+
+    model, tokenizer = load_model(ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
+    builder = SampleBuilder(tokenizer, model.config, config.data)
+    dataset = SFTDataset(load_records(config.data.train), builder)
+    batch = collate([dataset[i] for i in range(len(dataset))], tokenizer.pad_token_id)
+    inputs = model_inputs(batch)
+    labels = inputs.pop("labels")
+    with torch.no_grad():
+        logits = model(**inputs).logits.double()
+    targets = labels[:, 1:]
+    supervised = targets != -100
+    nll = -(logits[:, :-1].log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2) * supervised)
+    per_sample, tokens = nll.sum(1), supervised.sum(1).double()
+    assert len(set(tokens.tolist())) > 1  # samples of different lengths: the reductions differ
+    expected = (per_sample * tokens.pow(-p)).sum() / tokens.pow(1 - p).sum()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)

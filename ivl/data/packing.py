@@ -105,6 +105,7 @@ def split_sample(
                 "labels": sample["labels"][start:end],
                 "tiles": tiles,
                 "num_tiles": list(num_tiles[image:last_image]),
+                "location": sample.get("location", "?"),
             }
         )
         start, image = end, last_image
@@ -207,7 +208,7 @@ def collate_packs(packs: list[list[PackItem]], pad_token_id: int) -> dict[str, A
     0 for every item (and for the padding tail, which so forms its own segment that no label reads); the label of each
     item's first token is IGNORE_INDEX, so no target crosses from one item into the next. segment_ids numbers the items
     of the batch (-1 on padding); sample_tokens holds each item's `weight_tokens` (0 on padding). tiles uint8
-    [sum of tiles, 3, S, S] or None, in token order.
+    [sum of tiles, 3, S, S] or None, in token order; locations the source rows' `file:line` (once each).
     """
     length = max(sum(item.num_tokens for item in pack) for pack in packs)
     shape = (len(packs), length)
@@ -243,4 +244,5 @@ def collate_packs(packs: list[list[PackItem]], pad_token_id: int) -> dict[str, A
         "tiles": torch.cat(tiles) if tiles else None,
         "num_tiles": num_tiles,
         "num_skipped": 0,
+        "locations": list(dict.fromkeys(item.sample.get("location", "?") for pack in packs for item in pack)),
     }

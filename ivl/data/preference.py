@@ -111,15 +111,16 @@ class PairDataset(Dataset):
             if self.builder.data.on_error == "skip":
                 return None
             raise SampleError(f"{record.location}: {error}") from error
-        return {**pair, "index": index}
+        return {**pair, "index": index, "location": record.location}
 
 
 def collate_pairs(pairs: list[dict[str, Any] | None], pad_token_id: int) -> dict[str, Any]:
     """B pairs -> one padded batch of 2B rows, [chosen_1..chosen_B, rejected_1..rejected_B] (input_ids / labels /
     attention_mask [2B, T]); `tiles` [tiles of the B pairs, 3, S, S] once, for the chosen rows' image tokens; `indices`
-    the pairs' dataset indices."""
+    the pairs' dataset indices, `locations` their `file:line`."""
     kept = [pair for pair in pairs if pair is not None]
     batch = collate([p["chosen"] for p in kept] + [p["rejected"] for p in kept], pad_token_id)
     batch["num_skipped"] = len(pairs) - len(kept)
     batch["indices"] = [pair["index"] for pair in kept]
+    batch["locations"] = [pair["location"] for pair in kept]
     return batch

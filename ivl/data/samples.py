@@ -141,11 +141,12 @@ class SampleBuilder:
         """`build` as datasets call it: augmentation seeded by (seed, index), so it is reproducible across workers and
         resumes; a bad row raises with its `file:line`, or gives None under `on_error: skip`."""
         try:
-            return self.build(record, np.random.default_rng([self.data.seed, index]))
+            sample = self.build(record, np.random.default_rng([self.data.seed, index]))
         except (SampleError, ImageError) as error:
             if self.data.on_error == "skip":
                 return None
             raise SampleError(f"{record.location}: {error}") from error
+        return {**sample, "location": record.location}  # `file:line`, to name the rows of a diverging step
 
     def measure(self, record: Record) -> dict[str, Any]:
         """Token and tile counts of a sample, decoding every image once (to catch unreadable files) but not tiling."""
@@ -209,7 +210,8 @@ class SFTDataset(Dataset):
 
 def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str, Any]:
     """Right-pad a batch: input_ids / labels / attention_mask [B, T]; sample_tokens [B, T] each row's supervised-target
-    count (0 on padding; the loss weights 1/x^p read it); tiles uint8 [sum of tiles, 3, S, S] or None."""
+    count (0 on padding; the loss weights 1/x^p read it); tiles uint8 [sum of tiles, 3, S, S] or None; locations the
+    rows' `file:line`."""
     kept = [sample for sample in samples if sample is not None]
     if not kept:
         return {"num_skipped": len(samples), "input_ids": None}
@@ -233,6 +235,7 @@ def collate(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str
         "tiles": torch.cat(tiles) if tiles else None,
         "num_tiles": [sample["num_tiles"] for sample in kept],
         "num_skipped": len(samples) - len(kept),
+        "locations": [sample.get("location", "?") for sample in kept],
     }
 
 

@@ -51,6 +51,7 @@ from ivl.model.parts import (
     vision_depth,
     vision_layer_module,
 )
+from ivl.model.processor import save_processor
 from ivl.options import AdapterConfig, Mode, PartConfig, VisionPartConfig
 
 # SPEC 8: stage 1 aligns the projector, stage 1.5 adds the ViT, stage 2 trains everything (or LoRA on the LLM).
@@ -283,9 +284,11 @@ def merge_adapter(
     out_dir: str | Path,
     base: ModelConfig | None = None,
     out_format: Literal["hf", "original"] = "hf",
-) -> Path:
-    """Fold a LoRA adapter (and its modules_to_save) into its base and write an HF-native checkpoint, or an original
-    InternVLChatModel one (`out_format="original"`, see `ivl.model.convert`).
+) -> tuple[Path, list[str]]:
+    """Fold a LoRA adapter (and its modules_to_save) into its base and write an HF-native checkpoint with the
+    processor files (`ivl.model.processor`), or an original InternVLChatModel one (`out_format="original"`, see
+    `ivl.model.convert`) with the base's remote code when the base is an original checkpoint. Returns the directory
+    and notes for the user (what the output still lacks).
 
     A QLoRA adapter trained against the 4-bit base, so it is merged into that base's dequantised weights (the
     weights it actually saw), not into the original high-precision ones. A partial-LoRA adapter is refused
@@ -297,7 +300,8 @@ def merge_adapter(
     if read_marker(adapter_dir) is not None:
         raise PartialLoraMergeError(f"{adapter_dir}: {NOT_MERGEABLE}")
     info = read_training_info(adapter_dir)
-    model, _ = load_model(_recorded_base(adapter_dir, info, base), quantize_llm=bool(info.get("qlora")))
+    base_config = _recorded_base(adapter_dir, info, base)
+    model, _ = load_model(base_config, quantize_llm=bool(info.get("qlora")))
     if info.get("qlora"):
         from ivl.model.quantize import dequantized
 
@@ -306,7 +310,11 @@ def merge_adapter(
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(adapter_dir)))
     if out_format == "original":
-        from ivl.model.convert import save_model_as_original
+        from ivl.model.convert import is_original_checkpoint, remote_code_notes, save_model_as_original
 
-        return save_model_as_original(merged, tokenizer, out_dir)
-    return save_checkpoint(merged, tokenizer, out_dir)
+        out = save_model_as_original(merged, tokenizer, out_dir)
+        base_dir = Path(base_config.name_or_path)
+        return out, remote_code_notes(out, base_dir if base_dir.is_dir() and is_original_checkpoint(base_dir) else None)
+    out = save_checkpoint(merged, tokenizer, out_dir)
+    save_processor(out, base_config, merged.config, info.get("data"))
+    return out, []

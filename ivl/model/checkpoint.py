@@ -5,11 +5,16 @@
         optimizer.pt            optimizer state (tensors only: loads with weights_only=True)
         scheduler.pt
         rng-0.pt ...            torch CPU / CUDA RNG state of each process
-        state.json              step, data position, and whatever the recipe adds (e.g. MPO's reward shift)
+        state.json              step, data position, the run's config and base fingerprint, and whatever the recipe
+                                adds (e.g. MPO's reward shift)
+        manifest.json           size and SHA-256 of every file above, written last (`ivl.model.integrity`)
 
-A checkpoint is assembled in a hidden `.step-000200.tmp` directory and renamed into place, so a crash mid-save never
-leaves a directory that looks complete; `latest_checkpoint` only ever sees finished ones. Under FSDP2 the weights and
-optimizer state are gathered whole first (`ivl.model.sharded`), so the files are the same as an unsharded run's.
+A checkpoint is assembled in a hidden `.step-000200.tmp-HOST-PID` directory and renamed into place, so a crash mid-save
+never leaves a directory that looks complete. A resume verifies the newest checkpoint against its manifest and falls
+back to the newest good one, naming the bad file; it refuses a checkpoint of another run (config or base weights
+changed) unless told `loop.resume=force`. A failed write (disk full, read-only) ends the run with one line naming the
+path and the cause; the checkpoints already written are left as they were. Under FSDP2 the weights and optimizer state
+are gathered whole first (`ivl.model.sharded`), so the files are the same as an unsharded run's.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ivl.errors import CheckpointError  # noqa: F401  re-exported
+from ivl.model.integrity import check_same_run, verify_checkpoint, write_manifest
 from ivl.model.sharded import (
     full_optimizer_state,
     full_state_dict,
@@ -35,6 +43,7 @@ from ivl.model.sharded import (
     load_full_optimizer_state,
     load_full_state_dict,
 )
+from ivl.outputs import temporary_path, write_error
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 TRAINING_INFO = "ivl_training.json"  # what the kit needs to rebuild the model around an adapter
@@ -77,10 +86,12 @@ def save_training_checkpoint(
     state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` atomically (every process calls this) and prune to the newest `keep_last`."""
+    """Write checkpoint `step` atomically (every process calls this) and prune to the newest `keep_last`. A failed
+    write raises `OutputError` (on the process that failed; the launcher stops the others) and leaves the earlier
+    checkpoints as they were."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp"
+    tmp = Path(broadcast_object_list([temporary_path(final)])[0])  # the main process's name, on every process
     unwrapped = accelerator.unwrap_model(model)
     if is_sharded(unwrapped):  # gathered on every process (collectives), written by the main one
         weights, optimizer_state = (
@@ -90,25 +101,57 @@ def save_training_checkpoint(
     else:
         weights, optimizer_state = None, None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(trainable_state_dict(unwrapped) if weights is None else weights, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+        for stale in root.glob(".step-*.tmp*"):  # left by a killed run: the folder's lock says none is writing now
+            shutil.rmtree(stale, ignore_errors=True)
+        files = {
+            "trainable.safetensors": trainable_state_dict(unwrapped) if weights is None else weights,
+            "optimizer.pt": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            "scheduler.pt": scheduler.state_dict(),
+            "state.json": {"step": step, **state},
+        }
+        _write_files(tmp, files, final)
     accelerator.wait_for_everyone()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng-{accelerator.process_index}.pt")
+    _write_files(tmp, {f"rng-{accelerator.process_index}.pt": rng}, final)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _write_files(tmp, {}, final, manifest=True)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears complete or not at all
-        for old in list_checkpoints(output_dir)[:-keep_last]:
+        # Checkpoints past this step belong to a continuation this run abandoned (it resumed from an earlier one
+        # because they were unusable): they go first, so keep_last never drops a good checkpoint to keep them.
+        found = list_checkpoints(output_dir)
+        later = found[found.index(final) + 1 :]
+        for old in later + found[: found.index(final) + 1][:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_files(directory: Path, files: dict[str, Any], final: Path, manifest: bool = False) -> None:
+    """Write `files` (safetensors weights, torch-saved state, JSON) into `directory`, then the manifest if asked; a
+    failure removes the unfinished directory and raises `OutputError` naming the file and the cause."""
+    name = directory
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, content in ((directory / n, c) for n, c in files.items()):
+            if name.suffix == ".safetensors":
+                save_file(content, name)
+            elif name.suffix == ".json":
+                name.write_text(json.dumps(content, indent=2) + "\n")
+            else:
+                with name.open("wb") as handle:  # a Python file: a full disk raises OSError, not a C++ stream error
+                    torch.save(content, handle)
+        if manifest:
+            name = directory / "manifest.json"
+            write_manifest(directory)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(directory, ignore_errors=True)
+        previous = list_checkpoints(final.parent.parent)
+        kept = f"the last checkpoint, {previous[-1]}, is intact" if previous else "no earlier checkpoint exists"
+        raise write_error(name, error, kept) from error
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -120,8 +163,9 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: `auto` -> the newest one if any, `never` -> None, else the given directory."""
+def resolve_resume(resume: str, output_dir: str | Path, say: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from: `auto` / `force` -> the newest one that verifies against its manifest (each
+    bad one is reported through `say` and skipped), `never` -> None, else the given directory (which must verify)."""
     if resume == "never":
         if list_checkpoints(output_dir):
             # Keep-last-K pruning sorts by step, so an older run's later checkpoints would outlive this run's.
@@ -130,22 +174,49 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
                 "another loop.output_dir, or delete them"
             )
         return None
-    if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+    if resume in ("auto", "force"):
+        bad = []
+        for path in reversed(list_checkpoints(output_dir)):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            say(f"checkpoint {path} is unusable: {problem}; trying an earlier one")
+            bad.append(f"{path.name}: {problem}")
+        if bad:
+            raise CheckpointError(
+                f"no usable checkpoint in {Path(output_dir) / 'checkpoints'} ({'; '.join(bad)}): delete them to start "
+                "afresh, or use another loop.output_dir"
+            )
+        return None
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise CheckpointError(f"loop.resume={resume}: not a checkpoint directory (no state.json)")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"loop.resume={resume}: {path} is unusable: {problem}")
     return path
 
 
-def resume_point(resume: str, output_dir: str | Path, state: dict[str, Any], layout: dict[str, Any]) -> Path | None:
+def resume_point(
+    resume: str,
+    output_dir: str | Path,
+    state: dict[str, Any],
+    layout: dict[str, Any],
+    record: dict[str, Any],
+    say: Callable[[str], None] = print,
+) -> Path | None:
     """The checkpoint a run continues from (None: a fresh start). Its saved state is merged into `state`, after
-    checking that it was written with the same `layout` (processes, batch sizes, seed, data)."""
-    resume_from = resolve_resume(resume, output_dir)
+    checking that it was written with the same `layout` (processes, batch sizes, seed, data) and, unless
+    loop.resume=force, by the same run: `record` (`ivl.model.integrity.run_record`: the config and the base weights'
+    fingerprint). `state["run"]` is set to `record`, so every checkpoint the run writes records it."""
+    resume_from = resolve_resume(resume, output_dir, say)
     if resume_from is not None:
-        state.update(read_checkpoint_state(resume_from))
-        check_same_layout(resume_from, state, layout)
+        saved = read_checkpoint_state(resume_from)
+        check_same_layout(resume_from, saved, layout)
+        if resume != "force":
+            check_same_run(resume_from, saved.get("run"), record)
+        state.update(saved)
+    state["run"] = record
     return resume_from
 
 
@@ -191,14 +262,18 @@ def load_training_checkpoint(
 def export_final(
     out_dir: Path, model: nn.Module, tokenizer, info: dict[str, Any], write: Callable[[nn.Module, Path], None]
 ) -> Path:
-    """Write the final adapter or model with its tokenizer and the kit's training info, atomically."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(model, tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    """Write the final adapter or model with its tokenizer and the kit's training info, atomically; a failed write
+    raises `OutputError` naming the folder and the cause, and leaves the checkpoints to resume from."""
+    tmp = temporary_path(out_dir)
+    try:
+        write(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out_dir, error, "the run's checkpoints, if any, are intact: rerun to resume") from error
     return out_dir
 
 

@@ -49,6 +49,7 @@ from ivl.model.convert_tokenizer import (
     token_id_from_files,
 )
 from ivl.model.parts import HF_NAMES, attention_implementation, loaded_name, saved_name
+from ivl.model.processor import IMAGE_PROCESSOR_FILE, PROCESSOR_FILE, processor_config
 from ivl.model.tensor_io import TensorGroup, TensorSource, open_tensors, tensors_in_memory, write_shards
 
 Format = Literal["hf", "original"]
@@ -388,7 +389,8 @@ def convert_checkpoint(
         write_shards(dst, source, _as_saved(groups), max_shard_bytes)
         config.dtype = source.dtype()
         config.save_pretrained(dst)
-        write_json(dst / "preprocessor_config.json", image_processor_config(original))
+        write_json(dst / IMAGE_PROCESSOR_FILE, image_processor_config(original))
+        write_json(dst / PROCESSOR_FILE, processor_config(config))
         notes = save_hf_tokenizer(src, dst, original.get("template"))
     else:
         try:
@@ -400,12 +402,18 @@ def convert_checkpoint(
         save_original(source, config, None, dst, llm_arch, tiling, max_shard_bytes)
         notes = save_original_tokenizer_from(src, dst)
     _carry_files(src, dst)
-    if to == "original" and not any(dst.glob("modeling_*.py")):
-        notes.append(
-            f"{dst} names remote code in its auto_map (modeling_internvl_chat.py, ...): copy those files from the "
-            "original checkpoint or the InternVL repository to load it with trust_remote_code"
-        )
-    return notes
+    return notes + (remote_code_notes(dst) if to == "original" else [])
+
+
+def remote_code_notes(dst: Path, src: Path | None = None) -> list[str]:
+    """Carry an original checkpoint `src`'s remote code (and generation defaults) into the original checkpoint `dst`;
+    a one-line note when `dst` still has no code to load it with."""
+    if src is not None:
+        _carry_files(src, dst)
+    if any(dst.glob("modeling_*.py")):
+        return []
+    return [f"{dst} names remote code in its auto_map (modeling_internvl_chat.py, ...): copy those files from the "
+            "original checkpoint or the InternVL repository to load it with trust_remote_code"]  # fmt: skip
 
 
 def save_original(

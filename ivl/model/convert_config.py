@@ -21,6 +21,7 @@ from transformers import AutoConfig, InternVLConfig, PreTrainedConfig
 
 from ivl.model.load import ModelLoadError
 from ivl.model.presets import tokens_per_tile_of
+from ivl.model.processor import hf_image_processor_config
 
 ORIGINAL_CONFIG_KEY = "internvl_chat_config"
 LLM_ARCHITECTURES = {
@@ -44,8 +45,6 @@ ROPE_TYPE_FAMILIES = ("qwen3", "qwen3_moe", "gpt_oss")
 LAYER_TYPES_FAMILIES = ("gpt_oss",)
 # InternLM2-based InternVLs use <IMG_CONTEXT> = 92546 (SPEC 11): how a LLaMA-structured HF config is told apart.
 INTERNLM2_IMAGE_TOKEN_ID = 92546
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
 # InternVisionConfig field -> InternVLVisionConfig field (image_size is handled apart: force_image_size wins).
 VISION_FIELDS = {
     "hidden_size": "hidden_size",
@@ -202,18 +201,16 @@ def hf_config_from_original(original: dict[str, Any], image_token_id: int, sourc
     )
 
 
-def image_processor_config(original: dict[str, Any]) -> dict[str, Any]:
-    """`preprocessor_config.json` for the HF checkpoint: GotOcr2's crop-to-patches is InternVL's dynamic tiling."""
-    size = original.get("force_image_size") or original["vision_config"]["image_size"]
-    config = {
-        "image_processor_type": "GotOcr2ImageProcessor",
-        "size": {"height": size, "width": size},
-        "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "do_convert_rgb": True,
-    }  # fmt: skip
+def tiling_of_original(original: dict[str, Any]) -> dict[str, Any]:
+    """An original config's tiling under the HF image processor's names (crop_to_patches, min / max_patches)."""
     defaults = {"dynamic_image_size": False, "min_dynamic_patch": 1, "max_dynamic_patch": 6}  # InternVLChatConfig's
-    config.update({hf: original.get(name, defaults[name]) for name, hf in TILING_FIELDS.items()})
-    return config
+    return {hf: original.get(name, defaults[name]) for name, hf in TILING_FIELDS.items()}
+
+
+def image_processor_config(original: dict[str, Any]) -> dict[str, Any]:
+    """`preprocessor_config.json` for the HF checkpoint of an original one: its tile size and tiling."""
+    size = original.get("force_image_size") or original["vision_config"]["image_size"]
+    return hf_image_processor_config(size, **tiling_of_original(original))
 
 
 def tiling_from_image_processor(path: Path) -> dict[str, Any]:
