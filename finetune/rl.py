@@ -42,6 +42,7 @@ from ivl.finetune.rollout import (
 )
 from ivl.loop import RunResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
 from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
+from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.quantize import keep_training_layout
 from ivl.recipe import recipe_main
@@ -81,6 +82,7 @@ def setup(config: RLConfig) -> Run:
         raise ConfigError("RL runs on one process or under DDP (configs/accelerate/ddp.yaml); FSDP2 is SFT-only")
     reward = build_reward(config.rewards.weights, config.rewards.numeric_tolerance)
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=config.adapter.qlora)
+    base_fingerprint = weights_fingerprint([model])  # of the base as loaded, before any adapter or update
     if config.adapter.qlora:
         keep_training_layout(model)
     enable_gradient_checkpointing(model, config)
@@ -105,7 +107,8 @@ def setup(config: RLConfig) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     info = {"recipe": "rl", "base_model": to_dict(config.model), "qlora": config.adapter.qlora,
             "adapter_kind": config.adapter.kind, "modes": modes, "rl": to_dict(config.rl),
-            "loss": to_dict(config.loss), "rewards": to_dict(config.rewards)}  # fmt: skip
+            "loss": to_dict(config.loss), "rewards": to_dict(config.rewards),
+            "base_fingerprint": base_fingerprint}  # fmt: skip
     metrics = MetricsLog(Path(loop.output_dir) / "metrics.jsonl", accelerator)
     start_trackers(accelerator, "ivl-rl", to_dict(config))
     return Run(config, accelerator, model, tokenizer, builder, reward, train_set, validation_set, optimizer, scheduler,
@@ -141,10 +144,12 @@ def train(run: Run) -> dict[str, float]:
     window_sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=run.accelerator.device)
     for window in loop.steps(rollouts):
         sums = torch.zeros(len(METRICS), device=run.accelerator.device)
-        accumulate_and_step(run, window, partial(forward_loss, run, sums=sums))
-        groups = sum(r["groups"] for r in window)
-        zero = sum(r["zero_variance_groups"] for r in window)
-        window_sums += torch.cat([sums.double(), torch.tensor([zero, groups], device=sums.device)])
+        if accumulate_and_step(run, window, partial(forward_loss, run, sums=sums), loop.state.step).applied:
+            groups = sum(r["groups"] for r in window)
+            zero = sum(r["zero_variance_groups"] for r in window)
+            window_sums += torch.cat([sums.double(), torch.tensor([zero, groups], device=sums.device)])
+        else:  # loop.on_nonfinite=skip: the step is left out of the metrics too
+            loop.state.nonfinite_steps += 1
         if loop.log_due():
             loop.log(window_metrics(run, window_sums), show=("loss", "reward"))
             window_sums.zero_()
