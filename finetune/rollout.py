@@ -99,7 +99,7 @@ def sample_answers(model: nn.Module, builder: SampleBuilder, repeated: dict[str,
 
 def answer_logps(model: nn.Module, rollout: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """log pi of each sampled answer token [B*G, L] (0 on padding) under `model` as it is (mode, gradients)."""
-    supervised, logps, _ = batch_logps(model, rollout, device, dtype)
+    supervised, logps = batch_logps(model, rollout, device, dtype)
     prompt_length = rollout["prompt_length"]
     matrix = torch.zeros(rollout["answer_mask"].shape, dtype=logps.dtype, device=logps.device)
     # the hidden state at position c predicts token c + 1, answer token c + 1 - P
