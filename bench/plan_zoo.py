@@ -1,6 +1,6 @@
-"""The README's "Will it fit?" table: `ivl plan` on CUDA for InternVL3-1B / 2B / 8B and InternVL3.5-2B / 8B, LoRA and
-QLoRA, and InternVL3.5-30B-A3B QLoRA (4-bit experts), 4k and 8k tokens, 6 and 12 tiles (+ thumbnail), and the targets
-on a 24 GB card. Predictions only: no GPU measured them.
+"""The "Will it fit?" table of docs/guides/memory.md: `ivl plan` on CUDA for InternVL3-1B / 2B / 8B and InternVL3.5-2B /
+8B, LoRA and QLoRA, and InternVL3.5-30B-A3B QLoRA (4-bit experts), 4k and 8k tokens, 6 and 12 tiles (+ thumbnail), and
+the targets on a 24 GB card. Predictions only: no GPU measured them.
 
     python bench/plan_zoo.py [--json bench/results_plan_zoo.json] [--only InternVL3.5]
 

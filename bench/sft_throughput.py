@@ -15,8 +15,8 @@ tokens, i.e. the attention mask's sum.
 
 - ours: `ivl.finetune.sft.setup` + `optimizer_step` on the same padded batches (the kit's memory-lean loss: hidden
   states, vocabulary projection only at supervised positions, chunked);
-- ours+packing: the same with `data.packing=true`: the round's samples packed (SPEC 6) into sequences of at most
-  `--pack-tokens` tokens, `--batch-size` packs per step (so fewer, fuller steps over the same samples);
+- ours+packing: the same with `data.packing=true`: the round's samples packed (docs/design/packing.md) into sequences of
+  at most `--pack-tokens` tokens, `--batch-size` packs per step (so fewer, fuller steps over the same samples);
 - padded: HF model forward with `labels` on right-padded batches, the model's own loss, `accelerator.backward`;
 - trl: TRL's `SFTTrainer` (its default loss: the fused LM head, plus its entropy / accuracy metrics) on the same
   padded batches through a data collator, `skip_prepare_dataset`; step time from callbacks.
@@ -46,8 +46,8 @@ from PIL import Image
 
 from ivl.config import load_config
 from ivl.data.samples import collate, model_inputs
-from ivl.demo.tokenizer import ENGLISH, load_demo_tokenizer
-from ivl.model.presets import QWEN_VOCAB, preset_config
+from ivl.demo.tokenizer import ENGLISH
+from ivl.model.presets import QWEN_VOCAB, load_demo_tokenizer, preset_config
 
 # (image width, height) in tiles -> tiles cut with a thumbnail (max_tiles 6): 1x1 -> 1, 2x1 -> 3, 2x2 -> 5, 3x2 -> 7.
 TILE_MIX = {(1, 1): 0.3, (2, 1): 0.3, (2, 2): 0.25, (3, 2): 0.15}
@@ -164,6 +164,7 @@ class Ours:
 
         self.run = setup(load_config(SFTConfig, None, overrides))
         self.run.model.train()
+        self.steps = 0  # optimizer steps taken (the update's step number)
 
     def padded_batches(self, indices: list[list[int]]) -> list[dict[str, Any]]:
         pad = self.run.tokenizer.pad_token_id
@@ -184,7 +185,8 @@ class Ours:
 
         start = time.perf_counter()
         for batch in batches:
-            optimizer_step(self.run, [batch])
+            self.steps += 1
+            optimizer_step(self.run, [batch], self.steps)
         synchronize(self.run.accelerator.device)
         return time.perf_counter() - start
 
@@ -194,14 +196,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def trainable_model(overrides: list[str]):
-    """The same model and trainable layout as ours (PEFT LoRA on the LLM, full projector), for the other loops."""
+def trainable_model(overrides: list[str], device: str = "cpu"):
+    """The same model and trainable layout as ours (PEFT LoRA on the LLM, full projector), for the other loops; a
+    preset's random weights are drawn on `device`."""
     from ivl.finetune.sft import SFTConfig
     from ivl.model.adapters import apply_trainability
     from ivl.model.load import load_model
 
     config = load_config(SFTConfig, None, overrides)
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = load_model(config.model, device if device == "cuda" else None)
     return apply_trainability(model, config.modes(), config.vision, config.adapter), tokenizer, config
 
 
@@ -211,7 +214,7 @@ class Padded:
     def __init__(self, overrides: list[str], device: str):
         from accelerate import Accelerator
 
-        model, _, config = trainable_model(overrides)
+        model, _, config = trainable_model(overrides, device)
         self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if device == "cuda" else "no")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -237,7 +240,7 @@ class TRL:
     in order), timed from step begin to step end by a callback."""
 
     def __init__(self, overrides: list[str], device: str, out: Path):
-        self.model, self.tokenizer, self.config = trainable_model(overrides)
+        self.model, self.tokenizer, self.config = trainable_model(overrides, device)
         self.device, self.out = device, out
         self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
 

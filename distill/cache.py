@@ -13,10 +13,10 @@
         layer{L}.patch_scale, layer{L}.cls_scale   fp32 per-token scales (only for float8_e4m3fn)
     CACHE/validation/...                 the same for data.validation
 
-One InternViT-6B layer map is 1025 x 3200 x 2 B = 6.6 MB per tile in bf16 (SPEC 10): `pca_dims`, `patch_tokens` and
-`float8_e4m3fn` shrink it; a stored 448 px tile is another 0.6 MB (`store_pixels: false` leaves it out).
-Shards are written atomically (temp file + rename) in item order, and a rerun with the same
-settings skips the finished ones, so an interrupted cache run resumes; different settings are refused.
+One InternViT-6B layer map is 1025 x 3200 x 2 B = 6.6 MB per tile in bf16 (docs/design/distillation.md): `pca_dims`,
+`patch_tokens` and `float8_e4m3fn` shrink it; a stored 448 px tile is another 0.6 MB (`store_pixels: false` leaves it
+out). Shards are written atomically (temp file + rename) in item order, and a rerun with the same settings skips the
+finished ones, so an interrupted cache run resumes; different settings are refused.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""CLIP ViT (`CLIPVisionModel`, e.g. CLIP-ViT-L/14-336) -> InternViT-300M-shaped student weights (SPEC 10).
+"""CLIP ViT (`CLIPVisionModel`, e.g. CLIP-ViT-L/14-336) -> InternViT-300M-shaped student weights
+(docs/design/distillation.md).
 
 What moves where (CLIP name -> InternVLVisionModel name; `{i}` a layer):
 - `encoder.layers.{i}.self_attn.{q,k,v}_proj` -> `encoder.layer.{i}.attention.{q,k,v}_proj`: both sides keep q, k, v

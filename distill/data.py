@@ -5,9 +5,10 @@ task generator.
     DistillDataConfig(train="data/meta.json")          the images of an InternVL meta file or jsonl
     DistillDataConfig(train="shapes:train", max_images=2000)   generated shapes images (ivl.data.shapes)
 
-Every image gives the tiles of `ivl.image.image_to_tiles` at the ViTs' tile size (SPEC 10 trains at a fixed 448 px:
-`max_tiles: 1`, the default, resizes each image to one tile); each tile is one training item, in a fixed order, so
-item i is the same tile in online and offline runs. Tiles travel as uint8 and are normalised on the device.
+Every image gives the tiles of `ivl.image.image_to_tiles` at the ViTs' tile size (the distillation recipe trains at a
+fixed 448 px, docs/design/distillation.md: `max_tiles: 1`, the default, resizes each image to one tile); each tile is
+one training item, in a fixed order, so item i is the same tile in online and offline runs. Tiles travel as uint8 and
+are normalised on the device.
 """
 
 from __future__ import annotations

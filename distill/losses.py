@@ -1,4 +1,4 @@
-"""Distillation losses: pure functions on hidden states (SPEC 10).
+"""Distillation losses: pure functions on hidden states (docs/design/distillation.md).
 
 The student's hidden state of each supervised layer, mapped to the teacher's width by its adaptor, is compared token
 by token with the teacher's: by negative cosine similarity (written 1 - cos, so a perfect match is 0) and optionally

@@ -20,9 +20,10 @@ from ivl.model.presets import VISION
 VISION_PREFIX = PART_PREFIXES["vision"][0]  # "model.vision_tower."
 PRESET_PREFIX = "preset:"
 
-# Encoders by name. The real ones are SPEC 1's table at 448 px; the tiny ones use 112 px tiles (8 x 8 patches + CLS)
-# so CPU tests and the bench run in seconds. `tiny-teacher` is InternViT-6B-styled (RMSNorm, QK-norm, no qkv bias)
-# and wider / deeper than `tiny-student`, which is InternViT-300M-styled (LayerNorm, qkv bias) like the real student.
+# Encoders by name. The real ones are the table of docs/design/model.md at 448 px; the tiny ones use 112 px tiles (8 x 8
+# patches + CLS) so CPU tests and the bench run in seconds. `tiny-teacher` is InternViT-6B-styled (RMSNorm, QK-norm, no
+# qkv bias) and wider / deeper than `tiny-student`, which is InternViT-300M-styled (LayerNorm, qkv bias) like the real
+# student.
 VIT_PRESETS: dict[str, dict[str, Any]] = {
     "internvit-300m": {**VISION["internvit-300m"], "image_size": 448},
     "internvit-6b": {**VISION["internvit-6b"], "image_size": 448},

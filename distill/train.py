@@ -1,4 +1,5 @@
-"""Vision-encoder distillation (SPEC 10): an InternViT-300M-shaped student learns an InternViT teacher's hidden states.
+"""Vision-encoder distillation (docs/design/distillation.md): an InternViT-300M-shaped student learns an InternViT
+teacher's hidden states.
 
     ivl distill configs/distill/internvit_6b_to_300m.yaml                 online: the teacher runs every step
     ivl distill cache configs/distill/internvit_6b_to_300m.yaml           offline, 1: write the teacher's features

@@ -1,4 +1,5 @@
-"""Mixed Preference Optimization of an InternVL model (SPEC 9): L = w_p * DPO + w_q * BCO (reward shift) + w_g * SFT.
+"""Mixed Preference Optimization of an InternVL model (docs/design/mpo.md): L = w_p * DPO + w_q * BCO (reward shift) +
+w_g * SFT.
 
     ivl mpo configs/mpo/demo.yaml loop.max_steps=200
     ivl mpo configs/mpo/internvl3_1b_lora.yaml mpo.precompute_reference=true      # reference log-probs cached first

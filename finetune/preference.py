@@ -1,5 +1,6 @@
-"""The model side of preference training (SPEC 9): sequence log-probs of [chosen; rejected] rows with the ViT run once
-per pair, the reference policy without a second model, reference log-probs precomputed to disk, and the reward shift.
+"""The model side of preference training (docs/design/mpo.md): sequence log-probs of [chosen; rejected] rows with the
+ViT run once per pair, the reference policy without a second model, reference log-probs precomputed to disk, and the
+reward shift.
 
     logps = pair_logps(model, inputs, labels)              # policy, [2B] sums over each answer's tokens
     ref = ReferencePolicy(model, frozen_copy=None)(inputs, labels)   # adapters disabled: the base, no copy
@@ -197,8 +198,9 @@ def load_or_compute_reference(path: Path, key: str, compute, accelerator: Accele
 
 @dataclass
 class RewardShift:
-    """delta of SPEC 9: the running mean of every reward (r_c and r_r) seen so far. Updated once per optimizer step
-    with the step's global reward sum and count (all micro-batches, all processes), saved in checkpoints."""
+    """BCO's reward shift delta (docs/design/mpo.md): the running mean of every reward (r_c and r_r) seen so far.
+    Updated once per optimizer step with the step's global reward sum and count (all micro-batches, all processes),
+    saved in checkpoints."""
 
     mean: float = 0.0
     count: float = 0.0

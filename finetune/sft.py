@@ -7,7 +7,7 @@ LLM).
 
 setup -> train -> save. The loop below is the whole algorithm: micro-batches of one optimizer step are fetched
 together so the loss is normalised by the *global* supervised-token count of the step (all micro-batches, all
-processes), which makes the update independent of how the step is split (SPEC 5).
+processes), which makes the update independent of how the step is split (docs/design/loss_reweighting.md).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ivl.data.samples import SampleBuilder, SFTDataset, collate
 from ivl.evaluate import batch_logps
 from ivl.finetune.options import SFTConfig
 from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
-from ivl.losses import target_weights, weighted_nll
+from ivl.losses import supervised_weights, target_weights, to_device, weighted_nll
 from ivl.model.adapters import (
     apply_trainability,
     format_report,
@@ -51,7 +51,9 @@ from ivl.runtime import (
     build_optimizer,
     build_scheduler,
     end_training,
+    find_unused_parameters_needed,
     make_accelerator,
+    set_find_unused_parameters,
     shard_per_layer,
     start_trackers,
 )
@@ -112,6 +114,8 @@ def setup(config: SFTConfig) -> Run:
     total_steps = count_steps(loop, None if config.data.streaming else train_set, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     shard_per_layer(accelerator, layer_class_names(model))
+    text_only = config.data.streaming or train_set.text_only_rows > 0  # a stream is not read ahead: it may have some
+    set_find_unused_parameters(accelerator, find_unused_parameters_needed(model, text_only))
     # The scheduler stays outside `prepare`: Accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     info = {
@@ -130,15 +134,17 @@ def setup(config: SFTConfig) -> Run:
 
 
 def forward_loss(run: Run, batch: dict[str, Any], denominator: torch.Tensor) -> torch.Tensor:
-    """This micro-batch's share of the step loss: its weighted CE sum / the step's global weight sum (SPEC 5); with a
-    mixture-of-experts LLM that trains, plus its share of the routers' load-balancing loss, weighted as the model's
-    own loss weighs it (the unweighted value is kept in `run.router_losses` for the metrics)."""
+    """This micro-batch's share of the step loss: its weighted CE sum / the step's global weight sum
+    (docs/design/loss_reweighting.md); with a mixture-of-experts LLM that trains, plus its share of the routers'
+    load-balancing loss, weighted as the model's own loss weighs it (the unweighted value is kept in `run.router_losses`
+    for the metrics)."""
     if batch["input_ids"] is None:  # every row skipped: a zero loss that still touches every trainable weight (DDP)
         return sum(p.sum() for p in run.model.parameters() if p.requires_grad) * 0.0
     with router_logits_caught(run.model, enabled=run.info["modes"]["llm"] != "frozen") as router_logits:
-        supervised, logps, labels = batch_logps(run.model, batch, run.accelerator.device, run.dtype)
-    weights = target_weights(labels, batch["sample_tokens"].to(labels.device), run.config.loss.reduction)
-    loss = weighted_nll(logps, weights[supervised.rows, supervised.cols], denominator)
+        _, logps = batch_logps(run.model, batch, run.accelerator.device, run.dtype)
+    # Weights from the collated (CPU) labels, in the order of the supervised positions: nothing here waits for the GPU.
+    weights = supervised_weights(batch["labels"], batch["sample_tokens"], run.config.loss.reduction)
+    loss = weighted_nll(logps, to_device(weights, logps.device), denominator)
     if not router_logits:
         return loss
     aux = load_balancing_loss(run.model, router_logits, batch["attention_mask"])
@@ -151,7 +157,7 @@ def optimizer_step(run: Run, window: list[dict[str, Any]], step: int) -> StepRes
     accelerator, reduction = run.accelerator, run.config.loss.reduction
     batches = [b for b in window if b["input_ids"] is not None]
     local_weight = sum(float(target_weights(b["labels"], b["sample_tokens"], reduction).sum()) for b in batches)
-    global_weight = accelerator.reduce(torch.tensor(local_weight, device=accelerator.device), "sum")
+    global_weight = accelerator.reduce(to_device(torch.tensor(local_weight), accelerator.device), "sum")
     # DDP averages gradients over processes, so each process divides by global_weight / num_processes.
     denominator = global_weight.clamp(min=1e-12) / accelerator.num_processes
     return accumulate_and_step(run, window, lambda batch: forward_loss(run, batch, denominator), step)
@@ -168,8 +174,10 @@ def training_batches(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
                              world_size, packing_state[rank] if packing_state else None)  # fmt: skip
     sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, rank, world_size,
                                start=state.micro_batches)  # fmt: skip
+    # Page-locked batches on a GPU: their copies to the device (non-blocking in `model_inputs`) overlap compute.
     loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
-                        collate_fn=partial(collate, pad_token_id=pad))  # fmt: skip
+                        collate_fn=partial(collate, pad_token_id=pad),
+                        pin_memory=accelerator.device.type == "cuda")  # fmt: skip
     return iter(loader)
 
 

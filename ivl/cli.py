@@ -53,6 +53,9 @@ RECIPES: dict[str, Recipe] = {
     "mpo": Recipe("ivl.finetune.options:MPOConfig", "ivl.finetune.mpo:run_mpo",
                   "preference tuning (MPO) on chosen / rejected pairs from a YAML config", "configs/mpo/",
                   "mpo.beta=0.1 loop.max_steps=100"),
+    "rl": Recipe("ivl.finetune.options:RLConfig", "ivl.finetune.rl:run_rl",
+                 "online RL with verifiable rewards (GSPO / GRPO) from a YAML config", "configs/rl/",
+                 "loss.level=token rl.num_generations=8"),
 }  # fmt: skip
 
 

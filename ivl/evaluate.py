@@ -57,15 +57,15 @@ def _progress(accelerator: Accelerator, iterable, description: str, total: int):
 
 def batch_logps(
     model: nn.Module, batch: dict[str, Any], device: torch.device, dtype: torch.dtype
-) -> tuple[SupervisedTokens, torch.Tensor, torch.Tensor]:
-    """(the supervised positions, their log p(target) [N] fp32, labels [B, T] on the device) of a collated batch,
-    padded or packed, without ever building [B, T, V] logits (`final_hidden_states` + chunked `token_logps`)."""
-    inputs = model_inputs(batch, device, dtype)
-    labels = inputs.pop("labels")
+) -> tuple[SupervisedTokens, torch.Tensor]:
+    """(the supervised positions, their log p(target) [N] fp32) of a collated batch, padded or packed, without ever
+    building [B, T, V] logits (`final_hidden_states` + chunked `token_logps`). The labels stay where the collate put
+    them (the CPU): the supervised positions are found there, with no device-to-host sync."""
+    inputs = model_inputs({key: value for key, value in batch.items() if key != "labels"}, device, dtype)
     if "position_ids" in batch:
         inputs = packed_forward_inputs(inputs, batch["position_ids"])
-    supervised = supervised_tokens(final_hidden_states(model, inputs), labels)
-    return supervised, token_logps(output_layer(model), supervised.hidden, supervised.targets), labels
+    supervised = supervised_tokens(final_hidden_states(model, inputs), batch["labels"])
+    return supervised, token_logps(output_layer(model), supervised.hidden, supervised.targets)
 
 
 def _eval_batches(shard: Dataset, batch_size: int, pad_token_id: int, packing: bool):
@@ -98,7 +98,7 @@ def evaluate_loss(
         if batch["input_ids"] is None:
             continue
         with accelerator.autocast():
-            _, logps, _ = batch_logps(model, batch, accelerator.device, dtype)
+            _, logps = batch_logps(model, batch, accelerator.device, dtype)
         totals[0] -= logps.double().sum()
         totals[1] += logps.numel()
     totals = accelerator.reduce(totals, reduction="sum")

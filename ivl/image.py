@@ -1,8 +1,8 @@
 """InternVL image preprocessing: dynamic tiling, thumbnail, normalisation, JPEG augmentation, video frames.
 
-The grid choice and crops reproduce InternVL's `dynamic_preprocess` exactly (SPEC 2), and the pixel values agree
-with transformers' `GotOcr2ImageProcessor(crop_to_patches=True)`, so training preprocessing equals inference
-preprocessing. Only PIL + numpy + torch are used (no torchvision).
+The grid choice and crops reproduce InternVL's `dynamic_preprocess` exactly (docs/design/tiling.md), and the pixel
+values agree with transformers' `GotOcr2ImageProcessor(crop_to_patches=True)`, so training preprocessing equals
+inference preprocessing. Only PIL + numpy + torch are used (no torchvision).
 """
 
 from __future__ import annotations

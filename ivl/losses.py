@@ -2,7 +2,8 @@
 
 The SFT loss is a *sum* of token cross-entropies divided by a denominator the caller passes in: under gradient
 accumulation and data parallelism the denominator must be the global supervised-token count of the whole optimizer
-step (all micro-batches, all ranks), so the gradient does not depend on how the step is split (SPEC 5).
+step (all micro-batches, all ranks), so the gradient does not depend on how the step is split
+(docs/design/loss_reweighting.md).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, denominator:
     return total / denominator
 
 
-# SPEC 5: a (sub-)sample with x supervised targets weighs each of them 1/x^p. token (p = 0) lets long samples dominate,
-# sample (p = 1) short ones; square (p = 0.5) is InternVL 2.5's default between the two.
+# Loss reweighting (docs/design/loss_reweighting.md): a (sub-)sample with x supervised targets weighs each of them
+# 1/x^p. token (p = 0) lets long samples dominate, sample (p = 1) short ones; square (p = 0.5) is InternVL 2.5's default
+# between the two.
 REDUCTION_EXPONENTS: dict[str, float] = {"token": 0.0, "sample": 1.0, "square": 0.5}
 
 
@@ -62,8 +64,8 @@ def target_weights(labels: torch.Tensor, sample_tokens: torch.Tensor, reduction:
 
 def weighted_nll(logps: torch.Tensor, weights: torch.Tensor, denominator: float | torch.Tensor) -> torch.Tensor:
     """sum(weights * -logps) / denominator: logps, weights [N] of the supervised targets. With the denominator = the
-    sum of the weights over the whole optimizer step (all micro-batches and processes) this is SPEC 5's
-    sum(w * CE) / sum(w), whatever the split of the step."""
+    sum of the weights over the whole optimizer step (all micro-batches and processes) this is the
+    reweighted loss sum(w * CE) / sum(w) of docs/design/loss_reweighting.md, whatever the split of the step."""
     return -(weights * logps).sum() / denominator
 
 
@@ -82,10 +84,30 @@ def supervised_tokens(hidden: torch.Tensor, labels: torch.Tensor) -> SupervisedT
     """hidden [B, T, H], labels [B, T] unshifted (IGNORE_INDEX on unsupervised positions) -> the supervised positions.
 
     Only these positions need a vocabulary projection: in SFT data the prompt and the image tokens (256 per tile) are
-    most of the sequence, so this alone removes most of the logits."""
+    most of the sequence, so this alone removes most of the logits. Pass the collated labels as they come, on the
+    CPU: the index is then found there and copied to the device without blocking. Found on a GPU, `nonzero` would
+    make the host wait for the whole forward pass queued before it (N decides the shapes of what follows)."""
     targets = shift_labels(labels)
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    return SupervisedTokens(hidden[rows, cols], targets[rows, cols], rows, cols)
+    targets = targets[rows, cols]
+    rows, cols, targets = (to_device(index, hidden.device) for index in (rows, cols, targets))
+    return SupervisedTokens(hidden[rows, cols], targets, rows, cols)
+
+
+def supervised_weights(labels: torch.Tensor, sample_tokens: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """The loss weights [N] of the supervised targets in `supervised_tokens`' order (row-major), from the same labels
+    [B, T] and sample_tokens [B, T] (`target_weights`); built where they are, the CPU for a collated batch."""
+    return target_weights(labels, sample_tokens, reduction)[shift_labels(labels) != IGNORE_INDEX]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a CPU tensor goes to a GPU from page-locked memory, without blocking the host (the copy
+    is ordered before the kernels that read it on the same stream)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _chunk_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -119,7 +141,7 @@ def token_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-# --- MPO: Mixed Preference Optimization (SPEC 9) ----------------------------------------------------------------------
+# --- MPO: Mixed Preference Optimization (docs/design/mpo.md) ----------------------------------------------------------
 # Inputs are per-sequence sums of token log-probs, shape [B], for the chosen and rejected answer of each pair, under
 # the policy and the reference. Rewards are r = beta * (log pi - log pi_ref); every loss below is per pair, [B].
 

@@ -35,6 +35,7 @@ from ivl.plan_tables import (
 
 Device = Literal["cuda", "cpu"]
 DEVICES: tuple[Device, ...] = ("cuda", "cpu")
+RL_PROMPT_TEXT_TOKENS = 128  # an RL prompt's question and template tokens besides its image tokens (assumed)
 ACTIVATION_DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
@@ -285,6 +286,42 @@ def plan_sft(config, device: Device, memory_gib: float, recipe: str = "sft", pai
                         vars(work), items, memory_gib))  # fmt: skip
 
 
+def plan_rl(config, device: Device, memory_gib: float) -> Plan:
+    """The peak of an RL run (`ivl rl`): parameters, then the larger of its two phases, which never overlap.
+    - generation: G answers per prompt of the micro-batch, with the KV cache of prompt + rl.max_new_tokens tokens;
+    - the update: B x G rows of prompt + answer through the model with gradients (each row carries its prompt's tiles),
+      plus the no-grad reference pass when loss.beta > 0."""
+    from ivl.model.load import model_config_of, tokens_per_tile
+
+    dtype = plan_dtype(config.model.dtype, device)
+    model_config = model_config_of(config.model)
+    act_bytes = ACTIVATION_DTYPE_BYTES[dtype]
+    data, rl, batch = config.data, config.rl, config.loop.batch_size
+    tiles = data.max_tiles + (1 if data.use_thumbnail and data.max_tiles > 1 else 0)
+    prompt_tokens = min(data.max_length, tiles * tokens_per_tile(model_config) + RL_PROMPT_TEXT_TOKENS)
+    rows = batch * rl.num_generations
+    work = Workload(rows=rows, tokens_per_row=prompt_tokens + rl.max_new_tokens, tiles=rows * tiles,
+                    reference_pass=config.loss.beta > 0)  # fmt: skip
+    items, model = _parameter_items(config, model_config, dtype)
+    update = _vision_items(config, model_config, model, work, act_bytes)
+    update.update(_llm_items(config, model_config, model, work, act_bytes, device))
+    text = model_config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_cache = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * rows * work.tokens_per_row * act_bytes
+    # each step's next-token logits [rows, V] in fp32 and the sampler's sorted copy (top-p)
+    generation = kv_cache + 3 * rows * text.vocab_size * 4
+    items.update(update)
+    items["generation beyond the update (KV cache)"] = max(
+        0.0, generation - sum(update.values())
+    )
+    workload = {**vars(work), "kv_cache_gib": kv_cache / GIB, "prompt_tokens": prompt_tokens}
+    plan = Plan("rl", config.model.name_or_path, device, str(dtype).removeprefix("torch."), workload, items, memory_gib)
+    plan.notes.append(f"RL: prompts assumed at {tiles} tiles + {RL_PROMPT_TEXT_TOKENS} text tokens, answers at "
+                      f"rl.max_new_tokens={rl.max_new_tokens}; generation needs {generation / GIB:.2f} GiB, the "
+                      f"update {sum(update.values()) / GIB:.2f} GiB")  # fmt: skip
+    return _finish(plan)
+
+
 def _finish(plan: Plan) -> Plan:
     """Add the runtime's own memory: the CUDA context or the CPU process, and the allocator's slack on top of the
     live tensors."""
@@ -325,6 +362,13 @@ def _load_mpo(path: str | None, overrides: list[str]):
     return load_config(MPOConfig, path, _with_train(path, overrides))
 
 
+def _load_rl(path: str | None, overrides: list[str]):
+    from ivl.config import load_config
+    from ivl.finetune.options import RLConfig
+
+    return load_config(RLConfig, path, _with_train(path, overrides))
+
+
 def _load_distill(path: str | None, overrides: list[str]):
     from ivl.config import load_config
     from ivl.distill.options import DistillConfig
@@ -341,10 +385,12 @@ def _with_train(path: str | None, overrides: list[str]) -> list[str]:
     return overrides if given else ["data.train=unused", *overrides]
 
 
-# Recipe -> (config loader, planner). Recognised by the YAML's sections: `mpo:` is MPO, `teacher:` distillation.
+# Recipe -> (config loader, planner). Recognised by the YAML's sections: `mpo:` is MPO, `rl:` RL, `teacher:`
+# distillation.
 RECIPES = {
     "sft": (_load_sft, lambda config, device, gib: plan_sft(config, device, gib)),
     "mpo": (_load_mpo, lambda config, device, gib: plan_sft(config, device, gib, "mpo", pair_rows=True)),
+    "rl": (_load_rl, plan_rl),
     "distill": (_load_distill, plan_distill),
 }
 
@@ -354,7 +400,9 @@ def recipe_of(path: str | None, overrides: list[str]) -> str:
 
     sections = set(read_yaml(path)) if path else set()
     sections |= {item.split(".", 1)[0] for item in overrides}
-    return "mpo" if "mpo" in sections else "distill" if "teacher" in sections else "sft"
+    if "mpo" in sections:
+        return "mpo"
+    return "rl" if "rl" in sections else "distill" if "teacher" in sections else "sft"
 
 
 def plan_file(path: str | None, overrides: list[str], device: Device = "cuda", memory_gib: float = 24.0) -> Plan:

@@ -43,7 +43,8 @@ def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:
         mixed_precision=mixed_precision,
         log_with=loop.report_to or None,
         project_dir=loop.output_dir,
-        # Text-only micro-batches leave the ViT / projector without gradients on that process.
+        # Text-only micro-batches leave the ViT / projector without gradients on that process; a recipe that knows
+        # its model and data narrows this before `prepare` (`set_find_unused_parameters`).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     _check_backend(accelerator)
@@ -64,6 +65,28 @@ def _check_backend(accelerator: Accelerator) -> None:
             "FSDP version 1 is not supported (its flat parameters break per-part freezing and LoRA checkpoints): set "
             "fsdp_version: 2 in the accelerate config, as configs/accelerate/fsdp2.yaml does"
         )
+
+
+def find_unused_parameters_needed(model: nn.Module, text_only_batches: bool) -> bool:
+    """Whether DDP must search each step's graph for trainable parameters that got no gradient (a traversal of the
+    autograd graph per step, and no gradient bucket is all-reduced before the backward pass ends). A micro-batch leaves
+    parameters out when it is text-only and the ViT, the projector or partial LoRA (image positions only) trains, or
+    whenever a mixture-of-experts LLM trains (experts no token was routed to)."""
+    from ivl.model.moe import is_moe
+    from ivl.model.partial_lora import partial_lora_of
+    from ivl.model.parts import model_parts
+
+    parts = model_parts(model)
+    if is_moe(model) and any(p.requires_grad for p in parts.llm.parameters()):
+        return True
+    image_side = (p.requires_grad for module in (parts.vision, parts.projector) for p in module.parameters())
+    return text_only_batches and (any(image_side) or partial_lora_of(model) is not None)
+
+
+def set_find_unused_parameters(accelerator: Accelerator, needed: bool) -> None:
+    """DDP's `find_unused_parameters` for the model `accelerator.prepare` wraps next."""
+    if accelerator.ddp_handler is not None:
+        accelerator.ddp_handler.find_unused_parameters = needed
 
 
 def shard_per_layer(accelerator: Accelerator, layer_class_names: list[str]) -> None:
@@ -126,10 +149,18 @@ def checkpoint_activations(module: nn.Module) -> None:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def fused_adamw(groups: list[dict]) -> bool:
+    """Whether torch's fused AdamW can run the update: every parameter a floating-point tensor on CUDA. It updates
+    all parameters in a few kernels instead of several per parameter tensor (LoRA adds hundreds of small ones); on
+    CPU the plain implementation stays (its fused kernel is not faster there)."""
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(p.device.type == "cuda" and p.dtype.is_floating_point for p in params)
+
+
 def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
     kwargs = {"betas": tuple(optim.betas), "eps": optim.eps}
     if optim.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs, fused=fused_adamw(groups) or None)
     try:
         import bitsandbytes.optim as bnb_optim  # optional backend: imported only when asked for
     except ImportError as error:

@@ -31,7 +31,7 @@ from ivl.runtime import checkpoint_activations, plot_curves
 
 def checked_dataset(path: str, builder: SampleBuilder, accelerator: Accelerator, seed: int) -> SFTDataset:
     """Check every row before training: bad rows fail the run now, with the report, or (data.on_error=skip) are
-    left out; `dataset.num_left_out` counts them."""
+    left out; `dataset.num_left_out` counts them, `dataset.text_only_rows` the kept rows without an image."""
     report = check_data(path, builder, progress=accelerator.is_main_process and sys.stderr.isatty())
     if not report.clean and builder.data.on_error == "fail":
         raise SampleError(f"the data check failed; fix these rows or set data.on_error=skip\n{report.format()}")
@@ -44,6 +44,7 @@ def checked_dataset(path: str, builder: SampleBuilder, accelerator: Accelerator,
         accelerator.print(f"data.on_error=skip: {len(bad)} bad rows of {path} are left out")
     dataset = SFTDataset(records, builder)
     dataset.num_left_out = len(report.bad_rows)
+    dataset.text_only_rows = report.tiles[0]  # rows without an image or video (DDP: see find_unused_parameters_needed)
     return dataset
 
 

@@ -1,4 +1,5 @@
-"""Conversations -> tensors: image expansion, label masking, templates, formats, batches (SPEC 3-4)."""
+"""Conversations -> tensors: image expansion, label masking, templates, formats, batches (docs/design/prompt_layout.md,
+docs/guides/data.md)."""
 
 import json
 import re

@@ -1,4 +1,4 @@
-"""Repetition filters fire on the noise patterns of SPEC 7 and stay quiet on normal answers."""
+"""Repetition filters fire on the noise patterns of docs/design/data_filtering.md and stay quiet on normal answers."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Tiling must equal InternVL's algorithm (SPEC 2) and transformers' image processor."""
+"""Tiling must equal InternVL's algorithm (docs/design/tiling.md) and transformers' image processor."""
 
 import random
 

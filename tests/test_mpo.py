@@ -1,5 +1,5 @@
-"""MPO: the loss against TRL and the SPEC formula, the reward shift, the reference policy, the shared-image forward,
-preference data, and the recipe end to end on a tiny model."""
+"""MPO: the loss against TRL and the formula of docs/design/mpo.md, the reward shift, the reference policy, the
+shared-image forward, preference data, and the recipe end to end on a tiny model."""
 
 import json
 import shutil

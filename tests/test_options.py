@@ -15,7 +15,7 @@ from ivl.config import ConfigError, describe, format_config, load_config
 from ivl.distill import options as distill_options
 from ivl.distill.options import DistillConfig
 from ivl.finetune import options as finetune_options
-from ivl.finetune.options import MPOConfig, SFTConfig
+from ivl.finetune.options import MPOConfig, RLConfig, SFTConfig
 from ivl.options import DataCheckConfig, EvalConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,7 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 HELP_COMMANDS = {
     ("sft",): SFTConfig,
     ("mpo",): MPOConfig,
+    ("rl",): RLConfig,
     ("eval",): EvalConfig,
     ("distill",): DistillConfig,
     ("distill", "cache"): DistillConfig,
@@ -99,7 +100,7 @@ def test_recipe_module_help_lists_the_options():
     assert result.returncode == 0 and "mpo.beta (float, default 0.1)" in result.stdout
 
 
-SHIPPED = {"sft": SFTConfig, "mpo": MPOConfig, "distill": DistillConfig, "data": DataCheckConfig}
+SHIPPED = {"sft": SFTConfig, "mpo": MPOConfig, "rl": RLConfig, "distill": DistillConfig, "data": DataCheckConfig}
 
 
 @pytest.mark.parametrize(
@@ -111,7 +112,7 @@ def test_every_shipped_config_loads_with_its_class(path):
 
 
 def test_every_recipe_has_shipped_real_model_configs():
-    for kind in ("sft", "mpo", "distill"):
+    for kind in ("sft", "mpo", "rl", "distill"):
         names = [p.name for p in (ROOT / "configs" / kind).glob("*.yaml")]
         assert any(not name.startswith(("demo", "tiny")) for name in names), f"configs/{kind} has no real-model config"
 

@@ -1,4 +1,5 @@
-"""Packing (SPEC 6) and loss reductions (SPEC 5): budgets, splitting outside images, isolation, resume, reductions."""
+"""Packing (docs/design/packing.md) and loss reductions (docs/design/loss_reweighting.md): budgets, splitting outside
+images, isolation, resume, reductions."""
 
 import json
 import math
@@ -168,19 +169,19 @@ def test_packed_per_sample_losses_equal_unpacked_ones(tiny_setup, attention):
     with torch.no_grad():
         alone = []
         for sample in samples:
-            _, logps, _ = batch_logps(model, collate([sample], tokenizer.pad_token_id), "cpu", torch.float32)
+            _, logps = batch_logps(model, collate([sample], tokenizer.pad_token_id), "cpu", torch.float32)
             alone.append(logps.sum().item())
         packer = make_packer(builder)
         packs = [pack for i, sample in enumerate(samples) for pack in packer.add(i, sample)] + packer.flush()
         assert max(len(pack) for pack in packs) > 1
         batch = collate_packs(packs, tokenizer.pad_token_id)
-        supervised, logps, _ = batch_logps(model, batch, "cpu", torch.float32)
+        supervised, logps = batch_logps(model, batch, "cpu", torch.float32)
         segments = batch["segment_ids"][supervised.rows, supervised.cols]
         positions = [item.position for pack in packs for item in pack]
         packed = {positions[s]: logps[segments == s].sum().item() for s in range(len(positions))}
         # Without isolation (a plain causal mask over the row) later sub-samples would see earlier ones.
         leaky = {key: value for key, value in batch.items() if key != "position_ids"}
-        _, leaky_logps, _ = batch_logps(model, leaky, "cpu", torch.float32)
+        _, leaky_logps = batch_logps(model, leaky, "cpu", torch.float32)
     assert [packed[i] for i in range(len(samples))] == pytest.approx(alone, rel=1e-5)
     assert not torch.allclose(leaky_logps, logps, rtol=1e-4)
 

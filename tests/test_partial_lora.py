@@ -95,7 +95,7 @@ def test_update_is_zero_at_every_text_position_of_every_layer_and_text_rows_equa
 
 
 def test_inside_a_packed_row_the_text_only_sub_sample_equals_the_base_token_by_token():
-    """SPEC 6 + partial LoRA: one packed row = [image sample | text-only sample], positions restarting, attention
+    """Packing + partial LoRA: one packed row = [image sample | text-only sample], positions restarting, attention
     isolated per sub-sample: the text-only sub-sample (after the image one, so without isolation it would see the
     adapted image positions) equals the base model on it alone; the image positions and the text after them differ."""
     model, _ = partial_model()

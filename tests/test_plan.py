@@ -211,3 +211,17 @@ def test_internvl35_moe_qlora_fits_a_24gb_card_with_its_experts_in_nf4():
     assert moe.items["frozen weights"] < 0.3 * bf16_experts.items["frozen weights"]
     assert "expert weights + LoRA delta (bf16 experts)" in bf16_experts.items
     assert plan_file("configs/sft/internvl3_5_8b_qlora.yaml", [], device="cuda").total_gib <= 12
+
+
+def test_rl_plans_g_rows_per_prompt_and_the_generation_cache():
+    config = "configs/rl/internvl3_5_8b_qlora_gspo.yaml"
+    plan = plan_file(config, [])
+    assert plan.recipe == "rl" and plan.workload["rows"] == 8 and plan.fits  # the shipped config's prediction
+    assert plan.workload["tokens_per_row"] == plan.workload["prompt_tokens"] + 1024
+    more = plan_file(config, ["rl.num_generations=16"])
+    assert more.workload["kv_cache_gib"] == pytest.approx(2 * plan.workload["kv_cache_gib"])
+    assert activations(more) > activations(plan)
+    with_kl = plan_file(config, ["loss.beta=0.04"])
+    assert "reference forward (no grad)" in with_kl.items and with_kl.total_gib > plan.total_gib
+    short = plan_file(config, ["rl.max_new_tokens=16", "data.max_tiles=1", "loop.batch_size=1"])
+    assert short.items["generation beyond the update (KV cache)"] == 0  # the update is the larger phase

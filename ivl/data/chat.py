@@ -1,4 +1,4 @@
-"""Conversations -> token ids and labels, InternVL style (SPEC 3).
+"""Conversations -> token ids and labels, InternVL style (docs/design/prompt_layout.md).
 
 Every `<image>` becomes `<img>` + `<IMG_CONTEXT>` x (tokens_per_tile * tiles) + `</img>`; only assistant turns are
 supervised, including their closing end token (`<|im_end|>`), never the `<|im_start|>assistant\\n` header, the newline

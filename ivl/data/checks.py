@@ -1,9 +1,9 @@
 """`ivl data check`: validate every row of a data file before any training, and report.
 
 Each bad row is reported as `file:line: reason` (bad JSON, no assistant turn, placeholder/image mismatch, empty text,
-missing / unreadable / oversized image, over max_length after image expansion, ...). Repetition flags (SPEC 7) are
-counted but do not make a row bad. Preference rows (chosen / rejected) are checked as both of their sides. Tile and
-token-length histograms show what training will see.
+missing / unreadable / oversized image, over max_length after image expansion, ...). Repetition flags
+(docs/design/data_filtering.md) are counted but do not make a row bad. Preference rows (chosen / rejected) are checked
+as both of their sides. Tile and token-length histograms show what training will see.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rule filters for noisy text (SPEC 7): the LLM is far more sensitive to bad data than the ViT.
+"""Rule filters for noisy text (docs/design/data_filtering.md): the LLM is far more sensitive to bad data than the ViT.
 
 Each rule looks at one text and returns a short flag when it fires; `ivl data check` counts them and
 `data.drop_repetitive` drops flagged samples. Repetitive n-grams are the main cause of looping outputs.

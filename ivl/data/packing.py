@@ -1,4 +1,5 @@
-"""Multimodal packing (InternVL 2.5, SPEC 6): several samples in one sequence under a token and a tile budget.
+"""Multimodal packing (InternVL 2.5; docs/design/packing.md): several samples in one sequence under a token and a tile
+budget.
 
     packer = Packer(PackBudget(max_tokens=8192, max_tiles=48, buffer_size=64), image_start_id, image_end_id)
     for position, sample in source:
@@ -39,7 +40,8 @@ class PackItem:
     position: int  # the sample's position in the source (its dataset index or stream row)
     piece: int  # 0 for a whole sample, else the piece's number
     sample: dict[str, Any]  # input_ids [n], labels [n], tiles uint8 [t, 3, S, S] | None, num_tiles per image
-    weight_tokens: int  # supervised targets of the whole original sample: what its loss weight 1/x^p uses (SPEC 5)
+    # Supervised targets of the whole original sample: what its loss weight 1/x^p uses (docs/design/loss_reweighting.md)
+    weight_tokens: int
 
     @property
     def num_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""Preference pairs (SPEC 4, 9): InternVL MPO jsonl and TRL's preference layout -> chosen / rejected samples.
+"""Preference pairs (docs/guides/data.md, docs/design/mpo.md): InternVL MPO jsonl and TRL's preference layout -> chosen
+/ rejected samples.
 
     InternVL MPO line:  {"image": "a.jpg" | [...] | absent, "question": "...", "chosen": "...", "rejected": "..."}
     TRL preference row: {"prompt": str | messages, "chosen": str | messages, "rejected": ..., "images": [...]}

@@ -1,4 +1,5 @@
-"""Reading training data into records: InternVL jsonl + meta files, and HF datasets in TRL's layout (SPEC 4).
+"""Reading training data into records: InternVL jsonl + meta files, and HF datasets in TRL's layout
+(docs/guides/data.md).
 
 A `Record` is one raw row plus where it came from (`file:line`), the directory its media paths are relative to and
 the per-dataset settings of the meta file. Reading never decodes images; `to_conversation` turns a record into a

@@ -160,7 +160,11 @@ class SampleBuilder:
         if conversation.video_frames:
             conversation.video_frames = self._frames(conversation)
             num_tiles += [1] * len(conversation.video_frames)
-        input_ids, labels = self.tokenize(conversation, num_tiles)
+        if is_prompt_row(record.row, conversation):  # RL: the prompt is what gets built; the answer is sampled
+            input_ids = self.tokenize.prompt(conversation, num_tiles)
+            labels = torch.zeros_like(input_ids)  # nothing is supervised, and that is right for a prompt row
+        else:
+            input_ids, labels = self.tokenize(conversation, num_tiles)
         self._check_length(input_ids, labels)
         return {"num_tokens": len(input_ids), "num_tiles": sum(num_tiles), "conversation": conversation}
 
@@ -172,6 +176,13 @@ class SampleBuilder:
             )
         if not (labels != IGNORE_INDEX).any():
             raise SampleError("no supervised tokens (empty assistant replies)")
+
+
+def is_prompt_row(row: dict[str, Any] | None, conversation: Conversation) -> bool:
+    """An RL row: the conversation ends with a question and the row gives the reference in an `answer` field (rows
+    whose last turn is the assistant's reply use that reply as the reference instead)."""
+    messages = conversation.messages
+    return isinstance(row, dict) and "answer" in row and bool(messages) and messages[-1]["role"] == "user"
 
 
 def load_records(path: str | Path, seed: int = 0, image_root: str | Path | None = None) -> list[Record]:

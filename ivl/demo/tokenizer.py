@@ -16,7 +16,7 @@ from ivl.model.presets import demo_tokenizer_path
 
 VOCAB_SIZE = 1024
 # Order follows the Qwen2-based InternVL tokenizers: ChatML tokens, then InternVL's image/grounding tokens.
-SPECIAL_TOKENS = [
+RESERVED_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
     "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>",
 ]  # fmt: skip
@@ -44,12 +44,12 @@ def build_demo_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerBase:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(SPECIAL_TOKENS),
+        vocab_size=VOCAB_SIZE - len(RESERVED_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator([ENGLISH, *training_text()], trainer=trainer)
-    backend.add_special_tokens(SPECIAL_TOKENS)
+    backend.add_special_tokens(RESERVED_TOKENS)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",

@@ -54,7 +54,8 @@ from ivl.model.parts import (
 from ivl.model.processor import save_processor
 from ivl.options import AdapterConfig, Mode, PartConfig, VisionPartConfig
 
-# SPEC 8: stage 1 aligns the projector, stage 1.5 adds the ViT, stage 2 trains everything (or LoRA on the LLM).
+# Stages (docs/design/trainability.md): stage 1 aligns the projector, stage 1.5 adds the ViT, stage 2 trains everything
+# (or LoRA on the LLM).
 STAGES: dict[str, dict[Part, Mode]] = {
     "stage1": {"vision": "frozen", "projector": "full", "llm": "frozen"},
     "stage1.5": {"vision": "full", "projector": "full", "llm": "frozen"},

@@ -4,14 +4,14 @@
     convert_checkpoint("my-run/merged", "my-run/merged-original", to="original")
     model = load_original_model(Path("InternVL2_5-8B"), torch.bfloat16)  # converted in memory
 
-Weights (SPEC 11): the ViT's fused `attn.qkv` is split into q/k/v (q | k | v rows), `ls1/ls2` become `lambda_1/2`,
-`mlp1.{0,1,3}` the projector; an InternLM2 LLM becomes LLaMA-structured (its interleaved `wqkv` de-interleaved, see
-`split_wqkv`); Qwen2, LLaMA, Phi-3 and InternVL3.5's Qwen3, Qwen3-MoE and GPT-OSS originals are transformers' own
-classes, so their LLM is only moved (Phi-3 keeps its fused `qkv_proj` / `gate_up_proj`, as transformers' Phi-3 does;
-Qwen3-MoE's experts stay one tensor per expert in both checkpoint layouts and are fused only inside a model, see
-`fuse_experts`). A model whose lm_head is tied to its embeddings stays tied: both layouts then hold the matrix once.
-Names are matched by role: this module holds the original names, `ivl.model.parts.HF_NAMES` the HF-native ones.
-Configs: `ivl.model.convert_config`; tokenizers: `ivl.model.convert_tokenizer`.
+Weights (docs/design/original_checkpoints.md): the ViT's fused `attn.qkv` is split into q/k/v (q | k | v rows),
+`ls1/ls2` become `lambda_1/2`, `mlp1.{0,1,3}` the projector; an InternLM2 LLM becomes LLaMA-structured (its interleaved
+`wqkv` de-interleaved, see `split_wqkv`); Qwen2, LLaMA, Phi-3 and InternVL3.5's Qwen3, Qwen3-MoE and GPT-OSS originals
+are transformers' own classes, so their LLM is only moved (Phi-3 keeps its fused `qkv_proj` / `gate_up_proj`, as
+transformers' Phi-3 does; Qwen3-MoE's experts stay one tensor per expert in both checkpoint layouts and are fused only
+inside a model, see `fuse_experts`). A model whose lm_head is tied to its embeddings stays tied: both layouts then hold
+the matrix once. Names are matched by role: this module holds the original names, `ivl.model.parts.HF_NAMES` the
+HF-native ones. Configs: `ivl.model.convert_config`; tokenizers: `ivl.model.convert_tokenizer`.
 """
 
 from __future__ import annotations

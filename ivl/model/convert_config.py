@@ -43,7 +43,8 @@ DEFAULT_TEMPLATES |= dict.fromkeys(("qwen3", "qwen3_moe", "gpt_oss"), "internvl2
 ROPE_TYPE_FAMILIES = ("qwen3", "qwen3_moe", "gpt_oss")
 # GPT-OSS alternates sliding-window and full attention by `layer_types`: part of the model, so it travels.
 LAYER_TYPES_FAMILIES = ("gpt_oss",)
-# InternLM2-based InternVLs use <IMG_CONTEXT> = 92546 (SPEC 11): how a LLaMA-structured HF config is told apart.
+# InternLM2-based InternVLs use <IMG_CONTEXT> = 92546 (docs/design/original_checkpoints.md): how a LLaMA-structured HF
+# config is told apart.
 INTERNLM2_IMAGE_TOKEN_ID = 92546
 # InternVisionConfig field -> InternVLVisionConfig field (image_size is handled apart: force_image_size wins).
 VISION_FIELDS = {

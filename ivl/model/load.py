@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGe
 from ivl.errors import ModelLoadError  # noqa: F401  re-exported
 from ivl.model.checkpoint import TRAINING_INFO
 from ivl.model.parts import attention_implementation
-from ivl.model.presets import demo_tokenizer_path, preset_config
+from ivl.model.presets import IMAGE_CONTEXT_TOKEN, demo_tokenizer_path, preset_config
 from ivl.model.presets import tokens_per_tile_of as _tokens_per_tile_of
 from ivl.options import ModelConfig
 
@@ -123,11 +123,22 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def build_preset_model(
-    name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0, dtype=torch.float32, attn_implementation="sdpa"
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0,
+    dtype=torch.float32,
+    attn_implementation="sdpa",
+    device: torch.device | str | None = None,
 ):
-    """A random-weight model of preset `name` (deterministic for a given seed)."""
+    """A random-weight model of preset `name` (deterministic for a given seed and device).
+
+    Its `<IMG_CONTEXT>` id is `tokenizer`'s: random weights know no token, and the data must find the image positions
+    with the tokenizer the run uses (a zoo preset's real id is beyond the demo tokenizer's vocabulary). On a CUDA
+    `device` the weights are drawn there: initialising an 8B model on the host takes minutes, on the GPU seconds."""
     config = preset_config(name, tokenizer)
-    with torch.random.fork_rng(devices=[]):
+    config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device)] if on_cuda else []), torch.device(device or "cpu"):
         torch.manual_seed(seed)
         model = InternVLForConditionalGeneration._from_config(
             config, attn_implementation=attention_implementation(config, attn_implementation)
@@ -147,7 +158,7 @@ def load_model(config: ModelConfig, device: torch.device | str | None = None, qu
     tokenizer = load_tokenizer(config)
     dtype = resolve_dtype(config.dtype)
     if name is not None and not quantize_llm:
-        model = build_preset_model(name, tokenizer, config.init_seed, dtype, config.attn_implementation)
+        model = build_preset_model(name, tokenizer, config.init_seed, dtype, config.attn_implementation, device)
     elif original is not None and not quantize_llm:
         from ivl.model.convert import load_original_model
 
@@ -161,7 +172,8 @@ def load_model(config: ModelConfig, device: torch.device | str | None = None, qu
 
                 convert_checkpoint(original, tmp, to="hf")
             else:
-                preset = build_preset_model(name, tokenizer, config.init_seed, dtype, config.attn_implementation)
+                preset = build_preset_model(name, tokenizer, config.init_seed, dtype, config.attn_implementation,
+                                            device)  # fmt: skip
                 preset.save_pretrained(tmp)
             model = _from_pretrained(tmp, config, dtype, quantize_llm, device)
     else:

@@ -1,4 +1,4 @@
-"""Attention isolation for packed batches, per attention backend (SPEC 6).
+"""Attention isolation for packed batches, per attention backend (docs/design/packing.md).
 
 A packed row holds several sub-samples, each with position ids restarting at 0. transformers (>= 4.56, so both the
 5.17 on our GPU machines and 5.23) reads those restarts when no 2-D attention mask is given and no KV cache is in use

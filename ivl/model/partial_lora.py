@@ -1,4 +1,5 @@
-"""Partial LoRA (InternLM-XComposer2, SPEC 8): the LLM's LoRA update B·A·x is added only at image-token positions.
+"""Partial LoRA (InternLM-XComposer2; docs/design/partial_lora.md): the LLM's LoRA update B·A·x is added only at
+image-token positions.
 
     model = get_peft_model(base, lora_config)           # ordinary PEFT LoRA layers in the LLM (plain or 4-bit base)
     attach_partial_lora(model, base.config.image_token_id)

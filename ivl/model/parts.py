@@ -26,8 +26,9 @@ PART_PREFIXES: dict[Part, tuple[str, ...]] = {
     "llm": ("model.language_model.", LM_HEAD_MODULE + "."),
 }
 
-# Linear layers LoRA targets inside each part, by LLM family (SPEC 8). InternLM2 checkpoints are LLaMA-structured
-# once HF-native (wqkv -> q/k/v_proj, w1/w3/w2 -> gate/up/down_proj); Phi-3 keeps fused qkv and gate_up.
+# Linear layers LoRA targets inside each part, by LLM family (docs/design/trainability.md). InternLM2 checkpoints are
+# LLaMA-structured once HF-native (wqkv -> q/k/v_proj, w1/w3/w2 -> gate/up/down_proj); Phi-3 keeps fused qkv and
+# gate_up.
 LLM_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -271,7 +272,7 @@ def attention_implementation(model_config, requested: str) -> str | dict[str, st
 
 
 def llm_lora_targets(model: nn.Module) -> tuple[str, ...]:
-    """The LoRA-able linear layers of the model's LLM family (SPEC 8)."""
+    """The LoRA-able linear layers of the model's LLM family (docs/design/trainability.md)."""
     family = llm_family(model)
     if family not in LLM_LORA_TARGETS:
         raise ConfigError(

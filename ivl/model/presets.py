@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, InternVLConfig, PreTrainedTokenizerBase
 
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
-# Vision encoders (SPEC 1). Both use layer scale; 6B has RMSNorm + QK-norm and no qkv bias.
+# Vision encoders (docs/design/model.md). Both use layer scale; 6B has RMSNorm + QK-norm and no qkv bias.
 VISION = {
     "internvit-300m": dict(
         hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
@@ -78,8 +78,8 @@ LLM = {
                         num_experts_per_tok=4, sliding_window=128, vocab_size=201088, **GPT_OSS_ROPE),
 }  # fmt: skip
 
-# image_token_id: 151667 for Qwen2-based, 92546 for InternLM2-based checkpoints (SPEC 11). For Phi-3 the id is
-# whatever the checkpoint's tokenizer says; loading a real checkpoint always takes it from there.
+# image_token_id: 151667 for Qwen2-based, 92546 for InternLM2-based checkpoints (docs/design/original_checkpoints.md).
+# For Phi-3 the id is whatever the checkpoint's tokenizer says; loading a real checkpoint always takes it from there.
 ZOO = {
     "internvl3-1b": ("internvit-300m", "qwen2.5-0.5b", 151667),
     "internvl3-2b": ("internvit-300m", "qwen2.5-1.5b", 151667),

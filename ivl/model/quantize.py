@@ -1,6 +1,6 @@
 """QLoRA's 4-bit base (bitsandbytes): the LLM in NF4 with double quantisation; ViT, projector and lm_head stay
-unquantised (SPEC 8: 4-bit ViTs lose accuracy badly). bitsandbytes is imported only when a 4-bit model is asked for.
-Its loader quantises `nn.Linear` layers only; the fused experts of MoE LLMs are stored in NF4 by
+unquantised (4-bit ViTs lose accuracy badly: docs/design/trainability.md). bitsandbytes is imported only when a 4-bit
+model is asked for. Its loader quantises `nn.Linear` layers only; the fused experts of MoE LLMs are stored in NF4 by
 `ivl.model.quantize_experts` after loading.
 """
 

@@ -1,0 +1,240 @@
+"""GPU check: a few LoRA / QLoRA steps of random-weight InternVL3-2B and InternVL3.5-8B on one GPU, measured against
+the memory planner's prediction and against a plain padded loop and TRL's SFTTrainer in the same run.
+
+    bench/gpu_check.sh                      # on a GPU machine: writes bench/results_gpu_<device>.json (<= 8 minutes)
+    DRY=1 bench/gpu_check.sh                # CPU dry mode: tiny presets, 1 step each, JSON in a temporary folder
+    python bench/gpu_check.py --dry --out /tmp/x
+
+Cases (preset x method x packing): bf16, flash attention 2 when `flash_attn` imports (else sdpa), QLoRA only when
+bitsandbytes imports. Per case:
+
+- ours: `ivl.finetune.sft.setup` + `optimizer_step` (the recipe's own path) on batches collated before timing;
+  peak memory from `torch.cuda.max_memory_allocated` / `max_memory_reserved` over all its steps;
+- predicted: `ivl.plan.plan_sft` for the same config (its total, in GiB, on the device's memory);
+- padded / trl (LoRA, packing off): `bench/sft_throughput.py`'s plain padded Accelerate loop and TRL's SFTTrainer
+  (TRL's defaults, gradient checkpointing included) on the same padded batches; skipped with a note where
+  trl / datasets do not import.
+
+tokens/s counts real (non-pad) tokens over the steps after the first (a warm-up), between CUDA synchronisations.
+Every contender that cannot run is kept in the JSON with the reason. Nothing here is tuned to a device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
+
+from sft_throughput import TRL, Ours, Padded, real_tokens, step_indices, write_data  # noqa: E402
+
+GIB = 2**30
+# (preset, method, packing). 2B first: a run cut short by the time budget still has the smaller model's figures.
+CASES = [
+    *[("internvl3-2b", "lora", False), ("internvl3-2b", "lora", True), ("internvl3-2b", "qlora", False)],
+    *[("internvl3.5-8b", "lora", False), ("internvl3.5-8b", "lora", True), ("internvl3.5-8b", "qlora", False)],
+]
+DRY_CASES = [("tiny-112", "lora", False), ("tiny-112", "lora", True), ("tiny-112", "qlora", False)]
+# Where each figure of the JSON comes from (printed with every figure too).
+SOURCES = {
+    "predicted.total_gib": "ivl.plan.plan_sft on the case's config (the device's memory as the card size)",
+    "*.peak_allocated_gib": "torch.cuda.max_memory_allocated over all of the contender's steps (warm-up included)",
+    "*.peak_reserved_gib": "torch.cuda.max_memory_reserved over the same steps",
+    "*.tokens_per_second": "real (non-pad) tokens / wall seconds of the steps after the first, between CUDA syncs",
+    "ours": "ivl.finetune.sft setup + optimizer_step",
+    "padded": "bench/sft_throughput.py Padded: HF forward with labels on padded batches, Accelerate, AdamW",
+    "trl": "bench/sft_throughput.py TRL: SFTTrainer with its defaults (gradient checkpointing on) on the same batches",
+}
+
+
+def importable(*modules: str) -> bool:
+    return all(importlib.util.find_spec(module) is not None for module in modules)
+
+
+def environment(device: str) -> dict[str, Any]:
+    """What this machine can run, with versions: the JSON records it next to the numbers."""
+    import accelerate
+    import transformers
+
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device_memory_gib": torch.cuda.get_device_properties(0).total_memory / GIB if device == "cuda" else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "flash_attn": importable("flash_attn"),
+        "bitsandbytes": importable("bitsandbytes"),
+        "trl": importable("trl", "datasets"),
+    }
+
+
+def case_overrides(case: tuple[str, str, bool], args: argparse.Namespace, data: Path, out: Path, env: dict) -> list:
+    preset, method, packing = case
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
+    attention = "flash_attention_2" if env["flash_attn"] and args.device == "cuda" else "sdpa"
+    overrides = [f"model.name_or_path=preset:{preset}", f"model.dtype={dtype}",
+                 f"model.attn_implementation={attention}", f"data.train={data}", "data.max_tiles=6",
+                 f"adapter.qlora={str(method == 'qlora').lower()}", "adapter.dropout=0", "optim.lr=1e-5",
+                 "optim.warmup_ratio=0", f"loop.batch_size={args.batch_size}", f"loop.max_steps={10**6}",
+                 f"loop.output_dir={out}", "loop.num_workers=0", "loop.resume=never"]  # fmt: skip
+    if packing:
+        overrides += ["data.packing=true", f"data.pack_max_tokens={args.pack_tokens}", "data.pack_max_tiles=48"]
+    return overrides
+
+
+def skip_reason(case: tuple[str, str, bool], env: dict, started: float, budget_s: float) -> str | None:
+    if case[1] == "qlora" and not env["bitsandbytes"]:
+        return "bitsandbytes does not import here (carry its wheel: bench/README.md)"
+    if time.perf_counter() - started > budget_s:
+        return f"time budget of {budget_s:.0f} s spent before this case"
+    return None
+
+
+def timed(train, batches: list[dict[str, Any]], device: str) -> dict[str, Any]:
+    """Train `batches` one step each (`train(list) -> seconds`); peak memory over all of them, tokens/s after the
+    first (a warm-up) unless there is only one."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warmup = batches[:1] if len(batches) > 1 else []
+    if warmup:
+        train(warmup)
+    counted = batches[len(warmup) :]
+    seconds = train(counted)
+    tokens = sum(map(real_tokens, counted))
+    row = {"steps": len(batches), "timed_steps": len(counted), "tokens": tokens, "seconds": seconds,
+           "tokens_per_second": tokens / seconds}  # fmt: skip
+    if device == "cuda":
+        row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    return row
+
+
+def release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def predicted(overrides: list[str], device: str, memory_gib: float) -> dict[str, Any]:
+    from ivl.config import load_config
+    from ivl.finetune.options import SFTConfig
+    from ivl.plan import plan_sft
+
+    plan = plan_sft(load_config(SFTConfig, None, overrides), device, memory_gib)  # type: ignore[arg-type]
+    return {"total_gib": plan.total_gib, "items_gib": plan.to_json()["items_gib"], "source": "ivl.plan.plan_sft"}
+
+
+def run_case(case: tuple[str, str, bool], args: argparse.Namespace, work: Path, env: dict) -> dict[str, Any]:
+    preset, method, packing = case
+    name = f"{preset} {method} packing={'on' if packing else 'off'}"
+    tile_size = 112 if preset.startswith("tiny") else 448
+    data = write_data(work / f"data-{tile_size}", args.steps * args.batch_size, tile_size, seed=0)
+    overrides = case_overrides(case, args, data, work / "out", env)
+    memory_gib = env["device_memory_gib"] or 24.0
+    result: dict[str, Any] = {"case": name, "overrides": overrides,
+                              "predicted": predicted(overrides, args.device, memory_gib)}  # fmt: skip
+    print(f"[{name}] predicted peak {result['predicted']['total_gib']:.2f} GiB (ivl.plan.plan_sft, {args.device})")
+    ours = Ours(overrides)
+    indices = step_indices(len(ours.run.train_set), args.batch_size, args.steps, 1, seed=0)[0]
+    padded = ours.padded_batches(indices)
+    result["ours"] = timed(ours.train, ours.batches(indices), args.device)
+    report(name, "ours", result["ours"], "ivl.finetune.sft optimizer_step")
+    del ours
+    release()
+    if method == "lora" and not packing:
+        contenders = {"padded": lambda: Padded(overrides, args.device),
+                      "trl": lambda: TRL(overrides, args.device, work / "trl")}  # fmt: skip
+        for contender, build in contenders.items():
+            if contender == "trl" and not env["trl"]:
+                result[contender] = {"skipped": "trl / datasets do not import here (carry their wheels)"}
+                continue
+            loop = build()
+            result[contender] = timed(loop.train, padded, args.device)
+            report(name, contender, result[contender], "bench/sft_throughput.py " + type(loop).__name__)
+            del loop
+            release()
+        result["ours"]["speedup_vs_padded"] = ratio(result, "padded")
+        result["ours"]["speedup_vs_trl"] = ratio(result, "trl")
+    return result
+
+
+def ratio(result: dict[str, Any], contender: str) -> float | None:
+    other = result[contender].get("tokens_per_second")
+    return result["ours"]["tokens_per_second"] / other if other else None
+
+
+def report(case: str, loop: str, row: dict[str, Any], source: str) -> None:
+    memory = ""
+    if "peak_allocated_gib" in row:
+        memory = (f", peak {row['peak_allocated_gib']:.2f} GiB allocated / {row['peak_reserved_gib']:.2f} GiB reserved "
+                  "(torch.cuda.max_memory_allocated / max_memory_reserved over all steps)")  # fmt: skip
+    print(f"[{case}] {loop}: {row['tokens_per_second']:.1f} tokens/s over {row['timed_steps']} timed steps "
+          f"({source}; real tokens / wall seconds between CUDA syncs){memory}", flush=True)  # fmt: skip
+
+
+def results_path(out: Path, device_name: str) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+    return out / f"results_gpu_{slug}.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry", action="store_true", default=os.environ.get("DRY") == "1",
+                        help="CPU, tiny presets, 1 step each, JSON in a temporary folder (also DRY=1)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="folder of the JSON (default: bench/)")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per contender (the first is a warm-up)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--pack-tokens", type=int, default=8192)
+    parser.add_argument("--budget-s", type=float, default=420.0, help="cases not started by then are skipped")
+    args = parser.parse_args(argv)
+    if args.dry:
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # the dry mode runs on CPU even on a GPU machine
+        args.device, args.steps, args.batch_size, args.pack_tokens = "cpu", 1, 1, 2048
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="ivl-gpu-check-"))
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device: run with --dry (or DRY=1) for the CPU dry mode")
+        args.device = "cuda"
+    args.out = args.out or Path(__file__).resolve().parent
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    env = environment(args.device)
+    print(json.dumps(env))
+    started, cases = time.perf_counter(), DRY_CASES if args.dry else CASES
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ivl-gpu-check-") as tmp:
+        for case in cases:
+            reason = skip_reason(case, env, started, args.budget_s)
+            if reason:
+                print(f"[{case}] skipped: {reason}")
+                results.append({"case": " ".join(map(str, case)), "skipped": reason})
+                continue
+            results.append(run_case(case, args, Path(tmp), env))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = results_path(args.out, env["device"])
+    summary = {**env, "dry": args.dry, "steps": args.steps, "batch_size": args.batch_size,
+               "seconds": time.perf_counter() - started, "sources": SOURCES, "cases": results}  # fmt: skip
+    if args.dry:
+        summary["note"] = "dry mode: tiny models on CPU, 1 step each; the figures check the code path, not speed"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Rollouts for `ivl rl`: prompts with their reference fields, G sampled answers per prompt with the kit's tiling and
+templates, their rewards and advantages, and the per-token log-probs of those answers under any policy.
+
+A rollout is a collated batch of B x G sequences (prompt + sampled answer, rows grouped by prompt) in the kit's usual
+form (input_ids, attention_mask, labels on the answer tokens only, uint8 tiles), so the memory-lean log-prob path
+(`ivl.evaluate.batch_logps`: hidden states, then the vocabulary projection of the answer positions only) serves the
+update, the old policy and the reference alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import Dataset
+
+from ivl.data.chat import IGNORE_INDEX
+from ivl.data.records import Record
+from ivl.data.samples import SampleBuilder, collate_prompts, model_inputs
+from ivl.evaluate import batch_logps, greedy_answers, normalise_answer
+from ivl.finetune.rewards import WeightedReward, final_answer
+from ivl.model.parts import unwrap
+from ivl.rl_losses import group_advantages
+
+MEDIA_KEYS = ("image", "images", "video", "conversations", "messages")
+
+
+class PromptDataset(Dataset):
+    """Generation prompts of checked records: the tokenised prompt and tiles, the question text, and the reference
+    fields the rewards read (the row's other fields, and `answer` = its last assistant reply)."""
+
+    def __init__(self, records: list[Record], builder: SampleBuilder, thinking: bool | None = None):
+        self.records, self.builder, self.thinking = records, builder, thinking
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        prompt = self.builder.build_prompt(record, self.thinking)
+        messages = self.builder.conversation(record).messages
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        fields = {key: value for key, value in (record.row or {}).items() if key not in MEDIA_KEYS}
+        fields.setdefault("answer", prompt["reference"])
+        return {**prompt, "question": question, "fields": fields}
+
+
+def collate_rl_prompts(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """`collate_prompts` (left-padded) plus each prompt's question, reference fields and tile count."""
+    batch = collate_prompts(samples, pad_token_id)
+    batch["questions"] = [sample["question"] for sample in samples]
+    batch["fields"] = [sample["fields"] for sample in samples]
+    batch["tile_counts"] = [0 if sample["tiles"] is None else len(sample["tiles"]) for sample in samples]
+    return batch
+
+
+def repeat_groups(batch: dict[str, Any], group_size: int) -> dict[str, Any]:
+    """Each prompt's row and tiles G times, in prompt order: rows [B*G, P], tiles [G x each prompt's tiles...]."""
+    tiles = batch["tiles"]
+    if tiles is not None:
+        tiles = torch.cat([piece for piece in tiles.split(batch["tile_counts"]) for _ in range(group_size)])
+    return {"input_ids": batch["input_ids"].repeat_interleave(group_size, 0),
+            "attention_mask": batch["attention_mask"].repeat_interleave(group_size, 0), "tiles": tiles}  # fmt: skip
+
+
+def end_token_ids(builder: SampleBuilder) -> list[int]:
+    tokenizer = builder.tokenize.tokenizer
+    return sorted({tokenizer.convert_tokens_to_ids(builder.tokenize.end_token), tokenizer.eos_token_id} - {None})
+
+
+def answer_mask(completion: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
+    """completion [N, L] sampled ids -> mask [N, L]: 1 up to and including the first end token, 0 after it."""
+    is_end = torch.isin(completion, torch.tensor(end_ids, device=completion.device)).long()
+    ended_before = is_end.cumsum(1) - is_end  # end tokens strictly before each position
+    return (ended_before == 0).long()
+
+
+@torch.no_grad()
+def sample_answers(model: nn.Module, builder: SampleBuilder, repeated: dict[str, Any], options: Any,
+                   device: torch.device, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Sampled continuations [B*G, L] of the repeated prompts (with the KV cache: `generate`'s default), dropout off.
+    The draws come from the global torch RNG, which checkpoints save and restore."""
+    generator = unwrap(model)
+    was_training = generator.training
+    generator.eval()
+    inputs = {key: value for key, value in model_inputs(repeated, device, dtype).items() if value is not None}
+    try:
+        output = generator.generate(**inputs, do_sample=True, temperature=options.temperature, top_p=options.top_p,
+                                    top_k=0, max_new_tokens=options.max_new_tokens, eos_token_id=end_token_ids(builder),
+                                    pad_token_id=builder.tokenize.tokenizer.pad_token_id)  # fmt: skip
+    finally:
+        generator.train(was_training)
+    return output[:, repeated["input_ids"].shape[1] :]
+
+
+def answer_logps(model: nn.Module, rollout: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """log pi of each sampled answer token [B*G, L] (0 on padding) under `model` as it is (mode, gradients)."""
+    supervised, logps = batch_logps(model, rollout, device, dtype)
+    prompt_length = rollout["prompt_length"]
+    matrix = torch.zeros(rollout["answer_mask"].shape, dtype=logps.dtype, device=logps.device)
+    # the hidden state at position c predicts token c + 1, answer token c + 1 - P
+    return matrix.index_put((supervised.rows, supervised.cols + 1 - prompt_length), logps)
+
+
+@torch.no_grad()
+def frozen_logps(model: nn.Module, rollout: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                 disable_adapter: bool = False) -> torch.Tensor:  # fmt: skip
+    """`answer_logps` in eval mode without gradients: the old policy, or (adapters disabled) the reference."""
+    was_training = model.training
+    model.eval()
+    try:
+        with unwrap_peft(model).disable_adapter() if disable_adapter else nullcontext():
+            return answer_logps(model, rollout, device, dtype)
+    finally:
+        model.train(was_training)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The PEFT model inside DDP / accelerate wrappers (its `disable_adapter` gives the reference policy)."""
+    while not hasattr(model, "disable_adapter") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def make_rollout(run: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """Sample G answers per prompt, score them, and return the rollout batch with rewards [B*G], advantages [B*G],
+    the answer mask [B*G, L], and old / reference log-probs when the config needs them."""
+    options, device, dtype = run.config.rl, run.accelerator.device, run.dtype
+    group = options.num_generations
+    repeated = repeat_groups(batch, group)
+    with run.accelerator.autocast():
+        completion = sample_answers(run.model, run.builder, repeated, options, device, dtype).cpu()
+    mask = answer_mask(completion, end_token_ids(run.builder))
+    prompt_length = repeated["input_ids"].shape[1]
+    labels = torch.cat([torch.full_like(repeated["input_ids"], IGNORE_INDEX),
+                        torch.where(mask.bool(), completion, IGNORE_INDEX)], dim=1)  # fmt: skip
+    texts = run.builder.tokenize.tokenizer.batch_decode(completion * mask, skip_special_tokens=True)
+    scores = [run.reward(batch["questions"][i // group], text, batch["fields"][i // group])
+              for i, text in enumerate(texts)]  # fmt: skip
+    rewards = torch.tensor([total for total, _ in scores])
+    advantages = group_advantages(rewards.view(-1, group), run.config.loss.advantage_eps)
+    rollout = {"input_ids": torch.cat([repeated["input_ids"], completion], dim=1), "labels": labels,
+               "attention_mask": torch.cat([repeated["attention_mask"], mask], dim=1), "tiles": repeated["tiles"],
+               "prompt_length": prompt_length, "answer_mask": mask.to(device), "rewards": rewards,
+               "advantages": advantages.values.flatten().to(device), "scores": [s for _, s in scores],
+               "zero_variance_groups": advantages.zero_variance_groups, "groups": len(batch["questions"])}  # fmt: skip
+    with run.accelerator.autocast():
+        if options.updates_per_batch > 1:  # pi_old: the policy that sampled, before this batch's first update
+            rollout["old_logps"] = frozen_logps(run.model, rollout, device, dtype)
+        if run.config.loss.beta > 0:
+            rollout["ref_logps"] = frozen_logps(run.model, rollout, device, dtype, disable_adapter=True)
+    return rollout
+
+
+def reused_rollouts(run: Any, prompts: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Endless rollouts: one generation batch (loop.grad_accum micro-batches of prompts) sampled with the policy of
+    that moment, then yielded rl.updates_per_batch times (one optimizer step each)."""
+    while True:
+        window = [make_rollout(run, next(prompts)) for _ in range(run.config.loop.grad_accum)]
+        for _ in range(run.config.rl.updates_per_batch):
+            yield from window
+
+
+@torch.no_grad()
+def evaluate_rewards(model: nn.Module, builder: SampleBuilder, dataset: PromptDataset, reward: WeightedReward,
+                     accelerator: Accelerator, batch_size: int, max_new_tokens: int,
+                     dtype: torch.dtype) -> dict[str, float]:  # fmt: skip
+    """Greedy answers to the held-out prompts: {"eval_reward": mean reward, "eval_exact_match": share whose final
+    answer equals the reference}, over all processes."""
+    generator = unwrap(model)
+    was_training = generator.training
+    generator.eval()
+    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # reward sum, exact matches, count
+    pad = builder.tokenize.tokenizer.pad_token_id
+    for start in range(0, len(indices), batch_size):
+        batch = collate_rl_prompts([dataset[i] for i in indices[start : start + batch_size]], pad)
+        with accelerator.autocast():
+            answers = greedy_answers(generator, builder, model_inputs(batch, accelerator.device, dtype), max_new_tokens)
+        for question, fields, answer in zip(batch["questions"], batch["fields"], answers, strict=True):
+            totals[0] += reward(question, answer, fields)[0]
+            totals[1] += normalise_answer(final_answer(answer)) == normalise_answer(str(fields["answer"]))
+            totals[2] += 1
+    totals = accelerator.reduce(totals, reduction="sum")
+    generator.train(was_training)
+    count = totals[2].clamp(min=1)
+    return {"eval_reward": (totals[0] / count).item(), "eval_exact_match": (totals[1] / count).item()}
+

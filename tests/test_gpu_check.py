@@ -1,0 +1,44 @@
+"""bench/gpu_check.py's CPU dry mode: the same code path as on a GPU, tiny presets, one step per contender."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import gpu_check  # noqa: E402
+
+
+def test_results_file_is_named_after_the_device(tmp_path):
+    assert gpu_check.results_path(tmp_path, "NVIDIA H200").name == "results_gpu_nvidia_h200.json"
+
+
+def test_dry_mode_without_bitsandbytes_or_trl_runs_ours_and_padded_and_notes_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    present = gpu_check.importable
+    monkeypatch.setattr(gpu_check, "importable", lambda *m: present(*m) and not {"bitsandbytes", "trl"} & set(m))
+    monkeypatch.setattr(gpu_check, "DRY_CASES", gpu_check.DRY_CASES[:1] + gpu_check.DRY_CASES[2:])  # packing: below
+    path = gpu_check.main(["--dry", "--out", str(tmp_path)])
+    result = json.loads(path.read_text())
+    assert path.parent == tmp_path and result["dry"] and not result["bitsandbytes"] and not result["trl"]
+    lora, qlora = result["cases"]
+    assert "bitsandbytes" in qlora["skipped"] and "trl" in lora["trl"]["skipped"]
+    assert lora["predicted"]["total_gib"] > 0 and lora["predicted"]["source"] == "ivl.plan.plan_sft"
+    for loop in ("ours", "padded"):
+        assert lora[loop]["steps"] == 1 and lora[loop]["tokens"] > 0 and lora[loop]["tokens_per_second"] > 0
+    assert lora["ours"]["tokens"] == lora["padded"]["tokens"]  # the same batches for every contender
+    assert lora["ours"]["speedup_vs_trl"] is None and set(result["sources"]) >= {"ours", "padded", "trl"}
+
+
+@pytest.mark.skipif(not gpu_check.importable("bitsandbytes"), reason="bitsandbytes not installed")
+def test_dry_mode_packing_and_qlora_cases_train(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setattr(gpu_check, "DRY_CASES", gpu_check.DRY_CASES[1:])
+    result = json.loads(gpu_check.main(["--dry", "--out", str(tmp_path)]).read_text())
+    packed, qlora = result["cases"]
+    assert packed["case"].endswith("packing=on") and "padded" not in packed and packed["ours"]["tokens"] > 0
+    assert qlora["case"] == "tiny-112 qlora packing=off" and qlora["ours"]["tokens"] > 0
