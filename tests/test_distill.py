@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
-    AutoImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
     InternVLForConditionalGeneration,
     InternVLVisionModel,
 )
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 import ivl.distill.train
 from ivl.config import ConfigError, load_config
@@ -402,7 +402,7 @@ def test_export_places_the_student_into_internvl_ready_for_stage1(tmp_path):
     assert any("projector kept" in note for note in notes)
     processor = json.loads((tmp_path / "kept" / "processor_config.json").read_text())
     assert processor["image_seq_length"] == 16  # what the tiles of 112 px give in 14 px patches, pixel-shuffled
-    assert AutoImageProcessor.from_pretrained(tmp_path / "kept").size["height"] == 112
+    assert GotOcr2ImageProcessorPil.from_pretrained(tmp_path / "kept").size["height"] == 112
     assert all(torch.equal(p, before[name]) for name, p in kept.named_parameters() if part_of(name) != "vision")
     wide = build_vision_model(vision_config("tiny-teacher"), seed=3)  # 64 wide: the projector must be rebuilt
     wide.save_pretrained(tmp_path / "vit")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 from test_sft import sft_config
-from transformers import AutoImageProcessor, AutoTokenizer, InternVLForConditionalGeneration
+from transformers import AutoTokenizer, InternVLForConditionalGeneration
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from ivl.cli import main as cli_main
 from ivl.finetune.sft import run_sft
@@ -45,7 +46,7 @@ def plain_inputs(merged: Path, image: Image.Image) -> tuple[torch.Tensor, torch.
     """(input_ids, pixel_values) from the files in `merged` alone, as InternVLProcessor builds them, by hand:
     transformers' image processor (its PIL backend without torchvision), the chat template, and each image token
     expanded to <img> + image_seq_length x <IMG_CONTEXT> per tile + </img>."""
-    pixel_values = AutoImageProcessor.from_pretrained(merged)(images=[image], return_tensors="pt")["pixel_values"]
+    pixel_values = GotOcr2ImageProcessorPil.from_pretrained(merged)(images=[image], return_tensors="pt")["pixel_values"]
     tokenizer = AutoTokenizer.from_pretrained(merged)
     seq_length = json.loads((merged / "processor_config.json").read_text())["image_seq_length"]
     prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)

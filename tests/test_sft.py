@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor, InternVLForConditionalGeneration
+from transformers import InternVLForConditionalGeneration
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError, load_config
@@ -74,7 +75,7 @@ def test_full_training_without_lora_saves_a_whole_model(shapes, tmp_path):
     result = run_sft(sft_config(shapes, tmp_path, "stage=stage1.5"))
     assert result.output.endswith("model")
     reloaded = InternVLForConditionalGeneration.from_pretrained(result.output)
-    image_processor = AutoImageProcessor.from_pretrained(result.output)  # the processor files travel with it
+    image_processor = GotOcr2ImageProcessorPil.from_pretrained(result.output)  # the processor files travel with it
     assert image_processor.size["height"] == 112 and image_processor.max_patches == 1  # tiny-112, data.max_tiles=1
     # Loading the run's output with an explicit base config still loads the trained weights, not the base.
     with_base, _, _ = load_trained(result.output, ModelConfig(name_or_path="preset:tiny-112", dtype="float32"))
