@@ -45,6 +45,7 @@ from ivl.model.adapters import apply_trainability, format_report, is_peft, train
 from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.quantize import keep_training_layout
+from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.rl_losses import clipped_policy_loss
 from ivl.runtime import MetricsLog, build_optimizer, build_scheduler, end_training, make_accelerator, start_trackers
@@ -194,10 +195,11 @@ def training_rollouts(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
 
 
 def run_rl(config: RLConfig) -> RunResult:
-    run = setup(config)
-    metrics = train(run)
-    out_dir = save(run, "RL")
-    end_training(run.accelerator)
+    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
+        run = setup(config)
+        metrics = train(run)
+        out_dir = save(run, "RL")
+        end_training(run.accelerator)
     return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
 
 

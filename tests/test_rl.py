@@ -110,3 +110,14 @@ def test_rl_thinking_reaches_the_prompts(shapes, tmp_path):
     thinking = PromptDataset(records, builder, config.rl.thinking)[0]["input_ids"]
     assert thinking.tolist() == builder.build_prompt(records[0], True)["input_ids"].tolist()
     assert thinking.tolist() != PromptDataset(records, builder, False)[0]["input_ids"].tolist()
+
+
+def test_a_second_rl_run_into_a_held_folder_refuses(shapes, tmp_path):
+    """RL takes the same output-folder lock as SFT, MPO and distillation: a run into a folder another run holds stops
+    in one line before loading anything."""
+    from ivl.errors import OutputError
+    from ivl.outputs import claim_output_dir
+
+    with claim_output_dir(tmp_path / "out"):
+        with pytest.raises(OutputError, match="pid "):
+            run_rl(tiny_rl(shapes, tmp_path / "out"))
