@@ -42,17 +42,15 @@ from ivl.distill.options import (
 from ivl.distill.student import StudentWithAdaptors, build_student
 from ivl.distill.teacher import TeacherTargets, load_teacher
 from ivl.image import normalize
-from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
+from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps, run_recipe
 from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import resolve_dtype
-from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.runtime import (
     MetricsLog,
     build_optimizer,
     build_scheduler,
     checkpoint_activations,
-    end_training,
     make_accelerator,
     start_trackers,
 )
@@ -250,12 +248,7 @@ def save(run: Run) -> Path:
 
 
 def run_distill(config: DistillConfig) -> RunResult:
-    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
-        run = setup(config)
-        metrics = train(run)
-        out_dir = save(run)
-        end_training(run.accelerator)
-    return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
+    return run_recipe(config, setup, train, save)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ from ivl.finetune.preference import (
     pair_logps,
     reference_cache_key,
 )
-from ivl.loop import RunResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
+from ivl.loop import RunResult, TrainingLoop, TrainState, accumulate_and_step, count_steps, run_recipe
 from ivl.losses import mpo_loss, num_supervised_tokens
 from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
 from ivl.model.checkpoint import read_training_info
@@ -57,13 +57,11 @@ from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_logits_caught
 from ivl.model.quantize import keep_training_layout
-from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.runtime import (
     MetricsLog,
     build_optimizer,
     build_scheduler,
-    end_training,
     make_accelerator,
     start_trackers,
 )
@@ -282,12 +280,7 @@ def training_batches(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
 
 
 def run_mpo(config: MPOConfig) -> RunResult:
-    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
-        run = setup(config)
-        metrics = train(run)
-        out_dir = save(run, "MPO")
-        end_training(run.accelerator)
-    return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
+    return run_recipe(config, setup, train, partial(save, recipe="MPO"))
 
 
 def main(argv: list[str] | None = None) -> int:

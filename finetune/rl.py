@@ -40,15 +40,14 @@ from ivl.finetune.rollout import (
     evaluate_rewards,
     reused_rollouts,
 )
-from ivl.loop import RunResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
+from ivl.loop import RunResult, TrainingLoop, TrainState, accumulate_and_step, count_steps, run_recipe
 from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
 from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.quantize import keep_training_layout
-from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.rl_losses import clipped_policy_loss
-from ivl.runtime import MetricsLog, build_optimizer, build_scheduler, end_training, make_accelerator, start_trackers
+from ivl.runtime import MetricsLog, build_optimizer, build_scheduler, make_accelerator, start_trackers
 from ivl.training import checked_dataset, enable_gradient_checkpointing, optimizer_groups, save
 
 METRICS = ("loss", "reward", "clipped", "kl", "answer_tokens")
@@ -195,12 +194,7 @@ def training_rollouts(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
 
 
 def run_rl(config: RLConfig) -> RunResult:
-    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
-        run = setup(config)
-        metrics = train(run)
-        out_dir = save(run, "RL")
-        end_training(run.accelerator)
-    return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
+    return run_recipe(config, setup, train, partial(save, recipe="RL"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from ivl.data.packed_loader import PackedBatches, StreamingSource
 from ivl.data.samples import SampleBuilder, SFTDataset, collate
 from ivl.evaluate import batch_logps
 from ivl.finetune.options import SFTConfig
-from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps
+from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps, run_recipe
 from ivl.losses import supervised_weights, target_weights, to_device, weighted_nll
 from ivl.model.adapters import (
     apply_trainability,
@@ -44,13 +44,11 @@ from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_lo
 from ivl.model.packed_attention import check_packing_support
 from ivl.model.parts import layer_class_names
 from ivl.model.quantize import keep_training_layout
-from ivl.outputs import claim_output_dir
 from ivl.recipe import recipe_main
 from ivl.runtime import (
     MetricsLog,
     build_optimizer,
     build_scheduler,
-    end_training,
     find_unused_parameters_needed,
     make_accelerator,
     set_find_unused_parameters,
@@ -215,12 +213,7 @@ def train(run: Run) -> dict[str, float]:
 
 
 def run_sft(config: SFTConfig) -> RunResult:
-    with claim_output_dir(config.loop.output_dir):  # one run per output folder, for the whole run
-        run = setup(config)
-        metrics = train(run)
-        out_dir = save(run)
-        end_training(run.accelerator)
-    return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
+    return run_recipe(config, setup, train, save)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,8 @@ from ivl.config import to_dict
 from ivl.model.checkpoint import load_training_checkpoint, resume_point, save_training_checkpoint
 from ivl.model.integrity import run_record
 from ivl.options import LoopConfig, OptimConfig
-from ivl.runtime import MetricsLog, progress_bar
+from ivl.outputs import claim_output_dir
+from ivl.runtime import MetricsLog, end_training, progress_bar
 from ivl.update import finish_step
 
 Batch = dict[str, Any]
@@ -234,3 +235,15 @@ class TrainingLoop:
         run, saved = self.run, {**self.layout, **self.state.saved(), "run": self.record}
         save_training_checkpoint(self.config.output_dir, self.state.step, run.accelerator, run.model, run.optimizer,
                                  run.scheduler, saved, self.config.keep_last)  # fmt: skip
+
+
+def run_recipe(config: RecipeConfig, setup: Callable[[Any], TrainingRun], train: Callable[[Any], dict[str, float]],
+               save: Callable[[Any], Any]) -> RunResult:
+    """setup -> train -> save -> end, holding the output folder's lock for the whole run (one run per folder), so no
+    recipe can forget it."""
+    with claim_output_dir(config.loop.output_dir):
+        run = setup(config)
+        metrics = train(run)
+        out_dir = save(run)
+        end_training(run.accelerator)
+    return RunResult(str(out_dir), metrics, run.accelerator.is_main_process)
