@@ -83,7 +83,8 @@ def answer_mask(completion: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
 def sample_answers(model: nn.Module, builder: SampleBuilder, repeated: dict[str, Any], options: Any,
                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """Sampled continuations [B*G, L] of the repeated prompts (with the KV cache: `generate`'s default), dropout off.
-    The draws come from the global torch RNG, which checkpoints save and restore."""
+    The draws come from the global torch RNG, which checkpoints save and restore. The image-context token is never
+    sampled: an answer holding one would give the update's forward more image tokens than image features."""
     generator = unwrap(model)
     was_training = generator.training
     generator.eval()
@@ -91,7 +92,8 @@ def sample_answers(model: nn.Module, builder: SampleBuilder, repeated: dict[str,
     try:
         output = generator.generate(**inputs, do_sample=True, temperature=options.temperature, top_p=options.top_p,
                                     top_k=0, max_new_tokens=options.max_new_tokens, eos_token_id=end_token_ids(builder),
-                                    pad_token_id=builder.tokenize.tokenizer.pad_token_id)  # fmt: skip
+                                    pad_token_id=builder.tokenize.tokenizer.pad_token_id,
+                                    suppress_tokens=[generator.config.image_token_id])  # fmt: skip
     finally:
         generator.train(was_training)
     return output[:, repeated["input_ids"].shape[1] :]

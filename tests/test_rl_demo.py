@@ -74,3 +74,28 @@ def test_the_demo_config_and_data_run_end_to_end(tmp_path):
     # Two questions of each kind: the overall mean is the mean of the kinds' means.
     kinds = [result.metrics[f"eval_exact_match/{kind}"] for kind in (RL_KIND, *QUESTION_KINDS)]
     assert result.metrics["eval_exact_match"] == pytest.approx(sum(kinds) / len(kinds))
+
+
+def test_sampled_answers_never_hold_the_image_placeholder(tmp_path):
+    """A policy drifting towards the image-context token (seen in the demo at a high learning rate) must not sample it:
+    an answer holding it makes the update's forward find one image token more than image features, and stop."""
+    import torch
+
+    from ivl.data.samples import SampleBuilder, load_records
+    from ivl.finetune.rollout import PromptDataset, collate_rl_prompts, repeat_groups, sample_answers
+    from ivl.model.forward import output_layer
+    from ivl.model.load import load_model
+
+    train, _ = write_rl_demo_data(tmp_path, num_train=2, num_validation=0)
+    config = load_config(RLConfig, CONFIG, [f"model.name_or_path={demo_base_path()}", f"data.train={train}",
+                                            "data.validation=null"])  # fmt: skip
+    model, tokenizer = load_model(config.model, torch.device("cpu"))
+    image_token = model.config.image_token_id
+    boost = output_layer(model).register_forward_hook(lambda module, args, out: out.index_add(
+        -1, torch.tensor([image_token]), torch.full((*out.shape[:-1], 1), 50.0)))  # fmt: skip
+    builder = SampleBuilder(tokenizer, model.config, config.data)
+    dataset = PromptDataset(load_records(train), builder)
+    batch = repeat_groups(collate_rl_prompts([dataset[0], dataset[1]], tokenizer.pad_token_id), 4)
+    completion = sample_answers(model, builder, batch, config.rl, torch.device("cpu"), torch.float32)
+    boost.remove()
+    assert completion.numel() > 0 and not (completion == image_token).any()
