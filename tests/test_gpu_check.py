@@ -32,6 +32,9 @@ def test_dry_mode_without_bitsandbytes_or_trl_runs_ours_and_padded_and_notes_the
         assert lora[loop]["steps"] == 1 and lora[loop]["tokens"] > 0 and lora[loop]["tokens_per_second"] > 0
     assert lora["ours"]["tokens"] == lora["padded"]["tokens"]  # the same batches for every contender
     assert lora["ours"]["speedup_vs_trl"] is None and set(result["sources"]) >= {"ours", "padded", "trl"}
+    losses = result["loss_kernels"]  # the SFT loss against torch's cross-entropy; Liger's kernel noted as skipped
+    assert losses["torch"]["loss_rel_error"] < 1e-5 and losses["torch"]["grad_rel_error"] < 1e-5
+    assert "CUDA" in losses["liger"]["skipped"]
 
 
 @pytest.mark.skipif(not gpu_check.importable("bitsandbytes"), reason="bitsandbytes not installed")
