@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sft_throughput import MemoryPeak
+from measure import MemoryPeak
 from torch import nn
 
 from ivl import losses
