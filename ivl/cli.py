@@ -107,7 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ivl.plan import plan_file
     from ivl.plan_proposals import format_plan
 
-    plan = plan_file(args.config, args.overrides, args.device, args.memory_gib)
+    plan = plan_file(args.config, args.overrides, args.device, args.memory_gib, speedups=True)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0
 
