@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OptionsParser(
         prog="ivl",
         description="Adapt InternVL models on one GPU.",
-        epilog="`ivl COMMAND --help` lists the command's options (for sft, mpo, eval, distill and data check: every "
-        "config key with its type, default and help).",
+        epilog="`ivl COMMAND --help` lists the command's options (for sft, mpo, rl, eval, plan, distill and data "
+        "check: every config key with its type, default and help).",
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OptionsParser)
 

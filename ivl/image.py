@@ -144,10 +144,12 @@ def image_to_tiles(
 def normalize(
     tiles: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> torch.Tensor:
-    """uint8 [n, 3, H, W] -> float32 (x / 255 - mean) / std, in one fused pass (x * scale + bias)."""
+    """uint8 [n, 3, H, W] -> float32 (x / 255 - mean) / std, as x * scale + bias in place on one float copy.
+    (Not `torch.addcmul(bias, x, scale)`: with per-channel [1, 3, 1, 1] operands it is ~10x slower on CPU, ~25 ms
+    for a demo batch of 64 tiles of 112 px, a tenth of a training step.)"""
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, 3, 1, 1)
     bias = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, 3, 1, 1)
-    return torch.addcmul(bias.to(tiles.device), tiles, scale.to(tiles.device))
+    return tiles.to(torch.float32).mul_(scale.to(tiles.device)).add_(bias.to(tiles.device))
 
 
 def image_to_pixel_values(

@@ -23,7 +23,7 @@ def demo_config_path() -> Path:
 
 
 def run_demo(
-    out_dir: str | Path = "outputs/demo", num_train: int = 2000, num_validation: int = 128, overrides: list[str] = ()
+    out_dir: str | Path = "outputs/demo", num_train: int = 2000, num_validation: int = 256, overrides: list[str] = ()
 ) -> dict:
     """The demo end to end; `overrides` go on top of the demo config (e.g. a shorter run)."""
     out_dir = Path(out_dir)
