@@ -45,6 +45,7 @@ from ivl.finetune.preference import (
     compute_reference_logps,
     continue_adapter,
     frozen_copy,
+    held_out_preference,
     load_or_compute_reference,
     pair_logps,
     reference_cache_key,
@@ -90,6 +91,8 @@ class Run:
     metrics: MetricsLog
     info: dict[str, Any]
     router_losses: list[torch.Tensor] = field(default_factory=list)  # this logging window's (MoE LLM), for the metrics
+    validation_pairs: PairDataset | None = None  # mpo.validation_pairs
+    validation_reference: torch.Tensor | None = None  # [pairs, 2] their reference log-probs (chosen, rejected)
 
 
 def _checked_pairs(path: str, builder: SampleBuilder, accelerator: Accelerator, seed: int) -> PairDataset:
@@ -160,6 +163,11 @@ def setup(config: MPOConfig) -> Run:
         reference = ReferencePolicy(policy, disable_adapters=False)
     else:
         reference = ReferencePolicy(policy, None if is_peft(policy) else frozen_copy(policy))
+    validation_pairs = validation_reference = None
+    if config.mpo.validation_pairs:  # the reference never changes: its log-probs of these pairs are computed once
+        validation_pairs = _checked_pairs(config.mpo.validation_pairs, builder, accelerator, config.data.seed)
+        validation_reference = compute_reference_logps(reference, validation_pairs, accelerator, config.eval.batch_size,
+                                                       tokenizer.pad_token_id, dtype)  # fmt: skip
     reference_logps = None
     if config.mpo.precompute_reference:
         parts = {"accelerator": accelerator, "train_set": train_set, "tokenizer": tokenizer, "dtype": dtype}
@@ -170,7 +178,8 @@ def setup(config: MPOConfig) -> Run:
     metrics = MetricsLog(Path(loop.output_dir) / "metrics.jsonl", accelerator)
     start_trackers(accelerator, "ivl-mpo", to_dict(config))
     return Run(config, accelerator, model, tokenizer, builder, train_set, validation_set, reference, reference_logps,
-               optimizer, scheduler, total_steps, dtype, metrics, info)  # fmt: skip
+               optimizer, scheduler, total_steps, dtype, metrics, info, validation_pairs=validation_pairs,
+               validation_reference=validation_reference)  # fmt: skip
 
 
 def forward_loss(run: Run, batch: dict[str, Any], shift: float, pairs_per_process: torch.Tensor,
@@ -262,11 +271,24 @@ def train(run: Run) -> dict[str, float]:
             loop.log(values, show=("loss", "rewards_accuracy", "rewards_margin"))
             window_metrics, tokens = [], 0
         if loop.eval_due():
-            loop.last.update(evaluate(run, loop.state.step))
+            loop.last.update({**evaluate(run, loop.state.step), **evaluate_pairs(run, loop.state.step)})
         if loop.save_due():
             loop.save(shift.state())
-    loop.last.update(evaluate(run, loop.state.step))
+    loop.last.update({**evaluate(run, loop.state.step), **evaluate_pairs(run, loop.state.step)})
     return loop.last
+
+
+def evaluate_pairs(run: Run, step: int) -> dict[str, float]:
+    """Reward accuracy and margin of the policy as it is now on mpo.validation_pairs (`held_out_preference`), written
+    to the metrics; {} without validation pairs."""
+    if run.validation_pairs is None:
+        return {}
+    policy = ReferencePolicy(run.accelerator.unwrap_model(run.model), disable_adapters=False)  # eval mode, no grad
+    logps = compute_reference_logps(policy, run.validation_pairs, run.accelerator, run.config.eval.batch_size,
+                                    run.tokenizer.pad_token_id, run.dtype)  # fmt: skip
+    results = held_out_preference(logps, run.validation_reference, run.config.mpo.beta)
+    run.metrics.write({"step": step, **results})
+    return results
 
 
 def training_batches(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:

@@ -28,6 +28,8 @@ class MPOOptions:
     init_adapter: str | None = option(None, "continue training an SFT run's adapter/ (on the same base model)")
     precompute_reference: bool = option(False, "reference log-probs in one pass before training, cached on disk")
     reference_cache: str | None = option(None, "where that cache goes; null: OUTPUT/reference_logps.pt")
+    validation_pairs: str | None = option(None, "held-out preference pairs (as data.train): reward accuracy and margin "
+                                          "every loop.eval_every steps and at the end; null: none")  # fmt: skip
 
     def validate(self) -> None:
         if self.beta <= 0:

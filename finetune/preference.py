@@ -165,6 +165,16 @@ def compute_reference_logps(
     return accelerator.reduce(table, "sum").float()
 
 
+def held_out_preference(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> dict[str, float]:
+    """Log-probs [N, 2] (chosen, rejected) of N held-out pairs under the policy and the reference -> the implicit
+    rewards r = beta * (log pi - log pi_ref): {"eval_rewards_accuracy": share of pairs with r_chosen > r_rejected
+    (strictly: a tie, as at the start where pi = pi_ref, is not counted; TRL counts the same way),
+    "eval_rewards_margin": mean of r_chosen - r_rejected}."""
+    rewards = beta * (policy.double() - reference.double())
+    margins = rewards[:, 0] - rewards[:, 1]
+    return {"eval_rewards_accuracy": (margins > 0).double().mean().item(), "eval_rewards_margin": margins.mean().item()}
+
+
 def reference_cache_key(parts: dict[str, Any], reference_model: nn.Module) -> str:
     """What precomputed reference log-probs depend on: the data (files, settings), the model and its weights."""
     text = json.dumps(parts, sort_keys=True, default=str) + weights_fingerprint(reference_model)

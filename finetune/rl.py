@@ -5,20 +5,22 @@
     accelerate launch -m ivl.finetune.rl configs/rl/internvl3_5_8b_qlora_gspo.yaml
 
 setup -> train -> save, with SFT's conventions (metrics.jsonl, atomic checkpoints, resume, final adapter). Each
-generation batch takes loop.batch_size x loop.grad_accum prompts per process, samples rl.num_generations answers to
-each with the current policy (`ivl.finetune.rollout`), scores them (`ivl.finetune.rewards`), normalises the rewards
-within each prompt's group to advantages, and makes rl.updates_per_batch optimizer steps on it with the clipped loss
-of `ivl.rl_losses` (loss.level sequence: GSPO, token: GRPO). The reference policy of the KL term is the same model
-with its adapters disabled. Written as the kit's own loop rather than on TRL's GRPOTrainer: that trainer owns the
-model loading, the processor's tiling and the loss path, where the kit needs its own (InternVL tiling and templates,
-partial LoRA, 4-bit bases, the memory-lean log-probs); tests check the loss against TRL's on the same tensors.
+generation batch takes loop.batch_size x loop.grad_accum prompts, samples rl.num_generations answers to each with the
+current policy (`ivl.finetune.rollout`), scores them (`ivl.finetune.rewards`), normalises the rewards within each
+prompt's group to advantages, and makes rl.updates_per_batch optimizer steps on it with the clipped loss of
+`ivl.rl_losses` (loss.level sequence: GSPO, token: GRPO). Under N processes every process sees the same prompts and
+samples G/N answers of each (keyed draws, `ivl.finetune.sampling`): a run's answers and updates do not depend on N.
+The reference policy of the KL term is the same model with its adapters disabled. Written as the kit's own loop
+rather than on TRL's GRPOTrainer: that trainer owns the model loading, the processor's tiling and the loss path, where
+the kit needs its own (InternVL tiling and templates, partial LoRA, 4-bit bases, the memory-lean log-probs); tests
+check the loss against TRL's on the same tensors.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from ivl.loop import RunResult, TrainingLoop, TrainState, accumulate_and_step, c
 from ivl.model.adapters import apply_trainability, format_report, is_peft, trainable_report
 from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
+from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_logits_caught
 from ivl.model.quantize import keep_training_layout
 from ivl.recipe import recipe_main
 from ivl.rl_losses import clipped_policy_loss
@@ -71,6 +74,8 @@ class Run:
     dtype: torch.dtype
     metrics: MetricsLog
     info: dict[str, Any]
+    router_losses: list[torch.Tensor] = field(default_factory=list)  # this logging window's (MoE LLM), for the metrics
+    grad_norms: list[torch.Tensor] = field(default_factory=list)  # this logging window's, before clipping
 
 
 def setup(config: RLConfig) -> Run:
@@ -80,6 +85,9 @@ def setup(config: RLConfig) -> Run:
     accelerator = make_accelerator(loop, dtype)
     if accelerator.is_fsdp2:
         raise ConfigError("RL runs on one process or under DDP (configs/accelerate/ddp.yaml); FSDP2 is SFT-only")
+    if config.rl.num_generations % accelerator.num_processes:
+        raise ConfigError(f"rl.num_generations={config.rl.num_generations} must be a multiple of the process "
+                          f"count ({accelerator.num_processes}): each process samples an equal share of every group")
     reward = build_reward(config.rewards.weights, config.rewards.numeric_tolerance)
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=config.adapter.qlora)
     base_fingerprint = weights_fingerprint([model])  # of the base as loaded, before any adapter or update
@@ -100,8 +108,9 @@ def setup(config: RLConfig) -> Run:
         checked = checked_dataset(config.data.validation, builder, accelerator, config.data.seed)
         validation_set = PromptDataset(checked.records, builder, thinking)
     optimizer = build_optimizer(optimizer_groups(model, config), config.optim)
-    # loop.epochs counts generation batches over the prompts; each gives rl.updates_per_batch optimizer steps.
-    generation_batches = count_steps(loop, train_set, accelerator.num_processes)
+    # loop.epochs counts generation batches over the prompts (shared by all processes); each gives
+    # rl.updates_per_batch optimizer steps.
+    generation_batches = count_steps(loop, train_set, num_processes=1)
     total_steps = loop.max_steps or generation_batches * config.rl.updates_per_batch
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -116,21 +125,29 @@ def setup(config: RLConfig) -> Run:
 
 
 def forward_loss(run: Run, rollout: dict[str, Any], sums: torch.Tensor) -> torch.Tensor:
-    """This rollout's share of the step loss (its answers' losses / the step's answers per process); adds
-    [METRICS] x answers to `sums`."""
+    """This rollout's share of the step loss, its answers' losses / this process's answers in the step; adds
+    [METRICS] x answers to `sums`. Every process holds the same number of answers (G/N of each of the step's prompts),
+    so DDP's mean of the processes' gradients is the gradient of the mean loss over all the step's answers: the
+    one-process update exactly. The loss has no other normaliser (each answer's loss is a mean over its own tokens).
+    A mixture-of-experts LLM that trains adds its routers' load-balancing loss over the rollout's tokens (as SFT)."""
     options, device = run.config.loss, run.accelerator.device
-    logps = answer_logps(run.model, rollout, device, run.dtype)  # [B*G, L], with gradients
+    with router_logits_caught(run.model, enabled=run.info["modes"]["llm"] != "frozen") as router_logits:
+        logps = answer_logps(run.model, rollout, device, run.dtype)  # [B*G/N, L], with gradients
     old = rollout.get("old_logps", logps.detach())  # one update per batch: pi_old = pi, ratios 1
     eps_low, eps_high = options.clip_range()
     result = clipped_policy_loss(logps, old, rollout["advantages"], rollout["answer_mask"], level=options.level,
                                  eps_low=eps_low, eps_high=eps_high, beta=options.beta,
                                  ref_logps=rollout.get("ref_logps"))  # fmt: skip
     config = run.config
-    answers_per_step = config.loop.grad_accum * config.loop.batch_size * config.rl.num_generations
-    loss = result.per_answer.sum() / answers_per_step
+    share = config.rl.num_generations // run.accelerator.num_processes
+    loss = result.per_answer.sum() / (config.loop.grad_accum * config.loop.batch_size * share)
     kl = result.kl.sum() if result.kl is not None else torch.zeros((), device=device)
     sums += torch.stack([result.per_answer.detach().sum(), rollout["rewards"].sum().to(device), result.clipped.sum(),
                          kl, rollout["answer_mask"].sum()]).float()  # fmt: skip
+    if router_logits:
+        aux = load_balancing_loss(run.model, router_logits, rollout["attention_mask"].to(device))
+        run.router_losses.append(aux.detach())
+        return loss + router_aux_coefficient(run.model) * aux / config.loop.grad_accum
     return loss
 
 
@@ -145,7 +162,9 @@ def train(run: Run) -> dict[str, float]:
     window_sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=run.accelerator.device)
     for window in loop.steps(rollouts):
         sums = torch.zeros(len(METRICS), device=run.accelerator.device)
-        if accumulate_and_step(run, window, partial(forward_loss, run, sums=sums), loop.state.step).applied:
+        result = accumulate_and_step(run, window, partial(forward_loss, run, sums=sums), loop.state.step)
+        if result.applied:
+            run.grad_norms.append(result.grad_norm)
             groups = sum(r["groups"] for r in window)
             zero = sum(r["zero_variance_groups"] for r in window)
             window_sums += torch.cat([sums.double(), torch.tensor([zero, groups], device=sums.device)])
@@ -164,11 +183,18 @@ def train(run: Run) -> dict[str, float]:
 
 
 def window_metrics(run: Run, sums: torch.Tensor) -> dict[str, float]:
-    """The logging window's sums over all processes -> per-answer means, and the share of zero-variance groups."""
+    """The logging window's sums over all processes -> per-answer means, and the share of zero-variance groups. The
+    processes share the prompts, so each counted every group (and its zero-variance ones) once."""
     sums = run.accelerator.reduce(sums, "sum")
-    answers = sums[-1] * run.config.rl.num_generations
+    answers = sums[-1] / run.accelerator.num_processes * run.config.rl.num_generations
     values = {name: (sums[i] / answers.clamp(min=1)).item() for i, name in enumerate(METRICS)}
     values["zero_variance_groups"] = (sums[-2] / sums[-1].clamp(min=1)).item()
+    if run.grad_norms:  # the norm of the gradient every process applies (after DDP's mean), mean over the window
+        values["grad_norm"] = torch.stack(run.grad_norms).mean().item()
+        run.grad_norms.clear()
+    if run.router_losses:  # mixture-of-experts LLM: the load-balancing loss (unweighted), mean of the window
+        values["router_aux_loss"] = run.accelerator.reduce(torch.stack(run.router_losses).mean(), "mean").item()
+        run.router_losses.clear()
     return values
 
 
@@ -208,13 +234,13 @@ def changes_since_start(start: dict[str, float], end: dict[str, float]) -> dict[
 def training_rollouts(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
     """Endless rollouts from the prompt sampler's position in `state`. The prompt iterator is made here, before the
     loop restores the saved RNG (as in an uninterrupted run); sampling starts at the first `next`, after it."""
-    loop, accelerator = run.config.loop, run.accelerator
+    loop = run.config.loop
     generation_batches = state.micro_batches // run.config.rl.updates_per_batch
-    sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, accelerator.process_index,
-                               accelerator.num_processes, start=generation_batches)  # fmt: skip
+    # every process reads the same prompts (rank 0 of 1) and samples its share of their answers
+    sampler = StepBatchSampler(len(run.train_set), loop.batch_size, loop.seed, start=generation_batches)
     loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
                         collate_fn=partial(collate_rl_prompts, pad_token_id=run.tokenizer.pad_token_id))  # fmt: skip
-    return reused_rollouts(run, iter(loader))
+    return reused_rollouts(run, iter(loader), start=generation_batches)
 
 
 def run_rl(config: RLConfig) -> RunResult:

@@ -9,6 +9,7 @@ update, the old policy and the reference alike.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -23,6 +24,7 @@ from ivl.data.records import Record
 from ivl.data.samples import SampleBuilder, collate_prompts, model_inputs
 from ivl.evaluate import batch_logps, greedy_answers, normalise_answer
 from ivl.finetune.rewards import WeightedReward, final_answer
+from ivl.finetune.sampling import answer_seed, sampling_processors
 from ivl.model.parts import unwrap
 from ivl.rl_losses import group_advantages
 
@@ -81,17 +83,19 @@ def answer_mask(completion: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_answers(model: nn.Module, builder: SampleBuilder, repeated: dict[str, Any], options: Any,
-                   device: torch.device, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """Sampled continuations [B*G, L] of the repeated prompts (with the KV cache: `generate`'s default), dropout off.
-    The draws come from the global torch RNG, which checkpoints save and restore. The image-context token is never
-    sampled: an answer holding one would give the update's forward more image tokens than image features."""
+                   device: torch.device, dtype: torch.dtype, seeds: list[int]) -> torch.Tensor:  # fmt: skip
+    """Sampled continuations [N, L] of the N repeated prompts (with the KV cache: `generate`'s default), dropout off.
+    Row i draws from its own stream `seeds[i]` (`ivl.finetune.sampling`), whatever rows it is batched with. The
+    image-context token is never sampled: an answer holding one would give the update's forward more image tokens
+    than image features."""
     generator = unwrap(model)
     was_training = generator.training
     generator.eval()
     inputs = {key: value for key, value in model_inputs(repeated, device, dtype).items() if value is not None}
     try:
-        output = generator.generate(**inputs, do_sample=True, temperature=options.temperature, top_p=options.top_p,
-                                    top_k=0, max_new_tokens=options.max_new_tokens, eos_token_id=end_token_ids(builder),
+        output = generator.generate(**inputs, do_sample=False, max_new_tokens=options.max_new_tokens,
+                                    logits_processor=sampling_processors(options.temperature, options.top_p, seeds),
+                                    eos_token_id=end_token_ids(builder),
                                     pad_token_id=builder.tokenize.tokenizer.pad_token_id,
                                     suppress_tokens=[generator.config.image_token_id])  # fmt: skip
     finally:
@@ -128,28 +132,48 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_rollout(run: Any, batch: dict[str, Any]) -> dict[str, Any]:
-    """Sample G answers per prompt, score them, and return the rollout batch with rewards [B*G], advantages [B*G],
-    the answer mask [B*G, L], and old / reference log-probs when the config needs them."""
+def process_answers(num_generations: int, accelerator: Accelerator) -> range:
+    """The answers k of every prompt this process samples: all processes share the micro-batch's prompts and each
+    takes an equal, contiguous share of every group (process r of N: k in [r G/N, (r + 1) G/N))."""
+    share = num_generations // accelerator.num_processes
+    return range(accelerator.process_index * share, (accelerator.process_index + 1) * share)
+
+
+def whole_groups(rewards: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """This process's rewards [B, G/N] -> every process's [B, G], answers in k order (a no-op on one process): the
+    group statistics of the advantages need all G rewards of each prompt."""
+    gathered = accelerator.gather(rewards.to(accelerator.device)).cpu()  # [N * B, G/N], process-major
+    processes, prompts = accelerator.num_processes, rewards.shape[0]
+    return gathered.view(processes, prompts, -1).transpose(0, 1).reshape(prompts, -1)
+
+
+def make_rollout(run: Any, batch: dict[str, Any], batch_index: int) -> dict[str, Any]:
+    """Sample this process's answers to each prompt of generation micro-batch `batch_index`, score them, and return
+    the rollout batch with rewards [B*G/N], advantages [B*G/N] (normalised over each whole group of G, on every
+    process), the answer mask [B*G/N, L], and old / reference log-probs when the config needs them."""
     options, device, dtype = run.config.rl, run.accelerator.device, run.dtype
-    group = options.num_generations
-    repeated = repeat_groups(batch, group)
+    answers = process_answers(options.num_generations, run.accelerator)
+    prompts = len(batch["questions"])
+    repeated = repeat_groups(batch, len(answers))
+    seeds = [answer_seed(run.config.loop.seed, batch_index, p, k) for p in range(prompts) for k in answers]
     with run.accelerator.autocast():
-        completion = sample_answers(run.model, run.builder, repeated, options, device, dtype).cpu()
+        completion = sample_answers(run.model, run.builder, repeated, options, device, dtype, seeds).cpu()
     mask = answer_mask(completion, end_token_ids(run.builder))
     prompt_length = repeated["input_ids"].shape[1]
     labels = torch.cat([torch.full_like(repeated["input_ids"], IGNORE_INDEX),
                         torch.where(mask.bool(), completion, IGNORE_INDEX)], dim=1)  # fmt: skip
     texts = run.builder.tokenize.tokenizer.batch_decode(completion * mask, skip_special_tokens=True)
-    scores = [run.reward(batch["questions"][i // group], text, batch["fields"][i // group])
+    scores = [run.reward(batch["questions"][i // len(answers)], text, batch["fields"][i // len(answers)])
               for i, text in enumerate(texts)]  # fmt: skip
     rewards = torch.tensor([total for total, _ in scores])
-    advantages = group_advantages(rewards.view(-1, group), run.config.loss.advantage_eps)
+    advantages = group_advantages(whole_groups(rewards.view(prompts, -1), run.accelerator),
+                                  run.config.loss.advantage_eps)  # fmt: skip
     rollout = {"input_ids": torch.cat([repeated["input_ids"], completion], dim=1), "labels": labels,
                "attention_mask": torch.cat([repeated["attention_mask"], mask], dim=1), "tiles": repeated["tiles"],
                "prompt_length": prompt_length, "answer_mask": mask.to(device), "rewards": rewards,
-               "advantages": advantages.values.flatten().to(device), "scores": [s for _, s in scores],
-               "zero_variance_groups": advantages.zero_variance_groups, "groups": len(batch["questions"])}  # fmt: skip
+               "advantages": advantages.values[:, answers.start : answers.stop].flatten().to(device),
+               "scores": [s for _, s in scores], "zero_variance_groups": advantages.zero_variance_groups,
+               "groups": prompts}  # fmt: skip
     with run.accelerator.autocast():
         if options.updates_per_batch > 1:  # pi_old: the policy that sampled, before this batch's first update
             rollout["old_logps"] = frozen_logps(run.model, rollout, device, dtype)
@@ -158,11 +182,13 @@ def make_rollout(run: Any, batch: dict[str, Any]) -> dict[str, Any]:
     return rollout
 
 
-def reused_rollouts(run: Any, prompts: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def reused_rollouts(run: Any, prompts: Iterator[dict[str, Any]], start: int) -> Iterator[dict[str, Any]]:
     """Endless rollouts: one generation batch (loop.grad_accum micro-batches of prompts) sampled with the policy of
-    that moment, then yielded rl.updates_per_batch times (one optimizer step each)."""
+    that moment, then yielded rl.updates_per_batch times (one optimizer step each). `start`: the prompt micro-batches
+    already used (a resumed run's), which keys the sampling of the next."""
+    batch_indices = itertools.count(start)
     while True:
-        window = [make_rollout(run, next(prompts)) for _ in range(run.config.loop.grad_accum)]
+        window = [make_rollout(run, next(prompts), next(batch_indices)) for _ in range(run.config.loop.grad_accum)]
         for _ in range(run.config.rl.updates_per_batch):
             yield from window
 

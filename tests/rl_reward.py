@@ -4,3 +4,8 @@ so groups have a signal)."""
 
 def length(prompt: str, answer: str, reference: dict) -> float:
     return 1.0 / (1.0 + len(answer))
+
+
+def constant(prompt: str, answer: str, reference: dict) -> float:
+    """The same score for every answer: every group has zero variance, so the policy loss teaches nothing."""
+    return 1.0

@@ -431,3 +431,52 @@ def test_recipe_steps_equal_the_mpo_formula_with_asymmetric_weights_and_the_runn
         reward_sum, reward_count = reward_sum + (r_c.sum() + r_r.sum()).item(), reward_count + 32
         assert record["reward_shift"] == pytest.approx(reward_sum / reward_count, abs=1e-5), step
     assert abs(logged[-1]["rewards_margin"]) > 1e-3 and abs(logged[-1]["reward_shift"]) > 1e-4  # not a trivial run
+
+
+def _full_logits_logp(model, input_ids, labels, pixel_values):
+    """log pi of one unpadded row's answer: the whole [T, V] logits of a plain forward, log-softmax, the label tokens
+    (independent of the kit's path: hidden states, answer positions only, one ViT pass per pair)."""
+    mask = torch.ones_like(input_ids)[None]
+    output = model(input_ids=input_ids[None], pixel_values=pixel_values, attention_mask=mask)
+    logps = torch.log_softmax(output.logits[0, :-1].float(), -1)
+    targets = labels[1:]
+    answer = targets != -100
+    return logps[answer].gather(1, targets[answer, None]).sum().item()
+
+
+def test_held_out_pairs_report_reward_accuracy_and_margin(pairs, tmp_path):
+    """mpo.validation_pairs: before any update the policy is the reference, so every margin is exactly 0 and the
+    accuracy (a pair counts when the chosen reward is strictly above the rejected one, as TRL counts) is 0. After two
+    steps the evaluation equals beta x log(pi / pi_ref) of each answer computed here from full logits."""
+    from ivl.finetune.mpo import evaluate_pairs, setup
+    from ivl.model.adapters import load_adapter_onto
+
+    held_out = pairs / "validation_preference.jsonl"
+    start = setup(tiny_mpo(pairs, tmp_path / "start", f"mpo.validation_pairs={held_out}"))
+    assert evaluate_pairs(start, 0) == {"eval_rewards_accuracy": 0.0, "eval_rewards_margin": 0.0}
+    config = tiny_mpo(pairs, tmp_path / "run", f"mpo.validation_pairs={held_out}", "loop.eval_every=1")
+    result = run_mpo(config)
+    evaluated = [r for r in _records(tmp_path / "run") if "eval_rewards_accuracy" in r]
+    assert [r["step"] for r in evaluated] == [1, 2]
+    assert result.metrics["eval_rewards_margin"] == evaluated[-1]["eval_rewards_margin"]
+
+    base, tokenizer = load_model(config.model)
+    model = load_adapter_onto(base, tmp_path / "run" / "adapter", config.model.name_or_path).eval()
+    dataset = PairDataset(load_records(held_out), SampleBuilder(tokenizer, base.config, config.data))
+    margins = []
+    with torch.no_grad():
+        for index in range(len(dataset)):
+            batch = collate_pairs([dataset[index]], tokenizer.pad_token_id)
+            pixel_values = model_inputs(batch)["pixel_values"]
+            rewards = []
+            for row in range(2):  # chosen, rejected
+                kept = batch["attention_mask"][row].bool()
+                ids, labels = batch["input_ids"][row][kept], batch["labels"][row][kept]
+                policy = _full_logits_logp(model, ids, labels, pixel_values)
+                with model.disable_adapter():
+                    reference = _full_logits_logp(model, ids, labels, pixel_values)
+                rewards.append(config.mpo.beta * (policy - reference))
+            margins.append(rewards[0] - rewards[1])
+    assert len(margins) == 8 and any(m != 0 for m in margins)
+    assert evaluated[-1]["eval_rewards_margin"] == pytest.approx(sum(margins) / 8, abs=1e-5)
+    assert evaluated[-1]["eval_rewards_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 8, abs=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from ivl.finetune.options import RLConfig
 from ivl.finetune.rl import run_rl
 from ivl.finetune.rollout import PromptDataset
 from ivl.model.load import load_model_config, load_tokenizer
+from tests.helpers import torchrun
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +29,19 @@ def shapes(tmp_path_factory):
     return root
 
 
-def tiny_rl(shapes, out, *overrides):
-    return load_config(RLConfig, None, [
+def tiny_overrides(shapes, out, *overrides):
+    return [
         f"data.train={shapes / 'train.jsonl'}", f"data.validation={shapes / 'validation.jsonl'}", "data.max_tiles=1",
         "data.use_thumbnail=false", "model.dtype=float32", "adapter.dropout=0", "optim.lr=5e-3",
         "optim.warmup_ratio=0", "loop.max_steps=4", "loop.log_every=1", "loop.num_workers=0", "loop.batch_size=2",
         "rl.num_generations=3", "rl.max_new_tokens=6", "rl.temperature=1.5", "eval.max_new_tokens=6",
         "eval.batch_size=4", "rewards.weights={exact_match: 1.0, 'rl_reward:length': 1.0}",
         f"loop.output_dir={out}", *overrides,
-    ])  # fmt: skip
+    ]  # fmt: skip
+
+
+def tiny_rl(shapes, out, *overrides):
+    return load_config(RLConfig, None, tiny_overrides(shapes, out, *overrides))
 
 
 def _records(out):
@@ -47,6 +53,7 @@ def test_rl_trains_evaluates_and_saves(shapes, tmp_path):
     steps = [r for r in _records(tmp_path) if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(0 <= r["zero_variance_groups"] <= 1 and r["answer_tokens"] >= 1 for r in steps)
+    assert not any("router_aux_loss" in r for r in steps)  # a dense LLM
     assert "eval_reward" in result.metrics and "eval_exact_match" in result.metrics
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
@@ -121,3 +128,43 @@ def test_a_second_rl_run_into_a_held_folder_refuses(shapes, tmp_path):
     with claim_output_dir(tmp_path / "out"):
         with pytest.raises(OutputError, match="pid "):
             run_rl(tiny_rl(shapes, tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_two_processes_with_half_groups_update_like_one_process(shapes, tmp_path):
+    """2 CPU processes x G/2 answers == 1 process x G answers of the same prompts over 4 steps (2 generation batches
+    of 2 updates, GRPO with KL): per-step loss, reward, KL, clipped and zero-variance shares at 1e-5, gradient norm at
+    1e-5 relative, adapter weights at 1e-5. The answers are the same (keyed sampling); what remains is fp32 summation
+    order (DDP adds two half-batch gradients where one process sums all rows at once): measured 3e-6 on the weights
+    (|w| <= 1), 3e-8 on the losses. An error in the group statistics moves the weights by about the learning rate:
+    normalising each process's half-group alone measured 2.5e-2 (and 2e-2 on the loss)."""
+    settings = ("rl.num_generations=4", "loss.level=token", "loss.beta=0.1", "rl.updates_per_batch=2",
+                "loop.save_every=2", "data.validation=null")  # fmt: skip
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    torchrun("-m", "ivl.finetune.rl", str(config), *tiny_overrides(shapes, tmp_path / "ddp", *settings),
+             environment={"PYTHONPATH": str(Path(__file__).parent)})  # fmt: skip
+    run_rl(tiny_rl(shapes, tmp_path / "one", *settings))
+    one, ddp = ([r for r in _records(tmp_path / name) if "reward" in r] for name in ("one", "ddp"))
+    assert [r["step"] for r in ddp] == [1, 2, 3, 4] and any(r["loss"] != 0 for r in one)
+    for key in ("loss", "reward", "kl", "clipped", "zero_variance_groups", "answer_tokens"):
+        assert [r[key] for r in ddp] == pytest.approx([r[key] for r in one], abs=1e-5), key
+    # Adam hides a wrong loss scale in the weights (its steps do not depend on the gradient's scale); the norm does not
+    assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in one], rel=1e-5)
+    expected, got = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "ddp"))
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_moe_llm_trains_on_its_routers_load_balancing_loss(shapes, tmp_path):
+    """tiny-qwen3-moe with a constant reward: every group has zero variance, so the policy loss and its gradient are
+    0 and only the routers' load-balancing loss can move the LoRA factors (lora_B starts at 0); it is logged."""
+    run_rl(tiny_rl(shapes, tmp_path, "model.name_or_path=preset:tiny-qwen3-moe", "loop.max_steps=2",
+                   "rewards.weights={'rl_reward:constant': 1.0}", "data.validation=null"))  # fmt: skip
+    steps = [r for r in _records(tmp_path) if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["zero_variance_groups"] == 1 and r["loss"] == 0 and r["router_aux_loss"] > 0 for r in steps)
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in key and adapter[key].abs().sum() > 0 for key in adapter)

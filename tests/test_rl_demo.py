@@ -85,6 +85,7 @@ def test_sampled_answers_never_hold_the_image_placeholder(tmp_path):
 
     from ivl.data.samples import SampleBuilder, load_records
     from ivl.finetune.rollout import PromptDataset, collate_rl_prompts, repeat_groups, sample_answers
+    from ivl.finetune.sampling import answer_seed
     from ivl.model.forward import output_layer
     from ivl.model.load import load_model
 
@@ -98,6 +99,7 @@ def test_sampled_answers_never_hold_the_image_placeholder(tmp_path):
     builder = SampleBuilder(tokenizer, model.config, config.data)
     dataset = PromptDataset(load_records(train), builder)
     batch = repeat_groups(collate_rl_prompts([dataset[0], dataset[1]], tokenizer.pad_token_id), 4)
-    completion = sample_answers(model, builder, batch, config.rl, torch.device("cpu"), torch.float32)
+    seeds = [answer_seed(0, 0, prompt, k) for prompt in range(2) for k in range(4)]
+    completion = sample_answers(model, builder, batch, config.rl, torch.device("cpu"), torch.float32, seeds)
     boost.remove()
     assert completion.numel() > 0 and not (completion == image_token).any()
