@@ -245,6 +245,8 @@ def linear_cross_entropy(
         return _liger_cross_entropy(lm_head, hidden, targets, weights)
     weights = to_device(weights, hidden.device)
     rows = loss_chunk_rows(lm_head.out_features, lm_head.weight.dtype, hidden.device)
+    chunks = max(1, -(-targets.shape[0] // rows))
+    rows = max(1, -(-targets.shape[0] // chunks))  # equal chunks: no small, slow last one
     return _LinearCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets, weights, rows)
 
 
