@@ -42,7 +42,7 @@ from ivl.model.forward import output_layer
 from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_logits_caught
-from ivl.model.packed_attention import check_packing_support
+from ivl.model.packed_attention import check_packing_support, use_packed_attention
 from ivl.model.parts import layer_class_names
 from ivl.model.quantize import keep_training_layout
 from ivl.recipe import recipe_main
@@ -96,12 +96,15 @@ def setup(config: SFTConfig) -> Run:
     if config.adapter.qlora:
         keep_training_layout(model)  # mid-run evaluation must not repack the 4-bit weights for CPU inference
     enable_gradient_checkpointing(model, config)
+    if config.data.packing:
+        check_packing_support()
+        dense = use_packed_attention(model, config.model.attn_implementation)
+        if dense:
+            accelerator.print(f"warning: data.packing: packed rows attend through a dense T x T mask: {dense}")
     model = apply_trainability(model, modes, config.vision, config.adapter)
     accelerator.print(format_report(trainable_report(model, modes)))
 
     builder = SampleBuilder(tokenizer, model.config, config.data)
-    if config.data.packing:
-        check_packing_support()
     if config.data.streaming:  # rows are checked as they are built (data.on_error): no full pass over the stream
         train_set = StreamingSource(config.data.train, builder)
     else:

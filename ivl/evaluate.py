@@ -31,7 +31,7 @@ from ivl.losses import SupervisedTokens, supervised_tokens, token_logps
 from ivl.model.adapters import load_trained
 from ivl.model.forward import final_hidden_states, output_layer
 from ivl.model.load import load_model
-from ivl.model.packed_attention import check_packing_support, packed_forward_inputs
+from ivl.model.packed_attention import check_packing_support, packed_forward_inputs, use_packed_attention
 from ivl.model.parts import unwrap
 from ivl.options import EvalConfig
 from ivl.runtime import progress
@@ -175,6 +175,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         model, tokenizer, _ = load_trained(options.adapter, config.model, accelerator.device)
     else:
         model, tokenizer = load_model(config.model, accelerator.device)
+    if config.data.packing:
+        use_packed_attention(unwrap(model), config.model.attn_implementation)
     path = config.data.validation or config.data.train
     builder = SampleBuilder(tokenizer, unwrap(model).config, config.data)
     records = load_records(path, config.data.seed, config.data.image_root)
