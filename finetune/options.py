@@ -8,7 +8,7 @@ from typing import Literal
 
 from ivl.config import option, section
 from ivl.errors import ConfigError
-from ivl.options import TrainConfig
+from ivl.options import EvalSettings, TrainConfig
 
 
 @dataclass
@@ -106,8 +106,19 @@ class RewardOptions:
 
 
 @dataclass
+class RLEvalSettings(EvalSettings):
+    """Held-out reward and exact-match of greedy answers on data.validation (at step 0, every loop.eval_every steps
+    and at the end)."""
+
+    group_by: str | None = option(None, "a row field (e.g. kind): the held-out metrics per value of it too, so a "
+                                  "gain on one kind of question and a loss on another both show")  # fmt: skip
+
+
+@dataclass
 class RLConfig(TrainConfig):
     """`ivl rl`'s config: the fine-tuning sections, with the RL loss, sampling and rewards."""
+
+    eval: RLEvalSettings = section(RLEvalSettings)
 
     loss: RLLossOptions = section(RLLossOptions)
     rl: RLOptions = section(RLOptions)

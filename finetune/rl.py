@@ -47,7 +47,7 @@ from ivl.model.load import load_model, resolve_dtype
 from ivl.model.quantize import keep_training_layout
 from ivl.recipe import recipe_main
 from ivl.rl_losses import clipped_policy_loss
-from ivl.runtime import MetricsLog, build_optimizer, build_scheduler, make_accelerator, start_trackers
+from ivl.runtime import MetricsLog, build_optimizer, build_scheduler, make_accelerator, read_metrics, start_trackers
 from ivl.training import checked_dataset, enable_gradient_checkpointing, optimizer_groups, save
 
 METRICS = ("loss", "reward", "clipped", "kl", "answer_tokens")
@@ -141,6 +141,7 @@ def train(run: Run) -> dict[str, float]:
               "updates_per_batch": config.rl.updates_per_batch}  # fmt: skip
     loop = TrainingLoop(run, "rl", layout, TrainState())
     rollouts = loop.start(partial(training_rollouts, run))
+    start = starting_evaluation(run, loop.state.step)
     window_sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=run.accelerator.device)
     for window in loop.steps(rollouts):
         sums = torch.zeros(len(METRICS), device=run.accelerator.device)
@@ -158,6 +159,7 @@ def train(run: Run) -> dict[str, float]:
         if loop.save_due():
             loop.save()
     loop.last.update(evaluate(run, loop.state.step))
+    loop.last.update(changes_since_start(start, loop.last))
     return loop.last
 
 
@@ -176,9 +178,31 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
         return {}
     settings = run.config.eval
     results = evaluate_rewards(run.model, run.builder, run.validation_set, run.reward, run.accelerator,
-                               settings.batch_size, settings.max_new_tokens, run.dtype)  # fmt: skip
+                               settings.batch_size, settings.max_new_tokens, run.dtype, settings.group_by)  # fmt: skip
     run.metrics.write({"step": step, **results})
     return results
+
+
+def starting_evaluation(run: Run, step: int) -> dict[str, float]:
+    """The held-out metrics before the first update: measured at step 0, or read back from metrics.jsonl when the
+    run resumes later."""
+    if run.validation_set is None:
+        return {}
+    if step == 0:
+        return evaluate(run, 0)
+    records = read_metrics(Path(run.config.loop.output_dir) / "metrics.jsonl")
+    return next((r for r in records if r.get("step") == 0 and "eval_reward" in r), {})
+
+
+def changes_since_start(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
+    """`eval_reward/position` -> `eval_reward_change/position` = its value now minus at step 0 (each held-out metric
+    the run measured at both)."""
+    changes = {}
+    for key, value in start.items():
+        if key.startswith("eval_") and key in end:
+            name, _, group = key.partition("/")
+            changes[f"{name}_change" + (f"/{group}" if group else "")] = end[key] - value
+    return changes
 
 
 def training_rollouts(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:

@@ -83,7 +83,8 @@ def answer_mask(completion: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
 def sample_answers(model: nn.Module, builder: SampleBuilder, repeated: dict[str, Any], options: Any,
                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """Sampled continuations [B*G, L] of the repeated prompts (with the KV cache: `generate`'s default), dropout off.
-    The draws come from the global torch RNG, which checkpoints save and restore."""
+    The draws come from the global torch RNG, which checkpoints save and restore. The image-context token is never
+    sampled: an answer holding one would give the update's forward more image tokens than image features."""
     generator = unwrap(model)
     was_training = generator.training
     generator.eval()
@@ -91,7 +92,8 @@ def sample_answers(model: nn.Module, builder: SampleBuilder, repeated: dict[str,
     try:
         output = generator.generate(**inputs, do_sample=True, temperature=options.temperature, top_p=options.top_p,
                                     top_k=0, max_new_tokens=options.max_new_tokens, eos_token_id=end_token_ids(builder),
-                                    pad_token_id=builder.tokenize.tokenizer.pad_token_id)  # fmt: skip
+                                    pad_token_id=builder.tokenize.tokenizer.pad_token_id,
+                                    suppress_tokens=[generator.config.image_token_id])  # fmt: skip
     finally:
         generator.train(was_training)
     return output[:, repeated["input_ids"].shape[1] :]
@@ -167,26 +169,55 @@ def reused_rollouts(run: Any, prompts: Iterator[dict[str, Any]]) -> Iterator[dic
 
 @torch.no_grad()
 def evaluate_rewards(model: nn.Module, builder: SampleBuilder, dataset: PromptDataset, reward: WeightedReward,
-                     accelerator: Accelerator, batch_size: int, max_new_tokens: int,
-                     dtype: torch.dtype) -> dict[str, float]:  # fmt: skip
+                     accelerator: Accelerator, batch_size: int, max_new_tokens: int, dtype: torch.dtype,
+                     group_by: str | None = None) -> dict[str, float]:  # fmt: skip
     """Greedy answers to the held-out prompts: {"eval_reward": mean reward, "eval_exact_match": share whose final
-    answer equals the reference}, over all processes."""
+    answer equals the reference}, over all processes; with `group_by` (a row field, e.g. `kind`) the same two per
+    value of that field too, as `eval_reward/<value>` and `eval_exact_match/<value>`."""
     generator = unwrap(model)
     was_training = generator.training
     generator.eval()
+    groups = group_values(dataset, group_by)
     indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # reward sum, exact matches, count
+    totals = torch.zeros(1 + len(groups), 3, dtype=torch.float64, device=accelerator.device)
     pad = builder.tokenize.tokenizer.pad_token_id
     for start in range(0, len(indices), batch_size):
         batch = collate_rl_prompts([dataset[i] for i in indices[start : start + batch_size]], pad)
         with accelerator.autocast():
             answers = greedy_answers(generator, builder, model_inputs(batch, accelerator.device, dtype), max_new_tokens)
-        for question, fields, answer in zip(batch["questions"], batch["fields"], answers, strict=True):
-            totals[0] += reward(question, answer, fields)[0]
-            totals[1] += normalise_answer(final_answer(answer)) == normalise_answer(str(fields["answer"]))
-            totals[2] += 1
+        totals += score_answers(batch["questions"], batch["fields"], answers, reward, groups, group_by).to(totals)
     totals = accelerator.reduce(totals, reduction="sum")
     generator.train(was_training)
-    count = totals[2].clamp(min=1)
-    return {"eval_reward": (totals[0] / count).item(), "eval_exact_match": (totals[1] / count).item()}
+    return eval_metrics(totals, groups)
 
+
+def group_values(dataset: PromptDataset, field: str | None) -> list[str]:
+    """The values `field` takes among the dataset's rows, sorted: the same groups, in the same order, everywhere."""
+    if not field:
+        return []
+    return sorted({str(record.row[field]) for record in dataset.records if record.row and field in record.row})
+
+
+def score_answers(questions: list[str], fields: list[dict[str, Any]], answers: list[str], reward: WeightedReward,
+                  groups: list[str], group_by: str | None) -> torch.Tensor:  # fmt: skip
+    """Sums [1 + len(groups), 3] of (reward, exact match, answers): row 0 over every answer, row 1 + g over the answers
+    whose row has `group_by` == groups[g]."""
+    totals = torch.zeros(1 + len(groups), 3, dtype=torch.float64)
+    for question, reference, answer in zip(questions, fields, answers, strict=True):
+        score = torch.tensor([reward(question, answer, reference)[0],
+                              normalise_answer(final_answer(answer)) == normalise_answer(str(reference["answer"])),
+                              1.0], dtype=torch.float64)  # fmt: skip
+        totals[0] += score
+        if group_by in reference:
+            totals[1 + groups.index(str(reference[group_by]))] += score
+    return totals
+
+
+def eval_metrics(totals: torch.Tensor, groups: list[str]) -> dict[str, float]:
+    """`score_answers`' sums (over all processes) -> mean reward and exact-match, overall and per group."""
+    means = totals[:, :2] / totals[:, 2:].clamp(min=1)
+    metrics = {"eval_reward": means[0, 0].item(), "eval_exact_match": means[0, 1].item()}
+    for index, group in enumerate(groups, start=1):
+        metrics[f"eval_reward/{group}"] = means[index, 0].item()
+        metrics[f"eval_exact_match/{group}"] = means[index, 1].item()
+    return metrics

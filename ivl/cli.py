@@ -65,8 +65,8 @@ PLAN_OPTIONS = (
     OptionsBlock("ivl.finetune.options:SFTConfig", heading="options of an SFT config (keys of the YAML config, or on "
                  "the command line as section.key=value; MPO and RL configs have them too):"),
     OptionsBlock("ivl.finetune.options:MPOConfig", ("mpo",), "an MPO config adds:"),
-    OptionsBlock("ivl.finetune.options:RLConfig", ("loss", "rl", "rewards"), "an RL config adds (its loss replaces "
-                 "SFT's):"),
+    OptionsBlock("ivl.finetune.options:RLConfig", ("loss", "rl", "rewards", "eval"), "an RL config adds (its loss "
+                 "and eval sections replace SFT's):"),
     OptionsBlock("ivl.distill.options:DistillConfig", heading="options of a distillation config:"),
 )  # fmt: skip
 
@@ -107,7 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ivl.plan import plan_file
     from ivl.plan_proposals import format_plan
 
-    plan = plan_file(args.config, args.overrides, args.device, args.memory_gib)
+    plan = plan_file(args.config, args.overrides, args.device, args.memory_gib, speedups=True)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0
 

@@ -55,10 +55,15 @@ class PartConfig:
     mode: Mode | None = option(None, "frozen | lora | full; null: as `stage` says (default: the LoRA recipe)")
     lr: float | None = option(None, "this part's learning rate; null: optim.lr")
     gradient_checkpointing: bool = option(False, "recompute this part's activations in the backward pass")
+    checkpoint_every: int = option(
+        1, "with gradient_checkpointing: recompute every k-th layer only (0, k, 2k, ...); the others keep activations"
+    )
 
     def validate(self) -> None:
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be >= 1 (1: every layer), got {self.checkpoint_every}")
 
 
 @dataclass

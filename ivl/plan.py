@@ -61,7 +61,8 @@ class Plan:
     items: dict[str, float]
     memory_gib: float
     notes: list[str] = field(default_factory=list)
-    proposals: list[dict[str, Any]] = field(default_factory=list)
+    proposals: list[dict[str, Any]] = field(default_factory=list)  # changes that make a run fit that does not
+    speedups: list[dict[str, Any]] = field(default_factory=list)  # less checkpointing that still fits
 
     @property
     def total_bytes(self) -> float:
@@ -88,6 +89,7 @@ class Plan:
             "fits": self.fits,
             "notes": self.notes,
             "proposals": self.proposals,
+            "speedups": self.speedups,
         }
 
 
@@ -156,12 +158,13 @@ def _vision_items(config, model_config, model, work: Workload, act_bytes: int) -
     targets_per_layer = _lora_targets(model, "vision") / layers if modes["vision"] == "lora" else 0
     mode = "lora" if modes["vision"] == "lora" else "full"
     per_layer = vision_layer_bytes_per_token(vision, mode, act_bytes, config.adapter.r, targets_per_layer)
-    if trained_layers == 0:
-        saved = 0.0
-    elif config.vision.gradient_checkpointing:
-        saved = trained_layers * tokens * vision.hidden_size * act_bytes + tokens * per_layer  # inputs + 1 recompute
-    else:
-        saved = trained_layers * tokens * per_layer
+    checkpointed = checkpointed_layers(config.vision, layers, trained_layers)
+    # A checkpointed layer keeps its input (and one at a time comes back whole in the backward pass); the others keep
+    # their activations.
+    inputs = checkpointed * tokens * vision.hidden_size * act_bytes
+    saved = inputs + (trained_layers - checkpointed) * tokens * per_layer
+    if checkpointed:
+        saved += tokens * per_layer
     working = tokens * (2 * vision.hidden_size + vision.intermediate_size) * act_bytes  # one layer's forward
     image_tokens = work.tiles * tokens_per_tile(model_config)
     projector_trains = modes["projector"] != "frozen" or trained_layers > 0
@@ -169,6 +172,14 @@ def _vision_items(config, model_config, model, work: Workload, act_bytes: int) -
     projector = image_tokens * (8 * vision.hidden_size + 2 * text.hidden_size) * act_bytes if projector_trains else 0
     pixels = work.tiles * 3 * image_size**2 * (1 + act_bytes)  # uint8 tiles and their normalised copy
     return {"vision activations": max(saved, working), "projector activations": projector, "pixel values": pixels}
+
+
+def checkpointed_layers(part, layers: int, trained: int) -> int:
+    """How many of a part's last `trained` layers (of `layers`) recompute their activations: layers 0, k, 2k, ...
+    with `gradient_checkpointing` and `checkpoint_every` k; none without."""
+    if not part.gradient_checkpointing:
+        return 0
+    return sum(1 for index in range(layers - trained, layers) if index % part.checkpoint_every == 0)
 
 
 def _moe(text) -> dict[str, int] | None:
@@ -205,7 +216,8 @@ def _moe_items(config, text, moe, model, tokens: int, act_bytes: int, trains: bo
     if config.adapter.qlora:
         items["dequantised nf4 expert (one at a time)"] = sum(per_expert.values()) * act_bytes
     elif adapted:
-        kept = 1 if config.llm.gradient_checkpointing else layers
+        checkpointed = checkpointed_layers(config.llm, layers, layers)
+        kept = layers - checkpointed + (1 if checkpointed else 0)  # a checkpointed layer's come back one at a time
         values = moe["experts"] * sum(per_expert[key] for key in adapted)
         items["expert weights + LoRA delta (bf16 experts)"] = 2 * kept * values * act_bytes
     return items, 2 * moe["active"] * hidden * act_bytes
@@ -231,23 +243,20 @@ def _llm_items(config, model_config, model, work: Workload, act_bytes: int, devi
     per_layer = llm_layer_bytes_per_token(text, mode or "frozen", act_bytes, config.adapter.r, targets_per_layer)
     per_layer += moe_per_token
     hidden = tokens * text.hidden_size * act_bytes
-    if mode is None:
-        saved = 0.0
-    elif config.llm.gradient_checkpointing:
-        saved = layers * hidden  # each layer keeps its input; its activations come back one layer at a time
-    else:
-        saved = layers * tokens * per_layer
+    checkpointed = checkpointed_layers(config.llm, layers, layers) if mode else 0
+    # A checkpointed layer keeps its input (its activations come back one layer at a time); the others keep theirs.
+    saved = (checkpointed * hidden + (layers - checkpointed) * tokens * per_layer) if mode else 0.0
     items = {"llm activations": saved + 2 * hidden}  # + the embeddings and the final norm's output
     # Backward through one layer: its activation gradients (the widest is the MLP's) and, under checkpointing, the
     # recomputed layer's own activations.
     backward = tokens * (2 * text.hidden_size + 2 * text.intermediate_size) * act_bytes
-    if config.llm.gradient_checkpointing and mode is not None:
+    if checkpointed:
         backward += tokens * per_layer
     items["backward working set"] = backward
     items.update(moe_items)
     if _attention(config, model_config) == "eager":  # [rows, heads, T, T] scores and probabilities in every layer
         items["attention scores (eager)"] = (
-            (layers if mode and not config.llm.gradient_checkpointing else 1)
+            (layers - checkpointed + (1 if checkpointed else 0) if mode else 1)
             * 2 * work.rows * text.num_attention_heads * work.tokens_per_row**2 * act_bytes
         )  # fmt: skip
     elif _packed_dense_mask(config, model_config):
@@ -421,8 +430,11 @@ def recipe_of(path: str | None, overrides: list[str]) -> str:
     return "rl" if "rl" in sections else "distill" if "teacher" in sections else "sft"
 
 
-def plan_file(path: str | None, overrides: list[str], device: Device = "cuda", memory_gib: float = 24.0) -> Plan:
-    """Plan the run `path` + `overrides` describe, with proposals that make it fit when it does not."""
+def plan_file(
+    path: str | None, overrides: list[str], device: Device = "cuda", memory_gib: float = 24.0, speedups: bool = False
+) -> Plan:
+    """Plan the run `path` + `overrides` describe, with proposals that make it fit when it does not, and with
+    `speedups` (what `ivl plan` asks for: one more plan per choice), the lighter checkpointing that still fits."""
     if device not in DEVICES:
         raise ConfigError(f"--device: {device!r} is not one of {', '.join(DEVICES)}")
     if not memory_gib > 0 or math.isinf(memory_gib):
@@ -431,8 +443,12 @@ def plan_file(path: str | None, overrides: list[str], device: Device = "cuda", m
     load, planner = RECIPES[recipe]
     config = load(path, overrides)
     plan = planner(config, device, memory_gib)
-    if not plan.fits and recipe != "distill":
-        from ivl.plan_proposals import propose
+    if recipe != "distill":
+        from ivl.plan_proposals import lighter_checkpointing, propose
 
-        plan.proposals = propose(config, overrides, lambda extra: planner(load(path, extra), device, memory_gib))
+        replan = lambda extra: planner(load(path, extra), device, memory_gib)  # noqa: E731
+        if not plan.fits:
+            plan.proposals = propose(config, overrides, replan)
+        elif speedups:
+            plan.speedups = lighter_checkpointing(config, overrides, replan)
     return plan

@@ -17,13 +17,32 @@ from ivl.plan_tables import GIB
 Change = tuple[list[str], str]  # (overrides, what it costs)
 
 
+def _llm_layers(config) -> int:
+    from ivl.model.load import model_config_of
+
+    return model_config_of(config.model).text_config.num_hidden_layers
+
+
+def _recompute(checkpointed: int, layers: int) -> str:
+    share = f"~{checkpointed / layers:.0%} of an LLM forward pass per step"
+    return f"recomputes {checkpointed} of {layers} LLM layers ({share})"
+
+
 def _checkpointing(config) -> list[Change]:
+    """Checkpointing the LLM's every 4th, every 2nd, then every layer (with the ViT's when it trains): each recomputes
+    its checkpointed layers' forward in the backward pass, so the mildest that fits costs the least time."""
     modes = config.modes()
-    overrides = [] if config.llm.gradient_checkpointing else ["llm.gradient_checkpointing=true"]
     vision_trains = modes["vision"] != "frozen" or config.vision.unfreeze_last_layers
-    if vision_trains and not config.vision.gradient_checkpointing:
-        overrides.append("vision.gradient_checkpointing=true")
-    return [(overrides, "gradient checkpointing: ~30% slower steps, same result")] if overrides else []
+    vision = [] if not vision_trains or config.vision.gradient_checkpointing else ["vision.gradient_checkpointing=true"]
+    if config.llm.gradient_checkpointing:
+        return [(vision, "ViT gradient checkpointing: slower steps, same result")] if vision else []
+    layers, changes = _llm_layers(config), []
+    for every in (4, 2, 1):
+        if every < layers:
+            llm = ["llm.gradient_checkpointing=true", f"llm.checkpoint_every={every}"]
+            why = f"gradient checkpointing: {_recompute(-(-layers // every), layers)}, same result"
+            changes.append(([*llm, *vision], why))
+    return changes
 
 
 def _optimizer(config) -> list[Change]:
@@ -94,6 +113,30 @@ def propose(config, overrides: list[str], replan: Callable[[list[str]], Any], li
     return []
 
 
+def lighter_checkpointing(config, overrides: list[str], replan: Callable[[list[str]], Any]) -> list[dict[str, Any]]:
+    """For a checkpointed LLM whose plan fits: checkpointing fewer layers (every 2k-th, 4k-th, ... layer for the
+    configured k, then none) where it still fits, each re-planned. A checkpointed layer's forward runs again in the
+    backward pass, so each choice saves that recompute for the layers it stops checkpointing."""
+    llm = config.llm
+    if not llm.gradient_checkpointing:
+        return []
+    layers = _llm_layers(config)
+    now = -(-layers // llm.checkpoint_every)
+    choices, every = [], 2 * llm.checkpoint_every
+    while every < layers:
+        choices.append(([f"llm.checkpoint_every={every}"], -(-layers // every)))
+        every *= 2
+    choices.append((["llm.gradient_checkpointing=false"], 0))
+    found = []
+    for change, checkpointed in choices:
+        plan = replan([*overrides, *change])
+        if plan.fits:
+            why = f"{_recompute(checkpointed, layers)} instead of {now}" if checkpointed else (
+                f"no recompute: saves the forward pass of the {now} checkpointed LLM layers per step")  # fmt: skip
+            found.append({"changes": change, "why": why, "total_gib": plan.total_gib})
+    return found
+
+
 def format_plan(plan) -> str:
     work = plan.workload
     lines = [
@@ -108,4 +151,8 @@ def format_plan(plan) -> str:
         lines.append("changes that make it fit (predicted peak):" if plan.proposals else "no proposed change fits")
         for proposal in plan.proposals:
             lines.append(f"  {' '.join(proposal['changes']):<60} {proposal['total_gib']:>7.2f} GiB  {proposal['why']}")
+    if plan.speedups:
+        lines.append("faster choices that still fit (predicted peak):")
+        for choice in plan.speedups:
+            lines.append(f"  {' '.join(choice['changes']):<60} {choice['total_gib']:>7.2f} GiB  {choice['why']}")
     return "\n".join(lines)

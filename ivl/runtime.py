@@ -18,6 +18,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ivl.config import ConfigError
 from ivl.options import LoopConfig, OptimConfig
@@ -138,15 +139,20 @@ def end_training(accelerator: Accelerator) -> None:
     accelerator.end_training()
 
 
-def checkpoint_activations(module: nn.Module) -> None:
-    """Recompute `module`'s activations in the backward pass (non-reentrant checkpointing). transformers 5.24 renamed
-    `gradient_checkpointing_enable` to `activation_checkpointing_enable` and warns on every call of the old name;
-    the 5.x releases before it have only the old one."""
+def checkpoint_activations(module: nn.Module, every: int = 1) -> None:
+    """Recompute the activations of every `every`-th layer of `module` (layers 0, every, 2 * every, ...) in the
+    backward pass (non-reentrant checkpointing); the other layers keep theirs. transformers 5.24 renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable` and warns on every call of the old name; the
+    5.x releases before it have only the old one. Only 5.24 takes `every_n_layers`, so the layers' own flags are set
+    here, by the same rule, for every version."""
     enable = getattr(module, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [layer for layer in module.modules() if isinstance(layer, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
 
 
 def fused_adamw(groups: list[dict]) -> bool:

@@ -50,12 +50,9 @@ def checked_dataset(path: str, builder: SampleBuilder, accelerator: Accelerator,
 
 def enable_gradient_checkpointing(model: nn.Module, config: TrainConfig) -> None:
     parts = model_parts(model)
-    for enabled, module in (
-        (config.vision.gradient_checkpointing, parts.vision),
-        (config.llm.gradient_checkpointing, parts.llm),
-    ):
-        if enabled:
-            checkpoint_activations(module)
+    for part, module in ((config.vision, parts.vision), (config.llm, parts.llm)):
+        if part.gradient_checkpointing:
+            checkpoint_activations(module, part.checkpoint_every)
 
 
 def optimizer_groups(model: nn.Module, config: TrainConfig) -> list[dict]:

@@ -16,7 +16,9 @@ from ivl.model.packed_attention import (
     sequence_lengths,
     use_packed_attention,
 )
+from ivl.model.parts import model_parts
 from ivl.plan import plan_file
+from ivl.runtime import checkpoint_activations
 
 # Two packed rows of 24 tokens: sub-sample lengths per row (the rest of a row is its padding tail). GPT-OSS's tiny
 # preset has an 8-token sliding window on every other layer: the 11- and 13-token sub-samples exceed it.
@@ -48,13 +50,16 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("preset", list(FAMILIES))
-def test_packed_rows_give_the_logits_and_gradients_of_their_sub_samples_alone(preset, monkeypatch):
+# + Qwen2 under gradient checkpointing: the backward pass replays each layer with the same cumulative lengths.
+@pytest.mark.parametrize("preset, checkpointed", [*((preset, False) for preset in FAMILIES), ("tiny-112", True)])
+def test_packed_rows_give_the_logits_and_gradients_of_their_sub_samples_alone(preset, checkpointed, monkeypatch):
     family, implementation = FAMILIES[preset]
     model, _ = load_model(ModelConfig(name_or_path=f"preset:{preset}", dtype="float32"))
     assert model.config.text_config.model_type == family
     assert use_packed_attention(model, "sdpa") is None
     assert model.config.text_config._attn_implementation == implementation
+    if checkpointed:
+        checkpoint_activations(model_parts(model).llm)
     model.train()
     input_ids, position_ids, spans = _packed_batch(model.config.text_config.vocab_size)
     vocab = model.config.text_config.vocab_size

@@ -9,6 +9,7 @@ import torch
 from ivl.cli import main as cli_main
 from ivl.config import ConfigError
 from ivl.plan import plan_file
+from ivl.plan_proposals import format_plan
 from ivl.plan_tables import GIB, llm_layer_bytes_per_token
 
 ZOO_1B = "configs/sft/internvl3_1b_lora.yaml"  # a hub id the planner must know without downloading
@@ -225,3 +226,42 @@ def test_rl_plans_g_rows_per_prompt_and_the_generation_cache():
     assert "reference forward (no grad)" in with_kl.items and with_kl.total_gib > plan.total_gib
     short = plan_file(config, ["rl.max_new_tokens=16", "data.max_tiles=1", "loop.batch_size=1"])
     assert short.items["generation beyond the update (KV cache)"] == 0  # the update is the larger phase
+
+
+def test_checkpointing_every_kth_llm_layer_keeps_the_other_layers_activations():
+    hidden = 8192 * LLM_WIDTH * 2  # one layer's input: 8192 tokens x width, bf16
+    plain = plan_file(ZOO_1B, ["llm.gradient_checkpointing=false"])
+    per_layer = (plain.items["llm activations"] - 2 * hidden) / LLM_LAYERS  # what an unchekpointed layer keeps
+    # Layers 0, k, 2k, ... recompute (ceil(24 / k) of them); one of them comes back whole in the backward pass.
+    for every, checkpointed in ((1, 24), (2, 12), (5, 5), (16, 2), (24, 1)):
+        plan = plan_file(ZOO_1B, [f"llm.checkpoint_every={every}"])
+        expected = checkpointed * hidden + (LLM_LAYERS - checkpointed) * per_layer + 2 * hidden
+        assert plan.items["llm activations"] == pytest.approx(expected, rel=1e-12), every
+        assert plan.items["backward working set"] == pytest.approx(plain.items["backward working set"] + per_layer)
+
+
+def test_plan_offers_less_checkpointing_where_it_still_fits():
+    at_24 = plan_file(ZOO_1B, [], memory_gib=24, speedups=True)  # checkpointing every layer: 4.6 GiB
+    choices = [["llm.checkpoint_every=2"], ["llm.checkpoint_every=4"], ["llm.checkpoint_every=8"],
+               ["llm.checkpoint_every=16"], ["llm.gradient_checkpointing=false"]]  # fmt: skip
+    assert [choice["changes"] for choice in at_24.speedups] == choices
+    for choice in at_24.speedups:
+        assert choice["total_gib"] == pytest.approx(plan_file(ZOO_1B, choice["changes"]).total_gib, rel=1e-12)
+    assert at_24.speedups[0]["why"] == ("recomputes 12 of 24 LLM layers (~50% of an LLM forward pass per step) "
+                                        "instead of 24")  # fmt: skip
+    assert at_24.speedups[-1]["why"] == ("no recompute: saves the forward pass of the 24 checkpointed LLM layers "
+                                         "per step")  # fmt: skip
+    at_16 = plan_file(ZOO_1B, [], memory_gib=16, speedups=True)  # every 2nd layer needs 14.7 GiB, every 4th 19.8
+    assert [choice["changes"] for choice in at_16.speedups] == [["llm.checkpoint_every=2"]]
+    assert plan_file(ZOO_1B, ["llm.gradient_checkpointing=false"], speedups=True).speedups == []  # nothing to lighten
+    assert plan_file(ZOO_1B, []).speedups == []  # only asked for by `ivl plan`
+    assert "faster choices that still fit" in format_plan(at_16)
+
+
+def test_a_plan_that_does_not_fit_checkpoints_the_fewest_llm_layers_that_fit():
+    # InternVL3-1B LoRA at 8k tokens: no checkpointing 24.0 GiB, every 4th layer 19.8, every 2nd 14.7.
+    overrides = ["llm.gradient_checkpointing=false"]
+    for memory, every, checkpointed in ((20, 4, 6), (16, 2, 12)):
+        proposal = plan_file(ZOO_1B, overrides, memory_gib=memory).proposals[0]
+        assert proposal["changes"] == ["llm.gradient_checkpointing=true", f"llm.checkpoint_every={every}"]
+        assert proposal["why"].startswith(f"gradient checkpointing: recomputes {checkpointed} of 24 LLM layers")

@@ -31,6 +31,9 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "diamond")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_KINDS = ("color", "shape", "count", "position")
+# A kind outside the `vqa` rotation, asked of the same scenes ("What shape is the red object?"): the RL demo
+# (`ivl.demo.rl`) trains on it. The SFT demo never asks it, so its model answers it only partly.
+RL_KIND = "shape_of_color"
 TASKS = ("vqa", "describe")
 ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 SPLIT_SEEDS = {"train": 0, "validation": 1}
@@ -99,6 +102,8 @@ def _scene_and_question(rng: np.random.Generator, kind: str) -> tuple[list[Shape
         return objects, f"What shape is the object at the {where}?", subject.shape
     if kind == "count":
         return objects, "How many objects are there?", str(num_objects)
+    if kind == RL_KIND:
+        return objects, f"What shape is the {subject.color} object?", subject.shape
     return objects, f"Where is the {subject.color} {subject.shape}?", where
 
 
@@ -136,6 +141,18 @@ def make_sample(split: str, index: int, width: int = 448, height: int = 448) -> 
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     rng = np.random.default_rng([SPLIT_SEEDS[split], index])
     kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
+    objects, question, answer = _scene_and_question(rng, kind)
+    return ShapesSample(render(objects, width, height, rng), question + ANSWER_SUFFIX, answer, kind, objects)
+
+
+def make_kind_sample(split: str, index: int, kind: str, width: int = 448, height: int = 448) -> ShapesSample:
+    """Question `index` of `kind` in `split`: for a `vqa` kind the same sample as `make_sample` (every 4th index), for
+    RL_KIND its own random stream (other images)."""
+    if kind in QUESTION_KINDS:
+        return make_sample(split, QUESTION_KINDS.index(kind) + len(QUESTION_KINDS) * index, width, height)
+    if kind != RL_KIND or split not in SPLIT_SEEDS:
+        raise ValueError(f"kind must be one of {(*QUESTION_KINDS, RL_KIND)} and split one of {sorted(SPLIT_SEEDS)}")
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index, 3])
     objects, question, answer = _scene_and_question(rng, kind)
     return ShapesSample(render(objects, width, height, rng), question + ANSWER_SUFFIX, answer, kind, objects)
 
@@ -209,6 +226,25 @@ def write_split(
                 ],
             }
             handle.write(json.dumps(row) + "\n")
+    return annotation
+
+
+def write_kinds_split(out_dir: str | Path, split: str, counts: dict[str, int], name: str, width: int = 448,
+                      height: int = 448) -> Path:  # fmt: skip
+    """Write `counts[kind]` questions of each kind (`make_kind_sample`, kinds interleaved) as `{name}.jsonl`, every row
+    with its `kind` field (for per-kind evaluation), images under `images/{name}/`; returns the jsonl."""
+    out_dir = Path(out_dir)
+    (out_dir / "images" / name).mkdir(parents=True, exist_ok=True)
+    order = sorted((index, kind) for kind, count in counts.items() for index in range(count))
+    annotation = out_dir / f"{name}.jsonl"
+    with annotation.open("w") as handle:
+        for index, kind in order:
+            sample = make_kind_sample(split, index, kind, width, height)
+            relative = f"images/{name}/{kind}_{index:06d}.png"
+            sample.image.save(out_dir / relative)
+            turns = [{"from": "human", "value": f"<image>\n{sample.question}"}, {"from": "gpt", "value": sample.answer}]
+            handle.write(json.dumps({"id": f"{split}-{kind}-{index}", "kind": kind, "image": relative,
+                                     "conversations": turns}) + "\n")  # fmt: skip
     return annotation
 
 
