@@ -192,22 +192,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logps = torch.log_softmax(F.linear(piece, weight, bias).float(), dim=1)  # [n, V]
             index = torch.arange(piece_targets.shape[0], device=logps.device)
             total -= (piece_weights * logps[index, piece_targets]).sum()
-            if not (want_hidden or want_weight or want_bias):
-                continue
-            dlogits = logps.exp_()  # softmax, in place
-            dlogits[index, piece_targets] -= 1.0  # (p - onehot): the weights are applied on the narrow side below
-            dlogits = dlogits.to(weight.dtype)
-            scale = piece_weights[:, None]
-            if want_hidden:
-                grad_hidden[start : start + rows] = (scale * (dlogits @ weight).float()).to(hidden.dtype)
-            if want_weight:
-                scaled = (scale * piece.float()).to(weight.dtype)
-                if weight.dtype == torch.float32:
-                    grad_weight.addmm_(dlogits.t(), scaled)
-                else:  # accumulated in fp32 over the chunks
-                    grad_weight.add_(dlogits.t() @ scaled)
-            if want_bias:
-                grad_bias.add_((scale * dlogits.float()).sum(0))
+            if want_hidden or want_weight or want_bias:
+                dlogits = logps.exp_()  # softmax, in place
+                dlogits[index, piece_targets] -= 1.0  # (p - onehot): the weights are applied on the narrow side
+                dlogits, scale = dlogits.to(weight.dtype), piece_weights[:, None]
+                if want_hidden:
+                    grad_hidden[start : start + rows] = (scale * (dlogits @ weight).float()).to(hidden.dtype)
+                if want_weight:
+                    scaled = (scale * piece.float()).to(weight.dtype)
+                    if weight.dtype == torch.float32:
+                        grad_weight.addmm_(dlogits.t(), scaled)
+                    else:  # accumulated in fp32 over the chunks
+                        grad_weight.add_(dlogits.t() @ scaled)
+                if want_bias:
+                    grad_bias.add_((scale * dlogits.float()).sum(0))
+                del dlogits
+            del logps  # before the next chunk's logits exist: two chunk-sized buffers at a time, not three
         ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                      None if grad_bias is None else grad_bias.to(bias.dtype))  # fmt: skip
         return total
@@ -245,6 +245,8 @@ def linear_cross_entropy(
         return _liger_cross_entropy(lm_head, hidden, targets, weights)
     weights = to_device(weights, hidden.device)
     rows = loss_chunk_rows(lm_head.out_features, lm_head.weight.dtype, hidden.device)
+    chunks = max(1, -(-targets.shape[0] // rows))
+    rows = max(1, -(-targets.shape[0] // chunks))  # equal chunks: no small, slow last one
     return _LinearCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets, weights, rows)
 
 

@@ -237,3 +237,12 @@ def test_liger_kernel_is_refused_where_it_cannot_run():
     check_loss_kernel("torch", torch.device("cpu"))
     with pytest.raises(ConfigError, match="loss.kernel=liger runs on CUDA only"):
         check_loss_kernel("liger", torch.device("cpu"))
+
+
+def test_linear_cross_entropy_of_no_supervised_rows_is_zero_and_still_reaches_the_graph():
+    from ivl.losses import linear_cross_entropy
+
+    hidden = torch.randn(0, 8, requires_grad=True)
+    loss = linear_cross_entropy(nn.Linear(8, 40, bias=False), hidden, torch.zeros(0, dtype=torch.long), torch.ones(0))
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == (0, 8)

@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import InternVLForConditionalGeneration
 
+from ivl.config import load_config
 from ivl.model.load import ModelConfig, ModelLoadError, load_model, load_model_config, save_checkpoint, tokens_per_tile
-from ivl.model.parts import PARTS, lora_target_regex, model_parts, part_of, vision_layer_index
+from ivl.model.parts import PARTS, lora_target_regex, model_parts, part_of, unwrap, vision_layer_index
 from ivl.model.presets import ZOO, demo_tokenizer_path, preset_config
 
 
@@ -86,3 +87,33 @@ def test_lora_targets_are_scoped_per_part(preset):
     per_layer = {"tiny-phi3": 4}.get(preset, 7)
     assert len(llm_only) == per_layer * 2
     assert len(vision_only) == 6 * 2
+
+
+def test_llm_checkpointing_under_lora_does_not_backpropagate_through_the_frozen_vit():
+    """PEFT hooks every input embedding (the ViT's patch embedding too) to output a tensor that requires grad when
+    the model checkpoints: with a frozen ViT that made autograd run a whole ViT backward pass for nothing."""
+    from ivl.finetune.options import SFTConfig
+    from ivl.model.adapters import apply_trainability
+    from ivl.training import enable_gradient_checkpointing
+
+    config = load_config(
+        SFTConfig,
+        None,
+        ["model.name_or_path=preset:tiny-112", "llm.gradient_checkpointing=true", "data.train=unused.jsonl"],
+    )
+    model, _ = load_model(config.model)
+    enable_gradient_checkpointing(model, config)  # as the recipe does: before the adapters
+    model = apply_trainability(model, config.modes(), config.vision, config.adapter)
+    assert config.modes()["vision"] == "frozen"
+    seen = []
+    handle = model_parts(model).vision.register_forward_hook(lambda m, a, out: seen.append(out[0].requires_grad))
+    try:
+        model.train()
+        pixels = torch.randn(1, 3, 112, 112)
+        ids = torch.randint(1, 100, (1, 20))
+        ids[0, 2:18] = unwrap(model).config.image_token_id
+        model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()
+    finally:
+        handle.remove()
+    assert seen == [False]
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n)

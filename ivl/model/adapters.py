@@ -161,6 +161,11 @@ def apply_trainability(
         )
         with peft_wrap_quietly():
             model = get_peft_model(model, config)
+        # On a model that checkpoints, PEFT hooks every input embedding (the ViT's patch embedding too) so that its
+        # output requires grad, which only reentrant checkpointing needs. The kit checkpoints non-reentrantly
+        # (`ivl.runtime.checkpoint_activations`); the hooks would make autograd run a backward pass through a frozen
+        # ViT for nothing (a third of a LoRA step's work at InternVL3-2B's proportions).
+        unwrap(model).disable_input_require_grads()
         if adapter.kind == "partial_lora":
             attach_partial_lora(model, unwrap(model).config.image_token_id)
     else:
