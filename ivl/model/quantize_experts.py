@@ -1,6 +1,7 @@
 """NF4 storage for the fused MoE experts that bitsandbytes' 4-bit loading leaves dense (it quantises `nn.Linear` only).
 
-    quantize_experts(model, torch.bfloat16)   # after loading: every MoE layer's experts held in 4 bits, in place
+    quantize_experts(model, torch.bfloat16)   # every MoE layer's experts held in 4 bits, in place
+    quantize_experts(meta_model, torch.bfloat16, weights_later=True)   # empty 4-bit experts that QLoRA loading fills
     dequantize_experts(model)                 # before a merge: transformers' own experts, dequantised weights
 
 Why a custom experts module and not a parametrization: PEFT's LoRA on a fused 3-D parameter (`target_parameters`,
