@@ -43,6 +43,10 @@ DEFAULT_TEMPLATES |= dict.fromkeys(("qwen3", "qwen3_moe", "gpt_oss"), "internvl2
 ROPE_TYPE_FAMILIES = ("qwen3", "qwen3_moe", "gpt_oss")
 # GPT-OSS alternates sliding-window and full attention by `layer_types`: part of the model, so it travels.
 LAYER_TYPES_FAMILIES = ("gpt_oss",)
+# Fields a config class gained after our transformers floor (5.17), which travel by name where present: GPT-OSS's
+# clamped SwiGLU limit and gain (published configs write `swiglu_limit`) are constants in 5.17's model (7.0, 1.702),
+# and its config keeps them as plain attributes, outside the class's signature.
+LATER_FIELDS = {"gpt_oss": {"swiglu_limit", "swiglu_alpha"}}
 # InternLM2-based InternVLs use <IMG_CONTEXT> = 92546 (docs/design/original_checkpoints.md): how a LLaMA-structured HF
 # config is told apart.
 INTERNLM2_IMAGE_TOKEN_ID = 92546
@@ -133,10 +137,10 @@ def _config_fields(config_class: type) -> set[str]:
     }
 
 
-def _own_fields(text: PreTrainedConfig) -> dict[str, Any]:
+def _own_fields(text: PreTrainedConfig, family: str) -> dict[str, Any]:
     """The fields of text config `text` under the names its class takes (`to_dict` writes an aliased field under
     its alias: Qwen3-MoE's `num_experts` as `num_local_experts`)."""
-    fields = _config_fields(type(text))
+    fields = _config_fields(type(text)) | LATER_FIELDS.get(family, set())
     aliases = {alias: name for name, alias in type(text).attribute_map.items()}
     named = {(name if name in fields else aliases.get(name, name)): value for name, value in text.to_dict().items()}
     return {name: value for name, value in named.items() if name in fields}
@@ -147,7 +151,7 @@ def _text_config(llm: dict[str, Any], family: str) -> dict[str, Any]:
     if family == "internlm2":
         text = {hf: llm[name] for name, hf in INTERNLM2_FIELDS.items() if name in llm}
     else:
-        fields = _config_fields(type(AutoConfig.for_model(model_type)))
+        fields = _config_fields(type(AutoConfig.for_model(model_type))) | LATER_FIELDS.get(family, set())
         text = {name: value for name, value in llm.items() if name in fields}
     scaling = llm.get("rope_scaling")
     if family == "phi3" and scaling and "original_max_position_embeddings" in llm:
@@ -250,7 +254,7 @@ def _llm_config(config: InternVLConfig, family: str) -> dict[str, Any]:
     if family == "internlm2":
         derived = {name: getattr(text, hf) for name, hf in INTERNLM2_FIELDS.items()}
     else:
-        derived = _own_fields(text)
+        derived = _own_fields(text, family)
     if family in LAYER_TYPES_FAMILIES:
         derived["layer_types"] = list(text.layer_types)
     rope = dict(text.rope_parameters or {})
