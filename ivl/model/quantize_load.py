@@ -9,8 +9,8 @@ files, converted to the model's layout (for Qwen3-MoE the per-expert `experts.N.
 published checkpoints are stacked and concatenated into the fused `experts.gate_up_proj` [E, 2I, H] and
 `experts.down_proj` [E, H, I] by its `WeightConverter`s), quantised by the quantizer's quantise operation if the
 quantizer asks for it, and set on the module, before the next parameter is read (quantising on load turns
-transformers' reading threads off). It leaves the fused experts alone, so they were loaded dense (57 GB in bf16 for
-InternVL3.5-30B-A3B) and only quantised afterwards.
+transformers' reading threads off). Its bitsandbytes quantizer alone leaves the fused experts out: they are loaded
+dense (57 GB in bf16 for InternVL3.5-30B-A3B) and can only be quantised afterwards.
 
 `ExpertsNF4Quantizer` is transformers' own bitsandbytes 4-bit quantizer with two additions, and nothing of the loading
 written here: before the weights are read it replaces each fused-experts module (still on the meta device) by an
