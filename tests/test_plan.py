@@ -208,6 +208,9 @@ def test_internvl35_moe_qlora_fits_a_24gb_card_with_its_experts_in_nf4():
     moe = plan_file("configs/sft/internvl3_5_30b_a3b_qlora.yaml", [], device="cuda", memory_gib=24)
     assert moe.workload["tokens_per_row"] == 4096 and moe.workload["tiles"] == 7
     assert moe.total_gib <= 22 and "router logits + load-balancing loss" in moe.items
+    # Loading stores the experts in NF4 layer by layer: 48 layers x 128 experts x (2 x 768) x 2048 gate_up values
+    load = next(note for note in moe.notes if note.startswith("loading:"))
+    assert "never the 54 GiB of dense experts" in load and "+ 2.2 GiB while one layer's experts are fused" in load
     bf16_experts = plan_file("configs/sft/internvl3_5_30b_a3b_qlora.yaml", ["adapter.qlora=false"], device="cuda")
     assert moe.items["frozen weights"] < 0.3 * bf16_experts.items["frozen weights"]
     assert "expert weights + LoRA delta (bf16 experts)" in bf16_experts.items

@@ -11,6 +11,7 @@ ones for tests and the demo, zoo ones at real size for GPU benchmarks and the me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -185,30 +186,28 @@ def load_model(config: ModelConfig, device: torch.device | str | None = None, qu
 
 
 def _from_pretrained(source: str, config: ModelConfig, dtype: torch.dtype, quantize_llm: bool, device):
-    extra = {}
+    extra, loading = {}, contextlib.nullcontext()
     if quantize_llm:
-        from ivl.model.quantize import nf4_config
+        from ivl.model.quantize import loading_4bit, nf4_config
 
         extra = {"quantization_config": nf4_config(dtype), "device_map": {"": device or "cpu"}}
+        loading = loading_4bit()  # MoE experts quantised as they are read, never all dense
     try:
         model_config = InternVLConfig.from_pretrained(
             source, trust_remote_code=config.trust_remote_code, local_files_only=is_local_path(source)
         )
-        model = InternVLForConditionalGeneration.from_pretrained(
-            source,
-            dtype=dtype,
-            attn_implementation=attention_implementation(model_config, config.attn_implementation),
-            trust_remote_code=config.trust_remote_code,
-            use_safetensors=True,
-            local_files_only=is_local_path(source),
-            **extra,
-        )
+        with loading:
+            model = InternVLForConditionalGeneration.from_pretrained(
+                source,
+                dtype=dtype,
+                attn_implementation=attention_implementation(model_config, config.attn_implementation),
+                trust_remote_code=config.trust_remote_code,
+                use_safetensors=True,
+                local_files_only=is_local_path(source),
+                **extra,
+            )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load an InternVL model from {config.name_or_path!r}: {error}") from error
-    if quantize_llm:
-        from ivl.model.quantize import quantize_moe_experts
-
-        quantize_moe_experts(model, dtype)  # bitsandbytes quantised the linear layers only
     return model
 
 

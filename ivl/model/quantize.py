@@ -1,7 +1,7 @@
 """QLoRA's 4-bit base (bitsandbytes): the LLM in NF4 with double quantisation; ViT, projector and lm_head stay
 unquantised (4-bit ViTs lose accuracy badly: docs/design/trainability.md). bitsandbytes is imported only when a 4-bit
 model is asked for. Its loader quantises `nn.Linear` layers only; the fused experts of MoE LLMs are stored in NF4 by
-`ivl.model.quantize_experts` after loading.
+`ivl.model.quantize_experts`, layer by layer while transformers reads them (`loading_4bit`).
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ def keep_training_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def quantize_moe_experts(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
-    """The fused experts of an MoE LLM in NF4 too (bitsandbytes' loader leaves them dense); returns how many expert
-    modules were quantised (0 for a dense LLM)."""
-    from ivl.model.quantize_experts import quantize_experts
+def loading_4bit():
+    """The context in which a 4-bit `from_pretrained` also stores the fused experts of an MoE LLM in NF4, layer by
+    layer as it reads them (bitsandbytes' loader alone leaves them dense): `ivl.model.quantize_load`."""
+    from ivl.model.quantize_load import experts_quantised_while_loading
 
-    return quantize_experts(model, compute_dtype)
+    return experts_quantised_while_loading()
 
 
 def dequantized(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,6 +1,7 @@
 """NF4 storage for the fused MoE experts that bitsandbytes' 4-bit loading leaves dense (it quantises `nn.Linear` only).
 
-    quantize_experts(model, torch.bfloat16)   # after loading: every MoE layer's experts held in 4 bits, in place
+    quantize_experts(model, torch.bfloat16)   # every MoE layer's experts held in 4 bits, in place
+    quantize_experts(meta_model, torch.bfloat16, weights_later=True)   # empty 4-bit experts that QLoRA loading fills
     dequantize_experts(model)                 # before a merge: transformers' own experts, dequantised weights
 
 Why a custom experts module and not a parametrization: PEFT's LoRA on a fused 3-D parameter (`target_parameters`,
@@ -107,19 +108,30 @@ def _zeros(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> nn.Pa
 class Experts4bit(nn.Module):
     """transformers' fused experts with their weight stacks in NF4 (see the module docstring)."""
 
-    def __init__(self, experts: nn.Module, kind: str, compute_dtype: torch.dtype) -> None:
+    def __init__(self, experts: nn.Module, kind: str, compute_dtype: torch.dtype, quantize: bool = True) -> None:
+        """`experts`' weights quantised; or, with `quantize=False`, a shell whose weights come later, one stack at a
+        time, through `load_weight` (`experts` may then be on the meta device: QLoRA loading does so)."""
         super().__init__()
         self.dense_class, self.kind, self.config = type(experts), kind, experts.config
-        self.num_experts = experts.num_experts
+        self.num_experts, self.compute_dtype = experts.num_experts, compute_dtype
         self.is_transposed = kind == "matmul"  # PEFT reads it: GPT-OSS's stacks are [E, in, out]
         for name in WEIGHTS:
             weight = getattr(experts, name)
-            setattr(self, name + "_nf4", NF4Stack(weight.detach()))
-            setattr(self, name, _zeros(weight.shape, compute_dtype, weight.device))
+            if quantize:
+                self.load_weight(name, weight.detach())
+            else:  # the shape PEFT and transformers' loader read; no storage
+                setattr(self, name, _zeros(weight.shape, compute_dtype, weight.device))
             if kind == "matmul":  # GPT-OSS's biases, kept as they are
                 setattr(self, name + "_bias", getattr(experts, name + "_bias"))
         self.act_fn = getattr(experts, "act_fn", None)
         self.alpha, self.limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+
+    def load_weight(self, name: str, dense: Tensor) -> nn.Parameter:
+        """Store the dense stack `dense` [E, rows, cols] as weight `name` in NF4, on `dense`'s device; returns the
+        zero stack that stands for it (the module's parameter `name`)."""
+        setattr(self, name + "_nf4", NF4Stack(dense))
+        setattr(self, name, _zeros(dense.shape, self.compute_dtype, dense.device))
+        return getattr(self, name)
 
     def expert_weight(self, name: str, index: int) -> Tensor:
         """Expert `index`'s weight `name`: the NF4 base plus whatever PEFT's parametrization adds to the zero stack."""
@@ -183,14 +195,15 @@ def _replace(model: nn.Module, build) -> int:
     return replaced
 
 
-def quantize_experts(model: nn.Module, compute_dtype: torch.dtype) -> int:
+def quantize_experts(model: nn.Module, compute_dtype: torch.dtype, weights_later: bool = False) -> int:
     """Store the weights of every fused-experts module of `model` in NF4, in place; returns how many were replaced.
-    Each module's dense weights are freed as soon as it is quantised."""
+    Each module's dense weights are freed as soon as it is quantised. `weights_later`: replace them by shells that
+    `Experts4bit.load_weight` fills (a model on the meta device, before transformers loads its weights)."""
     classes = _expert_classes()
 
     def build(module: nn.Module) -> nn.Module | None:
         kind = classes.get(type(module))
-        return None if kind is None else Experts4bit(module, kind, compute_dtype)
+        return None if kind is None else Experts4bit(module, kind, compute_dtype, quantize=not weights_later)
 
     return _replace(model, build)
 
