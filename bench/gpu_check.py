@@ -54,6 +54,8 @@ SOURCES = {
     "*.tokens_per_second": "real (non-pad) tokens / wall seconds of the steps after the first, between CUDA syncs",
     "ours": "ivl.finetune.sft setup + optimizer_step",
     "padded": "bench/sft_throughput.py Padded: HF forward with labels on padded batches, Accelerate, AdamW",
+    "loss_kernels": "ivl.losses.linear_cross_entropy (loss.kernel=torch / liger) vs F.cross_entropy on full logits:"
+    " relative errors of the loss and of the gradient w.r.t. the hidden states, wall seconds of forward + backward",
     "trl": "bench/sft_throughput.py TRL: SFTTrainer with its defaults (gradient checkpointing on) on the same batches",
 }
 
@@ -91,6 +93,53 @@ def case_overrides(case: tuple[str, str, bool], args: argparse.Namespace, data: 
     if packing:
         overrides += ["data.packing=true", f"data.pack_max_tokens={args.pack_tokens}", "data.pack_max_tiles=48"]
     return overrides
+
+
+def loss_kernels(device: str, dry: bool) -> dict[str, Any]:
+    """The SFT loss (`ivl.losses.linear_cross_entropy`) against torch's cross-entropy on full logits, and Liger's
+    kernel (`loss.kernel=liger`) against both where it runs: loss and gradient w.r.t. the hidden states, at
+    InternVL3-2B's width and vocabulary (tiny in dry mode), bf16 on CUDA; max relative differences and wall times."""
+    import torch.nn.functional as F
+
+    from ivl.losses import linear_cross_entropy
+
+    rows, width, vocab = (64, 32, 1000) if dry else (4096, 1536, 151_674)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(width, vocab, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    hidden, targets = (
+        torch.randn(rows, width, device=device, dtype=dtype),
+        torch.randint(0, vocab, (rows,), device=device),
+    )
+    contenders = {"plain": lambda h: F.cross_entropy(lm_head(h).float(), targets, reduction="sum"),
+                  "torch": lambda h: linear_cross_entropy(lm_head, h, targets, torch.ones(rows))}  # fmt: skip
+    result: dict[str, Any] = {"rows": rows, "hidden": width, "vocab": vocab, "dtype": str(dtype)}
+    if device == "cuda" and importable("liger_kernel"):
+        contenders["liger"] = lambda h: linear_cross_entropy(lm_head, h, targets, torch.ones(rows), kernel="liger")
+    else:
+        result["liger"] = {"skipped": "needs CUDA and liger-kernel (carry its wheel)"}
+    values = {}
+    for name, loss_of in contenders.items():
+        for _ in range(2):  # the second call is timed (the first compiles kernels)
+            h = hidden.clone().requires_grad_()
+            synchronize_device(device)
+            start = time.perf_counter()
+            loss = loss_of(h)
+            loss.backward()
+            synchronize_device(device)
+        values[name] = (loss.detach().float(), h.grad.float())
+        result[name] = {"seconds": time.perf_counter() - start}
+    for name in values:
+        if name != "plain":
+            loss_error = ((values[name][0] - values["plain"][0]).abs() / values["plain"][0].abs()).item()
+            grad_error = ((values[name][1] - values["plain"][1]).norm() / values["plain"][1].norm()).item()
+            result[name].update(loss_rel_error=loss_error, grad_rel_error=grad_error)
+    return result
+
+
+def synchronize_device(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def skip_reason(case: tuple[str, str, bool], env: dict, started: float, budget_s: float) -> str | None:
@@ -225,10 +274,13 @@ def main(argv: list[str] | None = None) -> Path:
                 results.append({"case": " ".join(map(str, case)), "skipped": reason})
                 continue
             results.append(run_case(case, args, Path(tmp), env))
+    losses = loss_kernels(args.device, args.dry)
+    print(f"[loss kernels] {json.dumps(losses)}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = results_path(args.out, env["device"])
     summary = {**env, "dry": args.dry, "steps": args.steps, "batch_size": args.batch_size,
-               "seconds": time.perf_counter() - started, "sources": SOURCES, "cases": results}  # fmt: skip
+               "seconds": time.perf_counter() - started, "sources": SOURCES, "cases": results,
+               "loss_kernels": losses}  # fmt: skip
     if args.dry:
         summary["note"] = "dry mode: tiny models on CPU, 1 step each; the figures check the code path, not speed"
     path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -29,19 +29,20 @@ from ivl.config import ConfigError, to_dict
 from ivl.data.loader import StepBatchSampler
 from ivl.data.packed_loader import PackedBatches, StreamingSource
 from ivl.data.samples import SampleBuilder, SFTDataset, collate
-from ivl.evaluate import batch_logps
+from ivl.evaluate import batch_supervised
 from ivl.finetune.options import SFTConfig
 from ivl.loop import RunResult, StepResult, TrainingLoop, TrainState, accumulate_and_step, count_steps, run_recipe
-from ivl.losses import supervised_weights, target_weights, to_device, weighted_nll
+from ivl.losses import check_loss_kernel, linear_cross_entropy, supervised_weights, target_weights, to_device
 from ivl.model.adapters import (
     apply_trainability,
     format_report,
     trainable_report,
 )
+from ivl.model.forward import output_layer
 from ivl.model.integrity import weights_fingerprint
 from ivl.model.load import load_model, resolve_dtype
 from ivl.model.moe import load_balancing_loss, router_aux_coefficient, router_logits_caught
-from ivl.model.packed_attention import check_packing_support
+from ivl.model.packed_attention import check_packing_support, use_packed_attention
 from ivl.model.parts import layer_class_names
 from ivl.model.quantize import keep_training_layout
 from ivl.recipe import recipe_main
@@ -89,17 +90,21 @@ def setup(config: SFTConfig) -> Run:
             "data.validation: evaluation inside an FSDP2 run is not supported (processes would run different numbers "
             "of forward passes over the sharded model); drop it and run `ivl eval CONFIG --adapter OUTPUT/adapter`"
         )
+    check_loss_kernel(config.loss.kernel, accelerator.device)
     model, tokenizer = load_model(config.model, accelerator.device, quantize_llm=config.adapter.qlora)
     base_fingerprint = weights_fingerprint([model])  # of the base as loaded, before any adapter or update
     if config.adapter.qlora:
         keep_training_layout(model)  # mid-run evaluation must not repack the 4-bit weights for CPU inference
     enable_gradient_checkpointing(model, config)
+    if config.data.packing:
+        check_packing_support()
+        dense = use_packed_attention(model, config.model.attn_implementation)
+        if dense:
+            accelerator.print(f"warning: data.packing: packed rows attend through a dense T x T mask: {dense}")
     model = apply_trainability(model, modes, config.vision, config.adapter)
     accelerator.print(format_report(trainable_report(model, modes)))
 
     builder = SampleBuilder(tokenizer, model.config, config.data)
-    if config.data.packing:
-        check_packing_support()
     if config.data.streaming:  # rows are checked as they are built (data.on_error): no full pass over the stream
         train_set = StreamingSource(config.data.train, builder)
     else:
@@ -139,10 +144,12 @@ def forward_loss(run: Run, batch: dict[str, Any], denominator: torch.Tensor) -> 
     if batch["input_ids"] is None:  # every row skipped: a zero loss that still touches every trainable weight (DDP)
         return sum(p.sum() for p in run.model.parameters() if p.requires_grad) * 0.0
     with router_logits_caught(run.model, enabled=run.info["modes"]["llm"] != "frozen") as router_logits:
-        _, logps = batch_logps(run.model, batch, run.accelerator.device, run.dtype)
+        tokens = batch_supervised(run.model, batch, run.accelerator.device, run.dtype)
     # Weights from the collated (CPU) labels, in the order of the supervised positions: nothing here waits for the GPU.
+    # Known before the loss runs, so the loss computes its gradient in the same pass (no recomputed logits).
     weights = supervised_weights(batch["labels"], batch["sample_tokens"], run.config.loss.reduction)
-    loss = weighted_nll(logps, to_device(weights, logps.device), denominator)
+    lm_head, kernel = output_layer(run.model), run.config.loss.kernel
+    loss = linear_cross_entropy(lm_head, tokens.hidden, tokens.targets, weights, kernel) / denominator
     if not router_logits:
         return loss
     aux = load_balancing_loss(run.model, router_logits, batch["attention_mask"])

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ivl.config import format_config, load_config
 from ivl.errors import KNOWN_ERRORS, ConfigError
-from ivl.recipe import OptionsParser, load_object, print_result
+from ivl.recipe import OptionsBlock, OptionsParser, load_object, print_result
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,18 @@ RECIPES: dict[str, Recipe] = {
                  "online RL with verifiable rewards (GSPO / GRPO) from a YAML config", "configs/rl/",
                  "loss.level=token rl.num_generations=8"),
 }  # fmt: skip
+
+
+# `ivl plan` takes any recipe's config (recognised by its sections: `mpo:`, `rl:`, `teacher:`, else SFT): its --help
+# lists the fine-tuning options once, then what MPO and RL add, then distillation's.
+PLAN_OPTIONS = (
+    OptionsBlock("ivl.finetune.options:SFTConfig", heading="options of an SFT config (keys of the YAML config, or on "
+                 "the command line as section.key=value; MPO and RL configs have them too):"),
+    OptionsBlock("ivl.finetune.options:MPOConfig", ("mpo",), "an MPO config adds:"),
+    OptionsBlock("ivl.finetune.options:RLConfig", ("loss", "rl", "rewards"), "an RL config adds (its loss replaces "
+                 "SFT's):"),
+    OptionsBlock("ivl.distill.options:DistillConfig", heading="options of a distillation config:"),
+)  # fmt: skip
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
@@ -245,15 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.exact_match_samples=100")
     evaluate.set_defaults(handler=cmd_eval)
 
-    plan = commands.add_parser(
-        "plan",
-        help="predict a run's peak memory, itemised, and what makes it fit",
-        epilog="options: the config is a recipe's, with its keys; `ivl sft --help`, `ivl mpo --help` and "
-        "`ivl distill --help` list them.",
+    plan = commands.add_parser("plan", help="predict a run's peak memory, itemised, and what makes it fit",
+                               options_of=PLAN_OPTIONS)  # fmt: skip
+    plan.add_argument("config", help="an SFT, MPO, RL or distillation YAML config")
+    plan.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="where the run would train (default %(default)s)"
     )
-    plan.add_argument("config", help="an SFT, MPO or distillation YAML config")
-    plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the run would train")
-    plan.add_argument("--memory-gib", type=float, default=24.0, help="memory of the card (or RAM) in GiB")
+    plan.add_argument(
+        "--memory-gib", type=float, default=24.0, help="memory of the card (or RAM) in GiB (float, default %(default)s)"
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=4096")
     plan.set_defaults(handler=cmd_plan)

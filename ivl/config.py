@@ -302,10 +302,13 @@ def type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def options_help(cls: type, only: tuple[str, ...] = ()) -> str:
-    """The options of config class `cls` (or of its top-level sections `only`) for a command's --help: per option the
-    dotted key, type, default and help."""
-    lines = ["options (keys of the YAML config, or on the command line as section.key=value):"]
+OPTIONS_HEADING = "options (keys of the YAML config, or on the command line as section.key=value):"
+
+
+def options_help(cls: type, only: tuple[str, ...] = (), heading: str = OPTIONS_HEADING) -> str:
+    """The options of config class `cls` (or of its top-level sections `only`) for a command's --help, under
+    `heading`: per option the dotted key, type, default and help."""
+    lines = [heading]
     for doc in describe(cls):
         if only and doc.key.split(".")[0] not in only:
             continue

@@ -31,7 +31,7 @@ from ivl.losses import SupervisedTokens, supervised_tokens, token_logps
 from ivl.model.adapters import load_trained
 from ivl.model.forward import final_hidden_states, output_layer
 from ivl.model.load import load_model
-from ivl.model.packed_attention import check_packing_support, packed_forward_inputs
+from ivl.model.packed_attention import check_packing_support, packed_forward_inputs, use_packed_attention
 from ivl.model.parts import unwrap
 from ivl.options import EvalConfig
 from ivl.runtime import progress
@@ -55,16 +55,24 @@ def _progress(accelerator: Accelerator, iterable, description: str, total: int):
     return progress(iterable, total, description, "batch", accelerator.is_main_process)
 
 
-def batch_logps(
+def batch_supervised(
     model: nn.Module, batch: dict[str, Any], device: torch.device, dtype: torch.dtype
-) -> tuple[SupervisedTokens, torch.Tensor]:
-    """(the supervised positions, their log p(target) [N] fp32) of a collated batch, padded or packed, without ever
-    building [B, T, V] logits (`final_hidden_states` + chunked `token_logps`). The labels stay where the collate put
-    them (the CPU): the supervised positions are found there, with no device-to-host sync."""
+) -> SupervisedTokens:
+    """The final hidden states at the supervised positions of a collated batch, padded or packed, with their targets,
+    without ever building [B, T, V] logits. The labels stay where the collate put them (the CPU): the supervised
+    positions are found there, with no device-to-host sync."""
     inputs = model_inputs({key: value for key, value in batch.items() if key != "labels"}, device, dtype)
     if "position_ids" in batch:
         inputs = packed_forward_inputs(inputs, batch["position_ids"])
-    supervised = supervised_tokens(final_hidden_states(model, inputs), batch["labels"])
+    return supervised_tokens(final_hidden_states(model, inputs), batch["labels"])
+
+
+def batch_logps(
+    model: nn.Module, batch: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> tuple[SupervisedTokens, torch.Tensor]:
+    """(the supervised positions, their log p(target) [N] fp32) of a collated batch (`batch_supervised` + chunked
+    `token_logps`)."""
+    supervised = batch_supervised(model, batch, device, dtype)
     return supervised, token_logps(output_layer(model), supervised.hidden, supervised.targets)
 
 
@@ -167,6 +175,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         model, tokenizer, _ = load_trained(options.adapter, config.model, accelerator.device)
     else:
         model, tokenizer = load_model(config.model, accelerator.device)
+    if config.data.packing:
+        use_packed_attention(unwrap(model), config.model.attn_implementation)
     path = config.data.validation or config.data.train
     builder = SampleBuilder(tokenizer, unwrap(model).config, config.data)
     records = load_records(path, config.data.seed, config.data.image_root)

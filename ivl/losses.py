@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ivl.data.chat import IGNORE_INDEX
+from ivl.errors import ConfigError
 from ivl.options import Reduction
 
 # fp32 logits elements projected at once by `token_logps` (128 MiB): 221 positions of a 151,674-entry vocabulary. A
@@ -139,6 +140,142 @@ def token_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
         else:
             pieces.append(_chunk_logps(lm_head, piece_hidden, piece_targets))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+# --- SFT: the loss and its gradient in one pass -----------------------------------------------------------------------
+# In SFT every supervised target's weight is known before the forward pass (from the collated labels), so the gradient
+# of the weighted cross-entropy with respect to the hidden states (and lm_head's weight, when it trains) can be
+# computed chunk by chunk in the forward pass, while the chunk's logits are at hand, and kept instead of the logits: no
+# second projection in the backward pass, one softmax pass per chunk. MPO and RL cannot do this: their per-token
+# upstream gradients depend on the sequence sums they compute from these log-probs, so they use `token_logps`.
+
+# Bytes of loss temporaries per chunk on the CPU (and where free device memory cannot be read): the memory bound of
+# the recomputing `token_logps` (3 live copies of LOGITS_CHUNK_ELEMENTS fp32 logits), so memory stays flat in rows.
+LOSS_CHUNK_BYTES = 3 * 4 * LOGITS_CHUNK_ELEMENTS
+# On CUDA: this share of the free memory (the driver's free bytes + the caching allocator's unused ones), at most
+# CUDA_LOSS_CHUNK_MAX_BYTES (beyond a few thousand rows a larger chunk does not make the matmuls faster).
+CUDA_LOSS_CHUNK_SHARE, CUDA_LOSS_CHUNK_MAX_BYTES = 0.25, 2 * 2**30
+
+
+def loss_chunk_rows(vocab_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows of logits projected at once by `linear_cross_entropy`: its byte budget over the bytes a row's temporaries
+    take (fp32 logits and log-probs, plus the logits and the logit gradient in `dtype` when it is narrower)."""
+    budget = LOSS_CHUNK_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = min(CUDA_LOSS_CHUNK_MAX_BYTES, int(CUDA_LOSS_CHUNK_SHARE * (free + cached)))
+    itemsize = torch.finfo(dtype).bits // 8
+    row_bytes = vocab_size * (8 + (2 * itemsize if itemsize < 4 else 0))
+    return max(1, budget // row_bytes)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i weights[i] * CE(hidden[i] @ weight.T + bias, targets[i]) with its gradients computed in the forward pass,
+    `rows` positions at a time; backward only scales them by the upstream gradient.
+
+    With p = softmax(logits) of a row and w its weight, d(w CE)/d logits = w (p - onehot(target)), so
+    d/d hidden = w (p - onehot) @ weight and d/d weight = sum over rows of (p - onehot)^T (w hidden): the weight w is
+    folded into the [rows, H] side, so the [rows, V] chunk sees only log_softmax, exp and one subtraction per row."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, weights, rows):
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_bias = bias is not None and ctx.needs_input_grad[2]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
+        for start in range(0, hidden.shape[0], rows):
+            piece, piece_targets = hidden[start : start + rows].to(weight.dtype), targets[start : start + rows]
+            piece_weights = weights[start : start + rows].float()
+            logps = torch.log_softmax(F.linear(piece, weight, bias).float(), dim=1)  # [n, V]
+            index = torch.arange(piece_targets.shape[0], device=logps.device)
+            total -= (piece_weights * logps[index, piece_targets]).sum()
+            if not (want_hidden or want_weight or want_bias):
+                continue
+            dlogits = logps.exp_()  # softmax, in place
+            dlogits[index, piece_targets] -= 1.0  # (p - onehot): the weights are applied on the narrow side below
+            dlogits = dlogits.to(weight.dtype)
+            scale = piece_weights[:, None]
+            if want_hidden:
+                grad_hidden[start : start + rows] = (scale * (dlogits @ weight).float()).to(hidden.dtype)
+            if want_weight:
+                scaled = (scale * piece.float()).to(weight.dtype)
+                if weight.dtype == torch.float32:
+                    grad_weight.addmm_(dlogits.t(), scaled)
+                else:  # accumulated in fp32 over the chunks
+                    grad_weight.add_(dlogits.t() @ scaled)
+            if want_bias:
+                grad_bias.add_((scale * dlogits.float()).sum(0))
+        ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                     None if grad_bias is None else grad_bias.to(bias.dtype))  # fmt: skip
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = tuple(None if grad is None else grad * grad_total.to(grad.dtype) for grad in ctx.grads)
+        ctx.grads = None  # each is used once (a second backward through this graph would need retain_graph anyway)
+        return (*grads, None, None, None)
+
+
+def _plain_linear(lm_head: nn.Module) -> bool:
+    """lm_head is an ordinary nn.Linear whose weight is a local tensor (not a PEFT wrapper, a quantised linear, or an
+    FSDP shard): `linear_cross_entropy` may then read its weight and bias directly."""
+    return (
+        isinstance(lm_head, nn.Linear)
+        and type(lm_head).forward is nn.Linear.forward
+        and type(lm_head.weight.data) is torch.Tensor
+    )
+
+
+def linear_cross_entropy(
+    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, kernel: str = "torch"
+) -> torch.Tensor:
+    """sum_i weights[i] * CE(lm_head(hidden[i]), targets[i]) in fp32: hidden [N, H], targets and weights [N] (the
+    supervised positions of `supervised_tokens` and their `supervised_weights`). Divide by the step's denominator.
+
+    Memory stays flat in N: `loss_chunk_rows` rows of logits exist at a time, and what is kept for the backward pass is
+    the gradient ([N, H], like `hidden`), not logits. kernel="liger": Liger's fused linear cross-entropy (Triton, CUDA;
+    `check_loss_kernel` says when it can run). A wrapped lm_head (PEFT, 4-bit, FSDP shard) falls back to
+    `token_logps`, which recomputes each chunk's logits in the backward pass."""
+    if not _plain_linear(lm_head):
+        return weighted_nll(token_logps(lm_head, hidden, targets), to_device(weights, hidden.device), 1.0)
+    if kernel == "liger":
+        return _liger_cross_entropy(lm_head, hidden, targets, weights)
+    weights = to_device(weights, hidden.device)
+    rows = loss_chunk_rows(lm_head.out_features, lm_head.weight.dtype, hidden.device)
+    return _LinearCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets, weights, rows)
+
+
+def check_loss_kernel(kernel: str, device: torch.device) -> None:
+    """Refuse loss.kernel=liger where it cannot run (no CUDA device, or liger-kernel not installed)."""
+    if kernel != "liger":
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"loss.kernel=liger runs on CUDA only (this run is on {device.type}); use loss.kernel=torch")
+    try:
+        import liger_kernel.transformers.functional  # noqa: F401
+    except ImportError as error:
+        message = f"loss.kernel=liger needs the liger-kernel package ({error}); use loss.kernel=torch"
+        raise ConfigError(message) from None
+
+
+def _liger_cross_entropy(
+    lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The weighted sum through Liger's kernel, which takes per-class, not per-token, weights: one call per distinct
+    weight (one for loss.reduction=token; for sample / square, one per sub-sample length), each summed and scaled."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    values, groups = torch.unique(weights.cpu(), return_inverse=True)  # from the CPU labels: no device sync
+    for group, value in enumerate(values.tolist()):
+        chosen = slice(None) if len(values) == 1 else to_device((groups == group).nonzero()[:, 0], hidden.device)
+        part = liger_fused_linear_cross_entropy(hidden[chosen], lm_head.weight, targets[chosen], lm_head.bias,
+                                                ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+        total = total + value * part.float()
+    return total
 
 
 # --- MPO: Mixed Preference Optimization (docs/design/mpo.md) ----------------------------------------------------------

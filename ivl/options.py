@@ -185,6 +185,11 @@ class LossConfig:
     # token: the plain token-averaged loss, whose numbers `ivl eval` reports too; sample / square: InternVL 2.5's
     # per-sample reweighting (a sample with x targets weighs each 1/x or 1/sqrt(x)), square its default.
     reduction: Reduction = option("token", "token: every token counts the same | sample: 1/x | square: 1/sqrt(x)")
+    kernel: Literal["torch", "liger"] = option(
+        "torch",
+        "SFT loss: torch (any device; gradient computed in the forward chunk) | liger (Liger's fused Triton "
+        "kernel: CUDA with liger-kernel installed)",
+    )
 
 
 @dataclass

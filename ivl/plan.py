@@ -250,7 +250,9 @@ def _llm_items(config, model_config, model, work: Workload, act_bytes: int, devi
             (layers if mode and not config.llm.gradient_checkpointing else 1)
             * 2 * work.rows * text.num_attention_heads * work.tokens_per_row**2 * act_bytes
         )  # fmt: skip
-    elif work.rows > 1 and _attention(config, model_config) != "flash_attention_2":
+    elif _packed_dense_mask(config, model_config):
+        items["attention mask (packed rows)"] = work.rows * work.tokens_per_row**2  # [B, 1, T, T] bool, shared
+    elif work.rows > 1 and not config.data.packing and _attention(config, model_config) != "flash_attention_2":
         items["attention mask (padded batch)"] = work.rows * work.tokens_per_row**2  # [B, 1, T, T] bool, shared
     # The memory-lean loss projects one chunk of LOGITS_CHUNK_ELEMENTS // V supervised positions at a time (fp32).
     chunk_rows = min(LOGITS_CHUNK_ELEMENTS // text.vocab_size, tokens)
@@ -282,8 +284,22 @@ def plan_sft(config, device: Device, memory_gib: float, recipe: str = "sft", pai
     items, model = _parameter_items(config, model_config, dtype)
     items.update(_vision_items(config, model_config, model, work, act_bytes))
     items.update(_llm_items(config, model_config, model, work, act_bytes, device))
-    return _finish(Plan(recipe, config.model.name_or_path, device, str(dtype).removeprefix("torch."),
-                        vars(work), items, memory_gib))  # fmt: skip
+    plan = Plan(recipe, config.model.name_or_path, device, str(dtype).removeprefix("torch."), vars(work), items,
+                memory_gib)  # fmt: skip
+    dense = _packed_dense_mask(config, model_config)
+    if dense:
+        plan.notes.append(f"warning: data.packing: packed rows attend through a dense T x T mask: {dense}")
+    return _finish(plan)
+
+
+def _packed_dense_mask(config, model_config) -> str | None:
+    """Why this run's packed rows would attend through a dense [T, T] mask; None when it does not pack or its
+    attention isolates the sub-samples itself."""
+    if not getattr(config.data, "packing", False):
+        return None
+    from ivl.model.packed_attention import dense_mask_reason
+
+    return dense_mask_reason(model_config.text_config.model_type, config.model.attn_implementation)
 
 
 def plan_rl(config, device: Device, memory_gib: float) -> Plan:

@@ -9,9 +9,10 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ivl.config import load_config, options_help
+from ivl.config import OPTIONS_HEADING, load_config, options_help
 from ivl.errors import KNOWN_ERRORS
 
 if TYPE_CHECKING:  # ivl.loop imports torch: `ivl --help` must not
@@ -24,19 +25,32 @@ def load_object(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-class OptionsParser(argparse.ArgumentParser):
-    """An ArgumentParser whose --help ends with every option of a config class (`options_of`, "module:Class"; only
-    its top-level sections `options_only` when given). The config's module is imported when the help is printed,
-    not before, so a command line with many recipes stays fast."""
+@dataclass(frozen=True)
+class OptionsBlock:
+    """One part of a --help's option list: the options of config class `config` ("module:Class"), only its top-level
+    sections `only` when given, under `heading`."""
 
-    def __init__(self, *args: Any, options_of: str = "", options_only: tuple[str, ...] = (), **kwargs: Any):
+    config: str
+    only: tuple[str, ...] = ()
+    heading: str = OPTIONS_HEADING
+
+
+class OptionsParser(argparse.ArgumentParser):
+    """An ArgumentParser whose --help ends with every option of a config class (`options_of`, "module:Class"), or of
+    several (`options_of`, a tuple of `OptionsBlock`: a command that takes more than one recipe's config). The
+    configs' modules are imported when the help is printed, not before, so a command line with many recipes stays
+    fast."""
+
+    def __init__(self, *args: Any, options_of: str | tuple[OptionsBlock, ...] = "", **kwargs: Any):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
-        self.options_of, self.options_only = options_of, options_only
+        self.options_of = (OptionsBlock(options_of),) if isinstance(options_of, str) and options_of else options_of
 
     def format_help(self) -> str:
         if self.options_of:
-            self.epilog = options_help(load_object(self.options_of), self.options_only)
+            self.epilog = "\n\n".join(
+                options_help(load_object(block.config), block.only, block.heading) for block in self.options_of
+            )
         return super().format_help()
 
 

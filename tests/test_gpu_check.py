@@ -32,6 +32,9 @@ def test_dry_mode_without_bitsandbytes_or_trl_runs_ours_and_padded_and_notes_the
         assert lora[loop]["steps"] == 1 and lora[loop]["tokens"] > 0 and lora[loop]["tokens_per_second"] > 0
     assert lora["ours"]["tokens"] == lora["padded"]["tokens"]  # the same batches for every contender
     assert lora["ours"]["speedup_vs_trl"] is None and set(result["sources"]) >= {"ours", "padded", "trl"}
+    losses = result["loss_kernels"]  # the SFT loss against torch's cross-entropy; Liger's kernel noted as skipped
+    assert losses["torch"]["loss_rel_error"] < 1e-5 and losses["torch"]["grad_rel_error"] < 1e-5
+    assert "CUDA" in losses["liger"]["skipped"]
 
 
 @pytest.mark.skipif(not gpu_check.importable("bitsandbytes"), reason="bitsandbytes not installed")
@@ -42,3 +45,18 @@ def test_dry_mode_packing_and_qlora_cases_train(tmp_path, monkeypatch):
     packed, qlora = result["cases"]
     assert packed["case"].endswith("packing=on") and "padded" not in packed and packed["ours"]["tokens"] > 0
     assert qlora["case"] == "tiny-112 qlora packing=off" and qlora["ours"]["tokens"] > 0
+
+
+def test_the_proportional_bench_model_keeps_internvl3_2b_shares_and_the_heavy_one_does_not():
+    from proportions import proportions_report
+
+    # A LoRA step's matmul work for samples of 7 and 13 tiles (~100 text tokens), the lm_head on every position.
+    for bench_model, checkpointing in (("proportional", False), ("proportional", True), ("heavy", False)):
+        report = proportions_report(bench_model, 100, checkpointing)
+        for scaled, real in zip(report[bench_model], report["internvl3-2b"], strict=True):
+            assert 0.14 <= real["lm_head_share_of_llm_forward"] <= 0.16 and 0.2 <= real["vit_share"] <= 0.33
+            close = (
+                abs(scaled["vit_share"] - real["vit_share"]) < 0.03
+                and abs(scaled["lm_head_share_of_llm_forward"] - real["lm_head_share_of_llm_forward"]) < 0.02
+            )
+            assert close == (bench_model == "proportional"), (bench_model, scaled, real)

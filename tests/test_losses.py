@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -113,3 +114,126 @@ def test_no_tensor_of_the_full_logits_size_is_ever_built(tiny, monkeypatch):
     with _LargestTensor() as watch:
         tiny(**inputs).logits.sum()
     assert watch.largest >= 2 * 120 * vocab_size  # the watch does see the full logits when they are built
+
+
+# --- the SFT loss with its gradient computed in the forward pass (linear_cross_entropy) ------------------------------
+
+
+def _weighted_batch(reduction: str, rows: int = 3, length: int = 30, vocab: int = 50):
+    """Labels with a supervised answer per row (lengths differ, so sample / square weights differ) and their weights."""
+    from ivl.losses import supervised_weights
+
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, vocab, (rows, length), generator=generator)
+    starts = [5, 12, 20][:rows]
+    sample_tokens = torch.zeros(rows, length, dtype=torch.long)
+    for row, start in enumerate(starts):
+        labels[row, :start] = IGNORE_INDEX
+        sample_tokens[row] = length - start
+    return labels, supervised_weights(labels, sample_tokens, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample", "square"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_equals_torch_cross_entropy_in_loss_and_gradients(reduction, bias, monkeypatch):
+    from ivl.losses import linear_cross_entropy, weighted_nll
+
+    torch.manual_seed(0)
+    vocab, width = 50, 16
+    labels, weights = _weighted_batch(reduction, vocab=vocab)
+    hidden_all = torch.randn(*labels.shape, width)
+    tokens = supervised_tokens(hidden_all, labels)
+    lm_head = nn.Linear(width, vocab, bias=bias)
+    monkeypatch.setattr(losses, "LOSS_CHUNK_BYTES", vocab * 8 * 7)  # 7 rows per chunk: several, the last partial
+    assert losses.loss_chunk_rows(vocab, torch.float32, torch.device("cpu")) == 7
+    denominator = weights.sum() * 0.5  # any step denominator (here not this batch's own)
+
+    def grads(loss_of):
+        hidden = tokens.hidden.clone().requires_grad_()
+        lm_head.zero_grad(set_to_none=True)
+        loss = loss_of(hidden)
+        loss.backward()
+        return loss.detach(), hidden.grad, lm_head.weight.grad, lm_head.bias.grad if bias else None
+
+    ours = grads(lambda h: linear_cross_entropy(lm_head, h, tokens.targets, weights) / denominator)
+    if reduction == "token":  # every weight is 1: torch's own summed cross-entropy
+        reference = grads(lambda h: F.cross_entropy(lm_head(h), tokens.targets, reduction="sum") / denominator)
+    else:
+        per_token = lambda h: F.cross_entropy(lm_head(h), tokens.targets, reduction="none")  # noqa: E731
+        reference = grads(lambda h: weighted_nll(-per_token(h), weights, denominator))
+    for got, expected in zip(ours, reference, strict=True):
+        if expected is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_linear_cross_entropy_computes_no_lm_head_gradient_when_it_is_frozen_and_never_builds_full_logits(
+    monkeypatch,
+):
+    from ivl.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    vocab, width, rows = 300, 8, 200
+    lm_head = nn.Linear(width, vocab, bias=False).requires_grad_(False)
+    hidden = torch.randn(rows, width, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+    monkeypatch.setattr(losses, "LOSS_CHUNK_BYTES", vocab * 8 * 16)  # 16 rows per chunk
+    with _LargestTensor() as watch:
+        loss = linear_cross_entropy(lm_head, hidden, targets, torch.ones(rows))
+        loss.backward()
+    assert lm_head.weight.grad is None
+    assert watch.largest <= 16 * vocab  # one chunk of logits, never [N, V], and no [V, H] weight gradient built
+    reference = hidden.detach().clone().requires_grad_()
+    F.cross_entropy(lm_head(reference), targets, reduction="sum").backward()
+    torch.testing.assert_close(hidden.grad, reference.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_linear_cross_entropy_falls_back_to_the_recomputing_path_for_a_wrapped_lm_head():
+    from ivl.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+
+    class Wrapped(nn.Linear):  # its own forward, as a 4-bit linear's (a PEFT wrapper is not an nn.Linear at all)
+        def forward(self, x):
+            return super().forward(x) * 1.0
+
+    lm_head = Wrapped(8, 40, bias=False)
+    hidden, targets, weights = torch.randn(9, 8), torch.randint(0, 40, (9,)), torch.rand(9)
+    expected = (weights * F.cross_entropy(lm_head(hidden), targets, reduction="none")).sum()
+    torch.testing.assert_close(linear_cross_entropy(lm_head, hidden, targets, weights), expected, rtol=1e-6, atol=1e-6)
+
+
+def _liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _liger_available(), reason="Liger's kernel needs CUDA and liger-kernel")
+@pytest.mark.parametrize("reduction", ["token", "square"])
+def test_liger_kernel_equals_the_torch_path(reduction):
+    from ivl.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    labels, weights = _weighted_batch(reduction, vocab=1000)
+    tokens = supervised_tokens(torch.randn(*labels.shape, 64, device="cuda"), labels)
+    lm_head = nn.Linear(64, 1000, bias=False, device="cuda")
+    results = []
+    for kernel in ("torch", "liger"):
+        hidden = tokens.hidden.clone().requires_grad_()
+        lm_head.zero_grad(set_to_none=True)
+        loss = linear_cross_entropy(lm_head, hidden, tokens.targets, weights, kernel=kernel)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, lm_head.weight.grad))
+    for ours, liger in zip(*results, strict=True):
+        torch.testing.assert_close(liger, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_liger_kernel_is_refused_where_it_cannot_run():
+    from ivl.errors import ConfigError
+    from ivl.losses import check_loss_kernel
+
+    check_loss_kernel("torch", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="loss.kernel=liger runs on CUDA only"):
+        check_loss_kernel("liger", torch.device("cpu"))

@@ -18,7 +18,8 @@ compute dtype (0.8 GB for a 30B-A3B layer's gate_up stack in bf16, 0.4 GB for do
 Storage: each expert quantised on its own by `bitsandbytes.functional.quantize_4bit` (NF4, blocks of 64 weights, double
 quantisation of the block scales: what bitsandbytes does for linear layers), the results stacked per field: packed
 weights [E, rows * cols / 2] uint8, quantised scales [E, blocks] uint8, their scales [E, scale blocks] fp32, offsets [E]
-fp32; about 0.52 bytes per weight against bf16's 2. The code tables (NF4's 16 values, the scales' 256) are shared.
+fp32; about 0.52 bytes per weight against bf16's 2. The code tables (NF4's 16 values, the scales' 256) are kept as
+bitsandbytes returned them, one tensor shared by the stacks that quantised with the same table.
 
 Families: Qwen3-MoE (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I], read as `F.linear(x, W[e])`) and GPT-OSS
 (transposed: `gate_up_proj` [E, H, 2I] with gate and up interleaved, `down_proj` [E, I, H], read as `x @ W[e] + b[e]`;
@@ -26,8 +27,6 @@ its biases stay dense, [E, 2I] + [E, H] is small, and its clamped gate is transf
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +45,13 @@ def _expert_classes() -> dict[type, str]:
     return {Qwen3MoeExperts: "linear", GptOssExperts: "matmul"}
 
 
-@functools.cache
-def _codes(device: torch.device) -> tuple[Tensor, Tensor]:
-    """bitsandbytes' NF4 values [16] and the dynamic 8-bit map [256] its double quantisation uses for the scales."""
-    import bitsandbytes.functional as bnb
+_TABLES: dict[tuple, Tensor] = {}
 
-    return bnb.get_4bit_type("nf4", device=device), bnb.create_dynamic_map(signed=True).to(device)
+
+def _shared(table: Tensor) -> Tensor:
+    """One tensor per distinct code table and device, held by every stack that quantised with it."""
+    key = (table.device, table.dtype, table.cpu().numpy().tobytes())
+    return _TABLES.setdefault(key, table)
 
 
 class NF4Stack(nn.Module):
@@ -72,21 +72,24 @@ class NF4Stack(nn.Module):
         self.register_buffer("scale_scales", torch.stack([s.state2.absmax for s in states]))  # [E, blocks / 256] fp32
         self.register_buffer("offsets", torch.stack([s.offset for s in states]))  # [E] fp32
         self.scale_blocksize = states[0].state2.blocksize
-        # The code tables are bitsandbytes' constants: shared by all stacks (_codes), not held by each.
-        nf4, dynamic = _codes(weight.device)
-        if not (torch.equal(states[0].code, nf4) and torch.equal(states[0].state2.code, dynamic)):
-            raise RuntimeError("bitsandbytes quantised with other code tables than its NF4 and dynamic maps")
+        # The code tables exactly as bitsandbytes quantised with them, 1 KiB per stack. Not bitsandbytes' constructors
+        # (`get_4bit_type("nf4")`, `create_dynamic_map()`): its CPU kernel up to 0.46 sets the dynamic map's first
+        # value to -1.0 in place (from -0.993) before quantising the scales, so the map a state carries depends on
+        # the release and the device.
+        self.register_buffer("code", _shared(states[0].code))  # [16] fp32, NF4's values
+        self.register_buffer("scale_code", _shared(states[0].state2.code))  # [256] fp32, the scales' 8-bit map
+        if any(not torch.equal(s.code, self.code) or not torch.equal(s.state2.code, self.scale_code) for s in states):
+            raise RuntimeError("bitsandbytes quantised the experts of one stack with different code tables")
 
     def expert(self, index: int, dtype: torch.dtype) -> Tensor:
         """Expert `index`'s weight [rows, cols], dequantised by bitsandbytes, in `dtype`."""
         from bitsandbytes.functional import QuantState, dequantize_4bit
 
-        nf4, dynamic = _codes(self.packed.device)
         nested = QuantState(
-            absmax=self.scale_scales[index], code=dynamic, blocksize=self.scale_blocksize, dtype=torch.float32
+            absmax=self.scale_scales[index], code=self.scale_code, blocksize=self.scale_blocksize, dtype=torch.float32
         )
         state = QuantState(
-            absmax=self.scales[index], shape=torch.Size(self.expert_shape), code=nf4, blocksize=BLOCKSIZE,
+            absmax=self.scales[index], shape=torch.Size(self.expert_shape), code=self.code, blocksize=BLOCKSIZE,
             quant_type="nf4", dtype=dtype, offset=self.offsets[index], state2=nested,
         )  # fmt: skip
         return dequantize_4bit(self.packed[index].unsqueeze(1), state)
