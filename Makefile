@@ -30,8 +30,8 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/python tools/check_layers.py
 
-# Every dependency and dev tool pinned to its floor (tools/floor_pins.py reads them from pyproject.toml); torch is the
-# main venv's (TORCH), since its build depends on the machine.
+# Every dependency and dev tool pinned to its floor (tools/floor_pins.py reads them from pyproject.toml) except torch,
+# which is the same TORCH as the main venv's (the local CPU build here): torch's floor from PyPI pulls GB of CUDA wheels.
 $(FLOOR_VENV)/.installed: pyproject.toml tools/floor_pins.py
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python tools/floor_pins.py > $(FLOOR_VENV)/floor-pins.txt

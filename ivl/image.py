@@ -232,6 +232,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     One deliberate difference: 16-bit grayscale (PNG's `I;16`, or `I` in older Pillow). PIL's conversion, and so
     transformers', clips its 0..65535 values at 255, which turns the image almost all white; here they are scaled to
     8 bits, round(v / 257). Serving such an image through transformers' processor needs the same conversion first.
+    transformers 5.17 does not composite transparency (plain `convert("RGB")`, keeping the colour under a transparent
+    pixel); the kit composites on every version, so serving transparent images on 5.17 needs this conversion too.
     """
     if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
         values = np.asarray(image).astype(np.float64)

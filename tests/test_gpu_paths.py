@@ -89,6 +89,7 @@ def test_sft_loss_path_makes_no_device_to_host_sync(shapes, monkeypatch):
     import copy
 
     import ivl.evaluate
+    import ivl.finetune.sft
     from ivl.data.samples import SampleBuilder, SFTDataset, collate, load_records
     from ivl.finetune.sft import forward_loss
     from ivl.model.load import load_model
@@ -101,8 +102,8 @@ def test_sft_loss_path_makes_no_device_to_host_sync(shapes, monkeypatch):
     final_hidden_states, lm_head = ivl.evaluate.final_hidden_states, copy.deepcopy(model.lm_head).to("meta")
     on_meta = lambda m, inputs: final_hidden_states(m, inputs).to("meta")  # noqa: E731
     monkeypatch.setattr(ivl.evaluate, "final_hidden_states", on_meta)
-    monkeypatch.setattr(ivl.evaluate, "output_layer", lambda m: lm_head)
-    config = SimpleNamespace(loss=SimpleNamespace(reduction="square"))
+    monkeypatch.setattr(ivl.finetune.sft, "output_layer", lambda m: lm_head)  # the SFT loss reads lm_head itself
+    config = SimpleNamespace(loss=SimpleNamespace(reduction="square", kernel="torch"))
     cpu = SimpleNamespace(device=torch.device("cpu"))
     run = SimpleNamespace(
         model=model, accelerator=cpu, dtype=torch.float32, info={"modes": {"llm": "lora"}}, config=config

@@ -1,8 +1,9 @@
 """The lowest versions pyproject.toml allows, as pip constraints: `name==floor` for every dependency and dev tool.
 
 pyproject.toml stays the one place the floors are written; `make test-floor` installs exactly these and runs the suite,
-so a floor that does not work fails CI. torch is left out: its build depends on the machine (CPU / CUDA), so the
-floor venv gets the same torch as the main one (the Makefile's TORCH), and its floor is argued in pyproject.toml.
+so a floor that does not work fails CI. torch is left out: its build depends on the machine (CPU / CUDA), and its floor
+from PyPI pulls GB of CUDA wheels, so the floor venv gets the same torch as the main one (the Makefile's TORCH); its
+floor is argued in pyproject.toml, not tested.
 
     python tools/floor_pins.py [pyproject.toml]      prints the constraints; exit 1 naming a dependency without `>=`
 """
