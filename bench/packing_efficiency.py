@@ -11,6 +11,8 @@ images. Samples are token-id tensors only (no model, no images decoded): this me
   L_max, as if padded to it (the conservative figure; a batch of one pack has no padding at all).
 - padding-only: the same samples in arrival order, batches of `--batch-size` padded to their longest sample, the
   over-long ones truncated to L_max (a padding-only loop cannot run them otherwise).
+- padding-only, length-grouped: as a competent user of a padded loop would run it (transformers' `group_by_length`
+  idea): the samples sorted by length within windows of 50 batches, then batched and padded the same way.
 """
 
 from __future__ import annotations
@@ -67,14 +69,21 @@ def packed(samples: list[dict], max_tokens: int, max_tiles: int, buffer_size: in
     }
 
 
-def padding_only(samples: list[dict], max_tokens: int, batch_size: int) -> dict:
+def length_grouped(samples: list[dict], batch_size: int, window_batches: int = 50) -> list[dict]:
+    """Sort by length inside windows of `window_batches` batches (a window, not the whole set, keeps batches random)."""
+    window = batch_size * window_batches
+    return [s for start in range(0, len(samples), window)
+            for s in sorted(samples[start : start + window], key=lambda s: -len(s["input_ids"]))]  # fmt: skip
+
+
+def padding_only(samples: list[dict], max_tokens: int, batch_size: int, label: str = "") -> dict:
     real = total = 0
     for start in range(0, len(samples), batch_size):
         lengths = [min(len(s["input_ids"]), max_tokens) for s in samples[start : start + batch_size]]
         real += sum(lengths)
         total += max(lengths) * len(lengths)
     return {
-        "method": f"padding only, batch {batch_size}",
+        "method": f"padding only{label}, batch {batch_size}",
         "sequences": len(samples),
         "efficiency": real / total,
         "samples_per_sequence": 1.0,
@@ -96,11 +105,13 @@ def main() -> None:
     median, p90 = lengths[len(lengths) // 2], lengths[int(0.9 * len(lengths))]
     rows = [packed(samples, args.max_tokens, args.max_tiles, size) for size in (20, 64, 256)]
     rows.append(padding_only(samples, args.max_tokens, args.batch_size))
+    grouped = length_grouped(samples, args.batch_size)
+    rows.append(padding_only(grouped, args.max_tokens, args.batch_size, label=", length-grouped"))
     print(f"{args.samples} samples, tokens median {median}, p90 {p90}, max {lengths[-1]}; "
           f"L_max {args.max_tokens}, T_max {args.max_tiles}")  # fmt: skip
-    print(f"{'method':<28}{'sequences':>10}{'real/total':>12}{'samples/seq':>13}{'max tiles':>11}")
+    print(f"{'method':<42}{'sequences':>10}{'real/total':>12}{'samples/seq':>13}{'max tiles':>11}")
     for row in rows:
-        print(f"{row['method']:<28}{row['sequences']:>10}{row['efficiency']:>12.3f}"
+        print(f"{row['method']:<42}{row['sequences']:>10}{row['efficiency']:>12.3f}"
               f"{row['samples_per_sequence']:>13.2f}{row['max_tiles_in_a_sequence']:>11}")  # fmt: skip
     mix = {"samples": args.samples, "seed": args.seed, "median_tokens": median, "p90_tokens": p90,
            "max_tokens": lengths[-1]}  # fmt: skip
