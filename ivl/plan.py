@@ -388,32 +388,18 @@ def plan_distill(config, device: Device, memory_gib: float) -> Plan:
                         workload, items, memory_gib))  # fmt: skip
 
 
-def _load_sft(path: str | None, overrides: list[str]):
-    from ivl.config import load_config
-    from ivl.finetune.options import SFTConfig
+def _loader(module: str, config_class: str, fills_train: bool = True):
+    """A config loader for one recipe (imported when used: planning one recipe imports no other)."""
 
-    return load_config(SFTConfig, path, _with_train(path, overrides))
+    def load(path: str | None, overrides: list[str]):
+        from importlib import import_module
 
+        from ivl.config import load_config
 
-def _load_mpo(path: str | None, overrides: list[str]):
-    from ivl.config import load_config
-    from ivl.finetune.options import MPOConfig
+        options = getattr(import_module(module), config_class)
+        return load_config(options, path, _with_train(path, overrides) if fills_train else overrides)
 
-    return load_config(MPOConfig, path, _with_train(path, overrides))
-
-
-def _load_rl(path: str | None, overrides: list[str]):
-    from ivl.config import load_config
-    from ivl.finetune.options import RLConfig
-
-    return load_config(RLConfig, path, _with_train(path, overrides))
-
-
-def _load_distill(path: str | None, overrides: list[str]):
-    from ivl.config import load_config
-    from ivl.distill.options import DistillConfig
-
-    return load_config(DistillConfig, path, overrides)
+    return load
 
 
 def _with_train(path: str | None, overrides: list[str]) -> list[str]:
@@ -428,10 +414,11 @@ def _with_train(path: str | None, overrides: list[str]) -> list[str]:
 # Recipe -> (config loader, planner). Recognised by the YAML's sections: `mpo:` is MPO, `rl:` RL, `teacher:`
 # distillation.
 RECIPES = {
-    "sft": (_load_sft, lambda config, device, gib: plan_sft(config, device, gib)),
-    "mpo": (_load_mpo, lambda config, device, gib: plan_sft(config, device, gib, "mpo", pair_rows=True)),
-    "rl": (_load_rl, plan_rl),
-    "distill": (_load_distill, plan_distill),
+    "sft": (_loader("ivl.finetune.options", "SFTConfig"), lambda config, device, gib: plan_sft(config, device, gib)),
+    "mpo": (_loader("ivl.finetune.options", "MPOConfig"),
+            lambda config, device, gib: plan_sft(config, device, gib, "mpo", pair_rows=True)),
+    "rl": (_loader("ivl.finetune.options", "RLConfig"), plan_rl),
+    "distill": (_loader("ivl.distill.options", "DistillConfig", fills_train=False), plan_distill),
 }
 
 
