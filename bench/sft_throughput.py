@@ -21,6 +21,8 @@ other jobs do not count). Tokens are counted the same way for all: real (non-pad
   mask, through sdpa's `is_causal` kernel: `ivl.model.forward.causal_inputs`);
 - ours-grouped: the same on the length-grouped batches the padded-grouped loop and TRL train (the kit itself batches
   in arrival order; this row compares the loops' steps on equal batches);
+- ours+padding-free: the same with `data.padding_free=true`: each arrival-order batch's samples in one row, each
+  attending only to itself (the same samples per step, no padding);
 - ours+packing: the same with `data.packing=true`: the round's samples packed (docs/design/packing.md) into sequences of
   at most `--pack-tokens` tokens, `--batch-size` packs per step (so fewer, fuller steps over the same samples);
 - padded: HF model forward with `labels` on right-padded batches, the model's own loss, `accelerator.backward`, the
@@ -69,7 +71,7 @@ from proportions import MODELS, proportions_report  # noqa: E402
 # (image width, height) in tiles -> tiles cut with a thumbnail (max_tiles 6): 1x1 -> 1, 2x1 -> 3, 2x2 -> 5, 3x2 -> 7.
 TILE_MIX = {(1, 1): 0.3, (2, 1): 0.3, (2, 2): 0.25, (3, 2): 0.15}
 ANSWER_TOKENS_MEDIAN, ANSWER_TOKENS_MAX = 80, 600  # log-normal answer lengths (sigma 0.9), clipped
-LOOPS = ("ours", "ours-grouped", "ours+packing", "padded", "padded-grouped", "trl")
+LOOPS = ("ours", "ours-grouped", "ours+padding-free", "ours+packing", "padded", "padded-grouped", "trl")
 
 
 def write_data(out: Path, num_samples: int, tile_size: int, seed: int) -> Path:
@@ -148,7 +150,13 @@ class Ours:
         return [collate([self.run.train_set[i] for i in rows], pad) for rows in indices]
 
     def batches(self, indices: list[list[int]]) -> list[dict[str, Any]]:
-        """The round's samples as this loop trains them: packed when the config says so, else padded."""
+        """The round's samples as this loop trains them: packed or padding-free when the config says so, else
+        padded."""
+        if self.run.config.data.padding_free:
+            from ivl.data.packing import collate_padding_free
+
+            pad = self.run.tokenizer.pad_token_id
+            return [collate_padding_free([self.run.train_set[i] for i in rows], pad) for rows in indices]
         if not self.run.config.data.packing:
             return self.padded_batches(indices)
         from ivl.data.packed_loader import packed_batches_of
@@ -286,6 +294,7 @@ def make_loops(args: argparse.Namespace, shared: list[str], work: Path) -> dict[
     makers = {
         "ours": lambda: Ours([*shared, *args.ours]),
         "ours-grouped": lambda: Ours([*shared, *args.ours]),
+        "ours+padding-free": lambda: Ours([*shared, "data.padding_free=true", *args.ours]),
         "ours+packing": lambda: Ours([*shared, *packing, *args.ours]),
         "padded": lambda: Padded(shared, args.device, args.checkpointing),
         "padded-grouped": lambda: Padded(shared, args.device, args.checkpointing),
@@ -313,8 +322,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         padded = reference.padded_batches(indices)  # the same samples, collated once, for the padded loops
         grouped = reference.padded_batches(length_grouped(indices, lengths))
         batches = {"ours": padded, "ours-grouped": grouped, "padded": padded, "padded-grouped": grouped, "trl": grouped}
-        if "ours+packing" in loops:
-            batches["ours+packing"] = loops["ours+packing"].batches(indices)
+        for name in ("ours+padding-free", "ours+packing"):
+            if name in loops:
+                batches[name] = loops[name].batches(indices)
         tokens, samples = sum(map(real_tokens, padded)), sum(len(b["num_tiles"]) for b in padded)
         supervised, real = supervised + sum(map(supervised_targets, padded)), real + tokens
         shift = round_index % len(names)
@@ -345,7 +355,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                "per_round_tokens_per_cpu_second": m.per_round_tokens_per_cpu_second}
         for name, m in results.items()
     }  # fmt: skip
-    for ours_name in [name for name in ("ours", "ours-grouped", "ours+packing") if name in rows]:
+    for ours_name in [name for name in ("ours", "ours-grouped", "ours+padding-free", "ours+packing") if name in rows]:
         for name in [name for name in names if not name.startswith("ours")] + ["ours"] * (ours_name != "ours"):
             if name in rows:
                 mine, theirs = rows[ours_name], rows[name]
