@@ -84,6 +84,9 @@ def test_mpo_loss_without_shift_equals_trls_sigmoid_bco_pair_sft_combination():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     chosen, rejected = beta * (sequence[:pairs] - ref[:pairs]), beta * (sequence[pairs:] - ref[pairs:])
     assert metrics["rewards_accuracy"].item() == (chosen > rejected).float().mean().item()
+    # At the start the policy is the reference: every reward is 0, and a tie is not a correct ranking (as TRL counts).
+    _, start = mpo_loss(ref[:pairs], ref[pairs:], ref[:pairs], ref[pairs:], sft_loss, beta=beta)
+    assert start["rewards_accuracy"].item() == 0.0 and start["rewards_margin"].item() == 0.0
     assert metrics["reward_sum"].item() == pytest.approx((chosen.sum() + rejected.sum()).item(), rel=1e-6)
     assert metrics["reward_count"].item() == 2 * pairs
 
