@@ -324,6 +324,12 @@ def _overrides(pairs, out):
             "loop.num_workers=0", "loop.batch_size=4", f"loop.output_dir={out}"]  # fmt: skip
 
 
+@pytest.mark.parametrize("option", ["data.packing=true", "data.padding_free=true"])
+def test_packing_options_are_refused_not_ignored(pairs, tmp_path, option):
+    with pytest.raises(ConfigError, match=r"ivl mpo does not pack"):
+        tiny_mpo(pairs, tmp_path, option, "loop.max_steps=2")
+
+
 def test_continuing_an_sft_adapter_uses_it_as_the_reference(pairs, shapes, tmp_path):
     from ivl.finetune.sft import SFTConfig, run_sft
 

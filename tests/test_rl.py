@@ -83,6 +83,9 @@ def test_config_errors(shapes, tmp_path):
         tiny_rl(shapes, tmp_path, "rl.updates_per_batch=2", "loop.save_every=3")
     with pytest.raises(ConfigError, match="num_generations"):
         tiny_rl(shapes, tmp_path, "rl.num_generations=1")
+    for option in ("data.packing=true", "data.padding_free=true"):  # options RL would otherwise ignore
+        with pytest.raises(ConfigError, match=r"ivl rl does not pack"):
+            tiny_rl(shapes, tmp_path, option, "loop.max_steps=2")
 
 
 def _prompt_rows(shapes, path, with_answer=True):
