@@ -89,8 +89,9 @@ def _pick(rng: np.random.Generator, options, count: int = 1) -> list:
 
 def _scene_and_question(rng: np.random.Generator, kind: str) -> tuple[list[ShapeObject], str, str]:
     """A scene of 1-4 objects (distinct shapes and colours, one per quadrant) and a question of `kind` about it: the
-    colour or the shape of the object in a quadrant, how many objects there are, or where an object is. Every answer
-    kind is balanced (colour 1/6, others 1/4 by chance)."""
+    colour or the shape of the object in a quadrant, how many objects there are, or where an object is; for RL_KINDS
+    the shape of the object of a colour, the colour of a shape, or where a shape is. Every answer kind is balanced
+    (colour 1/6, others 1/4 by chance)."""
     num_objects = int(rng.integers(1, 5))
     quadrants = [int(q) for q in rng.permutation(4)][:num_objects]
     shapes = _pick(rng, SHAPES, num_objects)
