@@ -1,4 +1,5 @@
-"""Measuring helpers the benches share: wall + thread CPU time of a block, a peak-memory sampler, per-loop totals."""
+"""Measuring helpers the benches share: wall + thread CPU time of a block, two peak-memory measures (sampled process
+RSS; the tensor working set from the allocator's own records), per-loop totals."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class Measure:
     samples: int = 0
     steps: int = 0
     peak_memory_gib: float = 0.0
+    working_set_gib: float = 0.0
     per_round_tokens_per_second: list[float] = field(default_factory=list)
     per_round_tokens_per_cpu_second: list[float] = field(default_factory=list)
 
@@ -63,3 +65,44 @@ class MemoryPeak:
             return
         self.stop.set()
         self.thread.join()
+
+
+class TensorPeak:
+    """Peak bytes of the tensors allocated inside a block and alive at the same time (`peak`): on CUDA the allocator's
+    peak above what was allocated at the start; on the CPU, torch.profiler's memory records (every CPU tensor
+    allocation and free inside the block, in time order; tensors that existed before, such as the weights, count
+    neither way). That is the training working set (activations saved for backward, logits, gradients, temporaries,
+    optimizer state created inside), without the allocator's cached or fragmented pages that RSS also holds. Memory
+    outside torch's allocator (BLAS packing buffers, Python objects) is not in it. The profiler slows the block: use it
+    on steps that are not timed."""
+
+    def __init__(self, device: str):
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> TensorPeak:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        from torch.profiler import ProfilerActivity, profile
+
+        self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+            return
+        from torch.autograd import DeviceType
+
+        self.profiler.__exit__(*exc)
+        host = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)  # as torch.profiler counts CPU memory
+        records = [event for event in self.profiler.profiler.kineto_results.events()
+                   if event.name() == "[memory]" and event.device_type() in host]  # fmt: skip
+        live = 0
+        for event in sorted(records, key=lambda event: event.start_ns()):
+            live += event.nbytes()  # negative for a free
+            self.peak = max(self.peak, live)

@@ -17,7 +17,12 @@ main thread's CPU time (`time.thread_time`; with one torch thread all the comput
 other jobs do not count). Tokens are counted the same way for all: real (non-pad) tokens, the attention mask's sum.
 
 - ours: `ivl.finetune.sft.setup` + `optimizer_step` on the same padded batches (the kit's memory-lean loss: hidden
-  states, vocabulary projection only at supervised positions, chunked);
+  states, vocabulary projection only at supervised positions, chunked; right-padded rows attend without the padding
+  mask, through sdpa's `is_causal` kernel: `ivl.model.forward.causal_inputs`);
+- ours-grouped: the same on the length-grouped batches the padded-grouped loop and TRL train (the kit itself batches
+  in arrival order; this row compares the loops' steps on equal batches);
+- ours+padding-free: the same with `data.padding_free=true`: each arrival-order batch's samples in one row, each
+  attending only to itself (the same samples per step, no padding);
 - ours+packing: the same with `data.packing=true`: the round's samples packed (docs/design/packing.md) into sequences of
   at most `--pack-tokens` tokens, `--batch-size` packs per step (so fewer, fuller steps over the same samples);
 - padded: HF model forward with `labels` on right-padded batches, the model's own loss, `accelerator.backward`, the
@@ -28,9 +33,14 @@ other jobs do not count). Tokens are counted the same way for all: real (non-pad
   length-grouped batches through a data collator, `skip_prepare_dataset`, `gradient_checkpointing` as the others;
   step time from callbacks. TRL refuses `padding_free` and `packing` for vision datasets, so it pads.
 
-Peak memory per loop: `torch.cuda.max_memory_allocated` on CUDA; on CPU, the process RSS peak (sampled every 2 ms)
-during that loop's steps, minus the RSS before them (every loop's model stays resident; freed memory is returned to the
-OS before each block).
+Two peak-memory measures per loop (`bench/measure.py`):
+- working set (`working_set_gib`): the peak bytes of tensors allocated during the loop's steps and alive together, from
+  torch.profiler's memory records on CPU (the CUDA allocator's peak above the start on CUDA), measured after the timed
+  rounds on the last round's batches run once more (the profiler slows what it watches): activations, logits,
+  gradients, temporaries; not the weights, not allocator caches, not memory outside torch's allocator;
+- RSS (`peak_memory_gib`): on CPU, the process RSS peak (sampled every 2 ms) during the timed steps, minus the RSS
+  before them (every loop's model stays resident; freed memory is returned to the OS before each block), so allocator
+  caching and fragmentation count too; `torch.cuda.max_memory_allocated` on CUDA.
 """
 
 from __future__ import annotations
@@ -55,13 +65,13 @@ from ivl.model.presets import load_demo_tokenizer, preset_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
 
-from measure import Clock, Measure, MemoryPeak  # noqa: E402
+from measure import Clock, Measure, MemoryPeak, TensorPeak  # noqa: E402
 from proportions import MODELS, proportions_report  # noqa: E402
 
 # (image width, height) in tiles -> tiles cut with a thumbnail (max_tiles 6): 1x1 -> 1, 2x1 -> 3, 2x2 -> 5, 3x2 -> 7.
 TILE_MIX = {(1, 1): 0.3, (2, 1): 0.3, (2, 2): 0.25, (3, 2): 0.15}
 ANSWER_TOKENS_MEDIAN, ANSWER_TOKENS_MAX = 80, 600  # log-normal answer lengths (sigma 0.9), clipped
-LOOPS = ("ours", "ours+packing", "padded", "padded-grouped", "trl")
+LOOPS = ("ours", "ours-grouped", "ours+padding-free", "ours+packing", "padded", "padded-grouped", "trl")
 
 
 def write_data(out: Path, num_samples: int, tile_size: int, seed: int) -> Path:
@@ -140,7 +150,13 @@ class Ours:
         return [collate([self.run.train_set[i] for i in rows], pad) for rows in indices]
 
     def batches(self, indices: list[list[int]]) -> list[dict[str, Any]]:
-        """The round's samples as this loop trains them: packed when the config says so, else padded."""
+        """The round's samples as this loop trains them: packed or padding-free when the config says so, else
+        padded."""
+        if self.run.config.data.padding_free:
+            from ivl.data.packing import collate_padding_free
+
+            pad = self.run.tokenizer.pad_token_id
+            return [collate_padding_free([self.run.train_set[i] for i in rows], pad) for rows in indices]
         if not self.run.config.data.packing:
             return self.padded_batches(indices)
         from ivl.data.packed_loader import packed_batches_of
@@ -277,6 +293,8 @@ def make_loops(args: argparse.Namespace, shared: list[str], work: Path) -> dict[
     ]
     makers = {
         "ours": lambda: Ours([*shared, *args.ours]),
+        "ours-grouped": lambda: Ours([*shared, *args.ours]),
+        "ours+padding-free": lambda: Ours([*shared, "data.padding_free=true", *args.ours]),
         "ours+packing": lambda: Ours([*shared, *packing, *args.ours]),
         "padded": lambda: Padded(shared, args.device, args.checkpointing),
         "padded-grouped": lambda: Padded(shared, args.device, args.checkpointing),
@@ -303,9 +321,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for round_index, indices in enumerate(schedule):
         padded = reference.padded_batches(indices)  # the same samples, collated once, for the padded loops
         grouped = reference.padded_batches(length_grouped(indices, lengths))
-        batches = {"ours": padded, "padded": padded, "padded-grouped": grouped, "trl": grouped}
-        if "ours+packing" in loops:
-            batches["ours+packing"] = loops["ours+packing"].batches(indices)
+        batches = {"ours": padded, "ours-grouped": grouped, "padded": padded, "padded-grouped": grouped, "trl": grouped}
+        for name in ("ours+padding-free", "ours+packing"):
+            if name in loops:
+                batches[name] = loops[name].batches(indices)
         tokens, samples = sum(map(real_tokens, padded)), sum(len(b["num_tiles"]) for b in padded)
         supervised, real = supervised + sum(map(supervised_targets, padded)), real + tokens
         shift = round_index % len(names)
@@ -324,20 +343,26 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             measure.steps += len(batches[name])
             measure.per_round_tokens_per_second.append(tokens / seconds)
             measure.per_round_tokens_per_cpu_second.append(tokens / cpu)
+    for name in names:  # the last round's batches once more, for the working set (profiled, so not timed)
+        with TensorPeak(args.device) as tensors:
+            loops[name].train(batches[name])
+        results[name].working_set_gib = tensors.peak / 2**30
     rows = {
         name: {"tokens_per_cpu_second": m.tokens / m.cpu_seconds, "tokens_per_second": m.tokens / m.seconds,
                "samples_per_cpu_second": m.samples / m.cpu_seconds, "peak_memory_gib": m.peak_memory_gib,
+               "working_set_gib": m.working_set_gib,
                "steps": m.steps, "tokens": m.tokens, "per_round_tokens_per_second": m.per_round_tokens_per_second,
                "per_round_tokens_per_cpu_second": m.per_round_tokens_per_cpu_second}
         for name, m in results.items()
     }  # fmt: skip
-    for ours_name in [name for name in ("ours", "ours+packing") if name in rows]:
+    for ours_name in [name for name in ("ours", "ours-grouped", "ours+padding-free", "ours+packing") if name in rows]:
         for name in [name for name in names if not name.startswith("ours")] + ["ours"] * (ours_name != "ours"):
             if name in rows:
                 mine, theirs = rows[ours_name], rows[name]
                 mine[f"cpu_speedup_vs_{name}"] = mine["tokens_per_cpu_second"] / theirs["tokens_per_cpu_second"]
                 mine[f"wall_speedup_vs_{name}"] = mine["tokens_per_second"] / theirs["tokens_per_second"]
                 mine[f"memory_ratio_vs_{name}"] = mine["peak_memory_gib"] / max(theirs["peak_memory_gib"], 1e-9)
+                mine[f"working_set_ratio_vs_{name}"] = mine["working_set_gib"] / max(theirs["working_set_gib"], 1e-9)
     text, vision = model_config.text_config, model_config.vision_config
     answer = supervised / max(len(lengths), 1)
     return {
@@ -350,6 +375,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "proportions": None if args.preset else proportions_report(args.model, int(answer) + 20, args.checkpointing),
         "gradient_checkpointing": args.checkpointing,
         "timing": "tokens per main-thread CPU second (time.thread_time) and per wall second; warm-up round left out",
+        "memory": "working_set_gib: peak of live tensor bytes allocated during the last round's steps, run once more "
+        "(torch.profiler memory records; CUDA: allocator peak above the start); peak_memory_gib: sampled process RSS "
+        "above the start during the timed steps (CUDA: max_memory_allocated)",
         "tile_size": args.tile_size,
         "tokens_per_tile": model_config.image_seq_length,
         "batch_size": args.batch_size,
@@ -369,14 +397,15 @@ def print_table(result: dict[str, Any]) -> None:
     loops = result["loops"]
     others = [name for name in loops if not name.startswith("ours")]
     header = "".join(f"  {'vs ' + other:>17}" for other in others)
-    print(f"{'loop':<15} {'tok/CPU s':>10} {'tok/s wall':>10} {'steps':>6} {'peak GiB':>9}{header}   (CPU / wall)")
+    print(f"{'loop':<15} {'tok/CPU s':>10} {'tok/s wall':>10} {'steps':>6} {'RSS GiB':>8} {'tensors GiB':>11}{header}"
+          "   (CPU / wall / tensors)")  # fmt: skip
     for name, row in loops.items():
         ratios = "".join(
-            f"  {row[f'cpu_speedup_vs_{o}']:>7.2f}x/{row[f'wall_speedup_vs_{o}']:.2f}x" if f"cpu_speedup_vs_{o}" in row
-            else f"  {'':>17}" for o in others
+            f"  {row[f'cpu_speedup_vs_{o}']:>6.2f}x/{row[f'wall_speedup_vs_{o}']:.2f}x/"
+            f"{row[f'working_set_ratio_vs_{o}']:.2f}" if f"cpu_speedup_vs_{o}" in row else f"  {'':>17}" for o in others
         )  # fmt: skip
         print(f"{name:<15} {row['tokens_per_cpu_second']:>10.1f} {row['tokens_per_second']:>10.1f} {row['steps']:>6} "
-              f"{row['peak_memory_gib']:>9.2f}{ratios}")  # fmt: skip
+              f"{row['peak_memory_gib']:>8.2f} {row['working_set_gib']:>11.3f}{ratios}")  # fmt: skip
 
 
 def profile_step(args: argparse.Namespace, work: Path, out: Path) -> None:

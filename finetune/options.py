@@ -8,7 +8,7 @@ from typing import Literal
 
 from ivl.config import option, section
 from ivl.errors import ConfigError
-from ivl.options import EvalSettings, TrainConfig
+from ivl.options import DataConfig, EvalSettings, TrainConfig
 
 
 @dataclass
@@ -43,11 +43,24 @@ class MPOOptions:
             )
 
 
+def refuse_packing(recipe: str, data: DataConfig, unit: str) -> None:
+    """Packing and padding-free rows are SFT's: a recipe whose batches are pairs / prompts refuses them rather than
+    running without them."""
+    for name in ("packing", "padding_free"):
+        if getattr(data, name):
+            raise ConfigError(f"data.{name}: ivl {recipe} does not pack; its batches are {unit}, padded per "
+                              f"micro-batch. Drop data.{name}")  # fmt: skip
+
+
 @dataclass
 class MPOConfig(TrainConfig):
     """`ivl mpo`'s config: the fine-tuning sections plus the MPO loss."""
 
     mpo: MPOOptions = section(MPOOptions)
+
+    def validate(self) -> None:
+        super().validate()
+        refuse_packing("mpo", self.data, "(chosen, rejected) pairs")
 
 
 @dataclass
@@ -128,6 +141,7 @@ class RLConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        refuse_packing("rl", self.data, "prompts with their sampled answers")
         if self.loop.save_every % self.rl.updates_per_batch:
             raise ConfigError("loop.save_every must be a multiple of rl.updates_per_batch (checkpoints fall between "
                               "generation batches)")

@@ -81,6 +81,13 @@ def answer_mask(completion: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
     return (ended_before == 0).long()
 
 
+def answer_texts(tokenizer: Any, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Each sampled answer [N, L] decoded up to and including its end token (`mask`), special tokens left out: what
+    the rewards see. (Decoding the whole row with the tail zeroed would append token 0, "!" in Qwen's vocabulary.)"""
+    return [tokenizer.decode(row[: int(length)], skip_special_tokens=True)
+            for row, length in zip(completion, mask.sum(1), strict=True)]  # fmt: skip
+
+
 @torch.no_grad()
 def sample_answers(model: nn.Module, builder: SampleBuilder, repeated: dict[str, Any], options: Any,
                    device: torch.device, dtype: torch.dtype, seeds: list[int]) -> torch.Tensor:  # fmt: skip
@@ -162,7 +169,7 @@ def make_rollout(run: Any, batch: dict[str, Any], batch_index: int) -> dict[str,
     prompt_length = repeated["input_ids"].shape[1]
     labels = torch.cat([torch.full_like(repeated["input_ids"], IGNORE_INDEX),
                         torch.where(mask.bool(), completion, IGNORE_INDEX)], dim=1)  # fmt: skip
-    texts = run.builder.tokenize.tokenizer.batch_decode(completion * mask, skip_special_tokens=True)
+    texts = answer_texts(run.builder.tokenize.tokenizer, completion, mask)
     scores = [run.reward(batch["questions"][i // len(answers)], text, batch["fields"][i // len(answers)])
               for i, text in enumerate(texts)]  # fmt: skip
     rewards = torch.tensor([total for total, _ in scores])

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from ivl.config import ConfigError, to_dict
 from ivl.data.loader import StepBatchSampler
 from ivl.data.packed_loader import PackedBatches, StreamingSource
+from ivl.data.packing import collate_padding_free
 from ivl.data.samples import SampleBuilder, SFTDataset, collate
 from ivl.evaluate import batch_supervised
 from ivl.finetune.options import SFTConfig
@@ -96,11 +97,12 @@ def setup(config: SFTConfig) -> Run:
     if config.adapter.qlora:
         keep_training_layout(model)  # mid-run evaluation must not repack the 4-bit weights for CPU inference
     enable_gradient_checkpointing(model, config)
-    if config.data.packing:
+    if config.data.packing or config.data.padding_free:
         check_packing_support()
         dense = use_packed_attention(model, config.model.attn_implementation)
         if dense:
-            accelerator.print(f"warning: data.packing: packed rows attend through a dense T x T mask: {dense}")
+            option = "data.packing" if config.data.packing else "data.padding_free"
+            accelerator.print(f"warning: {option}: packed rows attend through a dense T x T mask: {dense}")
     model = apply_trainability(model, modes, config.vision, config.adapter)
     accelerator.print(format_report(trainable_report(model, modes)))
 
@@ -181,7 +183,8 @@ def training_batches(run: Run, state: TrainState) -> Iterator[dict[str, Any]]:
                                start=state.micro_batches)  # fmt: skip
     # Page-locked batches on a GPU: their copies to the device (non-blocking in `model_inputs`) overlap compute.
     loader = DataLoader(run.train_set, batch_sampler=sampler, num_workers=loop.num_workers,
-                        collate_fn=partial(collate, pad_token_id=pad),
+                        collate_fn=partial(collate_padding_free if run.config.data.padding_free else collate,
+                                           pad_token_id=pad),
                         pin_memory=accelerator.device.type == "cuda")  # fmt: skip
     return iter(loader)
 

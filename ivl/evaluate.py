@@ -29,7 +29,7 @@ from ivl.data.samples import (
 from ivl.image import ImageError
 from ivl.losses import SupervisedTokens, supervised_tokens, token_logps
 from ivl.model.adapters import load_trained
-from ivl.model.forward import final_hidden_states, output_layer
+from ivl.model.forward import causal_inputs, final_hidden_states, output_layer
 from ivl.model.load import load_model
 from ivl.model.packed_attention import check_packing_support, packed_forward_inputs, use_packed_attention
 from ivl.model.parts import unwrap
@@ -64,6 +64,8 @@ def batch_supervised(
     inputs = model_inputs({key: value for key, value in batch.items() if key != "labels"}, device, dtype)
     if "position_ids" in batch:
         inputs = packed_forward_inputs(inputs, batch["position_ids"])
+    else:  # right-padded rows: causal attention needs no padding mask for the real tokens
+        inputs = causal_inputs(inputs, batch["attention_mask"])
     return supervised_tokens(final_hidden_states(model, inputs), batch["labels"])
 
 

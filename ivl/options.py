@@ -146,6 +146,9 @@ class DataConfig:
     pack_max_tokens: int = option(8192, "tokens per packed sequence (a longer sample is split between images)")
     pack_max_tiles: int = option(48, "image tiles per packed sequence (data.max_tiles is per image)")
     pack_buffer_size: int = option(64, "unfinished packs kept while searching for the longest sample that fits")
+    padding_free: bool = option(
+        False, "without packing: each micro-batch's samples in one row, each attending only to itself (no padding)"
+    )
 
     def validate(self) -> None:
         from ivl.data.chat import TEMPLATE_CHOICES

@@ -223,8 +223,10 @@ def _moe_items(config, text, moe, model, tokens: int, act_bytes: int, trains: bo
     return items, 2 * moe["active"] * hidden * act_bytes
 
 
-def _llm_items(config, model_config, model, work: Workload, act_bytes: int, device: Device) -> dict[str, float]:
-    """LLM activations (saved for backward), the backward pass's working set, logits and loss buffers."""
+def _llm_items(config, model_config, model, work: Workload, act_bytes: int, device: Device,
+               padding_mask: bool = True) -> dict[str, float]:  # fmt: skip
+    """LLM activations (saved for backward), the backward pass's working set, logits and loss buffers; `padding_mask`:
+    padded batches go through a [B, 1, T, T] mask (SFT's do not: `ivl.model.forward.causal_inputs`)."""
     from ivl.losses import LOGITS_CHUNK_ELEMENTS
 
     text = model_config.text_config
@@ -254,6 +256,7 @@ def _llm_items(config, model_config, model, work: Workload, act_bytes: int, devi
         backward += tokens * per_layer
     items["backward working set"] = backward
     items.update(moe_items)
+    padded_mask = padding_mask and work.rows > 1 and not config.data.packing  # flash_attention_2 unpads instead
     if _attention(config, model_config) == "eager":  # [rows, heads, T, T] scores and probabilities in every layer
         items["attention scores (eager)"] = (
             (layers - checkpointed + (1 if checkpointed else 0) if mode else 1)
@@ -261,7 +264,7 @@ def _llm_items(config, model_config, model, work: Workload, act_bytes: int, devi
         )  # fmt: skip
     elif _packed_dense_mask(config, model_config):
         items["attention mask (packed rows)"] = work.rows * work.tokens_per_row**2  # [B, 1, T, T] bool, shared
-    elif work.rows > 1 and not config.data.packing and _attention(config, model_config) != "flash_attention_2":
+    elif padded_mask and _attention(config, model_config) != "flash_attention_2":
         items["attention mask (padded batch)"] = work.rows * work.tokens_per_row**2  # [B, 1, T, T] bool, shared
     # The memory-lean loss projects one chunk of LOGITS_CHUNK_ELEMENTS // V supervised positions at a time (fp32).
     chunk_rows = min(LOGITS_CHUNK_ELEMENTS // text.vocab_size, tokens)
@@ -292,7 +295,8 @@ def plan_sft(config, device: Device, memory_gib: float, recipe: str = "sft", pai
     act_bytes = ACTIVATION_DTYPE_BYTES[dtype]
     items, model = _parameter_items(config, model_config, dtype)
     items.update(_vision_items(config, model_config, model, work, act_bytes))
-    items.update(_llm_items(config, model_config, model, work, act_bytes, device))
+    # SFT's right-padded batches run without their padding mask; MPO's forward still builds one.
+    items.update(_llm_items(config, model_config, model, work, act_bytes, device, padding_mask=pair_rows))
     plan = Plan(recipe, config.model.name_or_path, device, str(dtype).removeprefix("torch."), vars(work), items,
                 memory_gib)  # fmt: skip
     moe = _moe(model_config.text_config)

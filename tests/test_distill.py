@@ -198,6 +198,32 @@ def test_loss_is_zero_on_a_match_and_weights_patch_and_cls_separately():
         LossConfig(pairs=[[0, 5]]).layer_pairs(2, 4)
 
 
+def test_loss_equals_the_restated_formula_averaged_over_layer_pairs():
+    """Per tile: sum over distances d of w_d * (patch_weight * mean_t d(s_t, t_t) + cls_weight * d(s_cls, t_cls)),
+    then the mean over layer pairs; cosine d = 1 - cos, smooth-L1 d = mean over dims of 0.5 x^2 / beta where
+    |x| < beta, else |x| - beta / 2."""
+    generator = torch.Generator().manual_seed(1)
+    states = [torch.randn(3, 5, 8, generator=generator) for _ in range(2)]
+    targets = [{"patch": torch.randn(3, 4, 8, generator=generator), "cls": torch.randn(3, 8, generator=generator)}
+               for _ in range(2)]  # fmt: skip
+    config = load_config(LossConfig, None, ["cosine_weight=0.7", "smooth_l1_weight=0.3", "smooth_l1_beta=0.5",
+                                            "patch_weight=1.5", "cls_weight=0.25"])  # fmt: skip
+
+    def smooth_l1(a, b):
+        x = (a - b).abs()
+        return torch.where(x < 0.5, 0.5 * x**2 / 0.5, x - 0.25).mean(-1)
+
+    def cosine(a, b):
+        return 1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+    expected = sum(
+        0.7 * (1.5 * cosine(s[:, 1:], t["patch"]).mean(-1) + 0.25 * cosine(s[:, 0], t["cls"]))
+        + 0.3 * (1.5 * smooth_l1(s[:, 1:], t["patch"]).mean(-1) + 0.25 * smooth_l1(s[:, 0], t["cls"]))
+        for s, t in zip(states, targets, strict=True)
+    ) / 2
+    torch.testing.assert_close(distill_loss(states, targets, None, config), expected)
+
+
 def test_data_comes_from_a_folder_a_jsonl_or_the_shapes_generator(tmp_path):
     write_dataset(tmp_path, num_train=3, num_validation=2, width=2 * TILE, height=TILE)
     folder = list_images(str(tmp_path / "images"), 0)

@@ -62,6 +62,7 @@ def test_best_grid_tie_rule_and_spec_example():
         # from both 3x1 and 2x2; 2x2 comes later (more tiles) and wins when the area > 0.5 * 448^2 * 4 = 401,408.
         (1000, 500, (2, 2)),
         (700, 350, (3, 1)),  # 245,000: the earlier 3x1 stays
+        (896, 448, (3, 1)),  # exactly 401,408: not more than half, so the earlier 3x1 stays (a strict comparison)
     ],
 )
 def test_an_exact_tie_goes_to_the_grid_with_more_tiles_only_for_a_large_enough_image(width, height, expected):

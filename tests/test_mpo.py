@@ -84,6 +84,9 @@ def test_mpo_loss_without_shift_equals_trls_sigmoid_bco_pair_sft_combination():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     chosen, rejected = beta * (sequence[:pairs] - ref[:pairs]), beta * (sequence[pairs:] - ref[pairs:])
     assert metrics["rewards_accuracy"].item() == (chosen > rejected).float().mean().item()
+    # At the start the policy is the reference: every reward is 0, and a tie is not a correct ranking (as TRL counts).
+    _, start = mpo_loss(ref[:pairs], ref[pairs:], ref[:pairs], ref[pairs:], sft_loss, beta=beta)
+    assert start["rewards_accuracy"].item() == 0.0 and start["rewards_margin"].item() == 0.0
     assert metrics["reward_sum"].item() == pytest.approx((chosen.sum() + rejected.sum()).item(), rel=1e-6)
     assert metrics["reward_count"].item() == 2 * pairs
 
@@ -319,6 +322,12 @@ def _overrides(pairs, out):
     return [f"data.train={config.data.train}", "data.max_tiles=1", "data.use_thumbnail=false", "model.dtype=float32",
             "adapter.dropout=0", "optim.lr=5e-3", "optim.warmup_ratio=0", "loop.max_steps=2", "loop.log_every=1",
             "loop.num_workers=0", "loop.batch_size=4", f"loop.output_dir={out}"]  # fmt: skip
+
+
+@pytest.mark.parametrize("option", ["data.packing=true", "data.padding_free=true"])
+def test_packing_options_are_refused_not_ignored(pairs, tmp_path, option):
+    with pytest.raises(ConfigError, match=r"ivl mpo does not pack"):
+        tiny_mpo(pairs, tmp_path, option, "loop.max_steps=2")
 
 
 def test_continuing_an_sft_adapter_uses_it_as_the_reference(pairs, shapes, tmp_path):

@@ -11,6 +11,7 @@ from ivl.model.load import ModelConfig, load_model
 from ivl.model.packed_attention import (
     PACKED_EAGER,
     PACKED_SDPA,
+    _packed_attention,
     dense_mask_reason,
     packed_forward_inputs,
     sequence_lengths,
@@ -154,3 +155,21 @@ def test_sft_warns_when_packing_runs_through_a_dense_mask(shapes, tmp_path, caps
     run_sft(load_config(SFTConfig, None, overrides))
     warned = "warning: data.packing: packed rows attend through a dense T x T mask" in capsys.readouterr().out
     assert warned == (attention == "eager")
+
+
+@pytest.mark.parametrize("length", [4, 5, 6, 9])
+def test_sdpa_sub_samples_keep_a_sliding_window(length):
+    """A sub-sample of an sdpa family with a sliding window of 4 (a query sees itself and the 3 keys before it),
+    at, just past and well past the window, equals softmax attention under that mask restated."""
+    generator = torch.Generator().manual_seed(length)
+    query, key, value = (torch.randn(1, 2, length, 8, generator=generator) for _ in range(3))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, True
+    bounds = torch.tensor([0, length], dtype=torch.int32)
+    output, _ = _packed_attention(eager=False)(module, query, key, value, None, sliding_window=4,
+                                               cu_seq_lens_q=bounds, scaling=8**-0.5)  # fmt: skip
+    positions = torch.arange(length)
+    allowed = (positions[None, :] <= positions[:, None]) & (positions[:, None] - positions[None, :] < 4)
+    scores = (query @ key.transpose(-1, -2) * 8**-0.5).masked_fill(~allowed, float("-inf"))
+    expected = (scores.softmax(-1) @ value).transpose(1, 2)
+    torch.testing.assert_close(output, expected)

@@ -94,6 +94,14 @@ def test_packer_respects_both_budgets_a_bounded_buffer_and_packs_every_sample_on
     assert real / (len(packs) * 128) > 0.8  # it does pack (one sample per sequence would be ~0.3)
 
 
+def test_an_entry_that_fills_both_budgets_exactly_is_merged_and_the_full_pack_emitted_at_once():
+    budget = PackBudget(max_tokens=20, max_tiles=2, buffer_size=5)
+    packer = Packer(budget, START, END)
+    assert packer.add(0, synthetic([4], [1])) == []  # 10 tokens, 1 tile: waits in the buffer
+    (pack,) = packer.add(1, synthetic([4], [1]))  # fits exactly beside it (10 + 10 tokens, 1 + 1 tiles)
+    assert [item.position for item in pack] == [0, 1] and packer.buffer == []
+
+
 def test_packer_state_restores_the_same_packs():
     samples = _random_samples(120, seed=2)
     budget = PackBudget(max_tokens=128, max_tiles=6, buffer_size=8)

@@ -46,8 +46,7 @@ def _restated_1b_items(rows: int) -> dict[str, float]:
         "llm activations": (LLM_LAYERS + 2) * tokens * LLM_WIDTH * act,
         "logits + loss (one chunk)": 3 * (2**25 // VOCAB) * VOCAB * 4,  # 3 live copies of one fp32 chunk
     }
-    if rows > 1:
-        items["attention mask (padded batch)"] = rows * 8192**2  # [B, 1, T, T] bool
+    # No [B, 1, T, T] padding mask at any batch size: SFT's right-padded rows attend causally without one.
     return items
 
 
@@ -113,6 +112,9 @@ def test_mpo_doubles_the_llm_rows_but_not_the_tiles(tmp_path):
     assert mpo.workload["rows"] == 2 * sft.workload["rows"] and mpo.workload["tiles"] == sft.workload["tiles"]
     assert mpo.items["llm activations"] == pytest.approx(2 * sft.items["llm activations"])
     assert "reference forward (no grad)" in mpo.items
+    # MPO's forward passes its padding mask; SFT's right-padded batches run without one (ivl.model.forward).
+    assert mpo.items["attention mask (padded batch)"] == mpo.workload["rows"] * 8192**2
+    assert "attention mask (padded batch)" not in sft.items
 
 
 def test_distillation_offline_needs_no_teacher():

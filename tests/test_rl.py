@@ -16,8 +16,8 @@ from ivl.data.samples import SampleBuilder, load_records
 from ivl.data.shapes import write_split
 from ivl.finetune.options import RLConfig
 from ivl.finetune.rl import run_rl
-from ivl.finetune.rollout import PromptDataset
-from ivl.model.load import load_model_config, load_tokenizer
+from ivl.finetune.rollout import PromptDataset, answer_mask, answer_texts
+from ivl.model.load import ModelConfig, load_model_config, load_tokenizer
 from tests.helpers import torchrun
 
 
@@ -83,6 +83,9 @@ def test_config_errors(shapes, tmp_path):
         tiny_rl(shapes, tmp_path, "rl.updates_per_batch=2", "loop.save_every=3")
     with pytest.raises(ConfigError, match="num_generations"):
         tiny_rl(shapes, tmp_path, "rl.num_generations=1")
+    for option in ("data.packing=true", "data.padding_free=true"):  # options RL would otherwise ignore
+        with pytest.raises(ConfigError, match=r"ivl rl does not pack"):
+            tiny_rl(shapes, tmp_path, option, "loop.max_steps=2")
 
 
 def _prompt_rows(shapes, path, with_answer=True):
@@ -168,3 +171,14 @@ def test_a_moe_llm_trains_on_its_routers_load_balancing_loss(shapes, tmp_path):
     assert all(r["zero_variance_groups"] == 1 and r["loss"] == 0 and r["router_aux_loss"] > 0 for r in steps)
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any("lora_B" in key and adapter[key].abs().sum() > 0 for key in adapter)
+
+
+def test_rewards_see_each_answer_up_to_its_end_token_and_nothing_after():
+    """Generation pads a finished answer's tail; what is scored stops at the end token (token 0 of the tail would
+    decode as "!" in Qwen's vocabulary)."""
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="preset:tiny"))
+    words = tokenizer("red circle", add_special_tokens=False)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    completion = torch.tensor([[*words, end, tokenizer.pad_token_id, 0], [*words, 0, 0, 0]])
+    mask = answer_mask(completion, [end])
+    assert answer_texts(tokenizer, completion, mask) == ["red circle", "red circle!!!"]

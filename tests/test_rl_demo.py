@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ivl.config import load_config
-from ivl.data.shapes import QUADRANTS, QUESTION_KINDS, RL_KIND, make_kind_sample, make_sample
+from ivl.data.shapes import QUADRANTS, QUESTION_KINDS, RL_KINDS, make_kind_sample, make_sample
 from ivl.demo.pretrain import demo_base_path
 from ivl.demo.rl import write_rl_demo_data
 from ivl.finetune.options import RLConfig
@@ -20,11 +20,20 @@ from ivl.finetune.rollout import eval_metrics, score_answers
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rl" / "demo.yaml"
 
 
-def test_the_rl_kind_asks_the_shape_of_the_object_of_a_colour():
+def test_the_rl_kinds_name_an_object_by_one_attribute_and_ask_another():
     for index in range(40):
-        sample = make_kind_sample("validation", index, RL_KIND, 32, 32)
+        sample = make_kind_sample("validation", index, "shape_of_color", 32, 32)
         color = sample.question.split("What shape is the ")[1].split(" object?")[0]
         assert [o.shape for o in sample.objects if o.color == color] == [sample.answer]
+        sample = make_kind_sample("validation", index, "color_of_shape", 32, 32)
+        shape = sample.question.split("What color is the ")[1].split("?")[0]
+        assert [o.color for o in sample.objects if o.shape == shape] == [sample.answer]
+        sample = make_kind_sample("validation", index, "where_shape", 32, 32)
+        shape = sample.question.split("Where is the ")[1].split("?")[0]
+        assert [QUADRANTS[o.quadrant] for o in sample.objects if o.shape == shape] == [sample.answer]
+    # each new kind asks about other images than the others
+    images = [make_kind_sample("train", 7, kind, 32, 32).image.tobytes() for kind in RL_KINDS]
+    assert len(set(images)) == len(RL_KINDS)
     # The SFT kinds are the SFT demo's own questions: kind k's question i is make_sample's 4 i + k.
     for kind in QUESTION_KINDS:
         assert make_kind_sample("train", 5, kind, 32, 32).question == make_sample("train", 20 + QUESTION_KINDS.index(
@@ -59,9 +68,9 @@ def test_per_kind_held_out_metrics_on_a_hand_built_case():
 def test_the_demo_config_and_data_run_end_to_end(tmp_path):
     train, validation = write_rl_demo_data(tmp_path / "data", num_train=8, num_validation=2)
     rows = [json.loads(line) for line in validation.read_text().splitlines()]
-    assert sorted(row["kind"] for row in rows) == sorted([RL_KIND, *QUESTION_KINDS] * 2)
-    rows = [json.loads(line) for line in train.read_text().splitlines()]  # the new kind, rehearsal of the SFT kinds 1:1
-    assert sorted(row["kind"] for row in rows) == sorted([RL_KIND] * 8 + [*QUESTION_KINDS] * 2)
+    assert sorted(row["kind"] for row in rows) == sorted([*RL_KINDS, *QUESTION_KINDS] * 2)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]  # new kinds, SFT kinds 1:1
+    assert sorted(row["kind"] for row in rows) == sorted([*RL_KINDS] * 8 + [*QUESTION_KINDS] * 6)
     config = load_config(RLConfig, CONFIG, [
         f"model.name_or_path={demo_base_path()}", f"data.train={train}", f"data.validation={validation}",
         f"loop.output_dir={tmp_path / 'run'}", "loop.max_steps=2", "loop.batch_size=2", "loop.log_every=1",
@@ -71,10 +80,10 @@ def test_the_demo_config_and_data_run_end_to_end(tmp_path):
     evaluations = [r for r in records if "eval_reward" in r]
     assert [r["step"] for r in evaluations] == [0, 2]
     assert [r["step"] for r in records if "reward" in r] == [1, 2]
-    for kind in (RL_KIND, *QUESTION_KINDS):
+    for kind in (*RL_KINDS, *QUESTION_KINDS):
         assert f"eval_exact_match/{kind}" in result.metrics and f"eval_reward_change/{kind}" in result.metrics
     # Two questions of each kind: the overall mean is the mean of the kinds' means.
-    kinds = [result.metrics[f"eval_exact_match/{kind}"] for kind in (RL_KIND, *QUESTION_KINDS)]
+    kinds = [result.metrics[f"eval_exact_match/{kind}"] for kind in (*RL_KINDS, *QUESTION_KINDS)]
     assert result.metrics["eval_exact_match"] == pytest.approx(sum(kinds) / len(kinds))
 
 

@@ -123,3 +123,19 @@ def test_clipping_is_active_on_these_inputs():
     token = clipped_policy_loss(logps, old, advantages, mask, level="token", eps_low=0.2, eps_high=0.28)
     sequence = clipped_policy_loss(logps, old, advantages, mask, level="sequence", eps_low=3e-4, eps_high=4e-4)
     assert 0 < token.clipped.sum() and 0 < sequence.clipped.sum()
+
+
+@pytest.mark.parametrize("level,eps_low,eps_high", [("token", 0.2, 0.28), ("sequence", 3e-4, 4e-4)])
+def test_clipped_share_counts_only_the_clips_that_bind(level, eps_low, eps_high):
+    """The logged share: a token (or answer) counts when the clip takes effect in min(w A, clip(w) A), i.e. w below
+    1 - eps_low with A < 0, or w above 1 + eps_high with A > 0 (TRL's low / high clip ratios), over answer tokens."""
+    logps, old, _, mask, advantages = _inputs(seed=3)
+    result = clipped_policy_loss(logps, old, advantages, mask, level=level, eps_low=eps_low, eps_high=eps_high)
+    delta = (logps - old).detach()
+    if level == "sequence":
+        delta = ((delta * mask).sum(1) / mask.sum(1)).unsqueeze(1).expand_as(mask)
+    ratio, adv = delta.exp(), advantages.unsqueeze(1).expand_as(mask)
+    binds = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    expected = (binds.float() * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(result.clipped, expected)
+    assert 0 < expected.sum() < expected.numel()

@@ -19,10 +19,12 @@ def test_final_answer_prefers_answer_tags_then_text_after_think():
     assert final_answer("<think>maybe A</think> <answer> B </answer>") == "B"
     assert final_answer("<think>it is 3</think>\n\nfour") == "four"
     assert final_answer("plain") == "plain"
+    assert final_answer("<answer>A</answer> no, wait: <answer>C</answer>") == "C"  # the last answer given counts
 
 
 @pytest.mark.parametrize("answer,score", [("Top left.", 1.0), ("<think>hmm</think>\ntop  LEFT", 1.0),
-                                          ("top right", 0.0), ("the top left", 0.0)])
+                                          ("top right", 0.0), ("the top left", 0.0),
+                                          ('"top left"', 1.0), ("'Top left!'", 1.0)])
 def test_exact_match(answer, score):
     assert exact_match("where?", answer, {"answer": "top left"}) == score
 

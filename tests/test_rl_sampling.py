@@ -37,6 +37,13 @@ def test_keyed_draws_follow_top_p():
     assert frequencies[:2] == pytest.approx(torch.tensor([0.625, 0.375]), abs=0.02)
 
 
+def test_temperature_applies_before_top_p():
+    """As `generate(do_sample=True)` orders them: logits (2, 1, 0) at T = 0.5 have probabilities (0.867, 0.117, 0.016),
+    so top_p = 0.8 keeps the first token alone (top-p first would keep two: 0.665 < 0.8 at T = 1)."""
+    frequencies = _frequencies(torch.tensor([[2.0, 1.0, 0.0]]), 0.5, 0.8, 2000)
+    assert frequencies.tolist() == [1.0, 0.0, 0.0]
+
+
 def test_answer_seeds_differ_per_key():
     keys = [(s, b, p, k) for s in (0, 1) for b in (0, 1) for p in (0, 1) for k in (0, 1)]
     assert len({answer_seed(*key) for key in keys}) == len(keys)

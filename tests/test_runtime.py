@@ -3,6 +3,7 @@
 import itertools
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from ivl.data.loader import StepBatchSampler
 from ivl.losses import token_cross_entropy
 from ivl.model.checkpoint import CheckpointError, list_checkpoints, resolve_resume
 from ivl.model.integrity import write_manifest
-from ivl.runtime import LoopConfig, make_accelerator, plot_curves
+from ivl.options import OptimConfig
+from ivl.runtime import LoopConfig, build_scheduler, make_accelerator, plot_curves
 
 
 def take(sampler, count):
@@ -92,3 +94,22 @@ def test_only_the_bitsandbytes_kernel_hub_notice_is_filtered(caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "no kernels")
         logger.warning("Linear4bit: something that matters")
     assert [record.getMessage() for record in caplog.records] == ["Linear4bit: something that matters"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedules_warm_up_over_the_rounded_up_share_of_steps_then_follow_their_formula(schedule):
+    """warmup w = ceil(0.05 x 30) = 2 steps (as transformers' Trainer rounds): lr(s) = s / w for s < w; then cosine
+    min + (1 - min) (1 + cos(pi (s - w) / (T - w))) / 2 with min = 0.1, linear (T - s) / (T - w), or constant 1."""
+    total, warmup, floor = 30, 2, 0.1
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, OptimConfig(schedule=schedule, warmup_ratio=0.05, min_lr_ratio=floor), total)
+    after = {
+        "cosine": lambda s: floor + (1 - floor) * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) / 2,
+        "linear": lambda s: (total - s) / (total - warmup),
+        "constant": lambda s: 1.0,
+    }[schedule]
+    for step in range(total):
+        expected = step / warmup if step < warmup else after(step)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-9), step
+        optimizer.step()
+        scheduler.step()

@@ -248,3 +248,15 @@ def collate_packs(packs: list[list[PackItem]], pad_token_id: int) -> dict[str, A
         "num_skipped": 0,
         "locations": list(dict.fromkeys(item.sample.get("location", "?") for pack in packs for item in pack)),
     }
+
+
+def collate_padding_free(samples: list[dict[str, Any] | None], pad_token_id: int) -> dict[str, Any]:
+    """A micro-batch's samples in one row, each an isolated sub-sample (`collate_packs` of a single pack): the same
+    samples per step as `ivl.data.samples.collate`, without its padding, so no padded position is computed. Rows the
+    builder skipped (None) are counted in `num_skipped` as `collate` does."""
+    kept = [sample for sample in samples if sample is not None]
+    if not kept:
+        return {"num_skipped": len(samples), "input_ids": None}
+    pack = [PackItem(index, 0, sample, supervised_targets(sample["labels"])) for index, sample in enumerate(kept)]
+    return {**collate_packs([pack], pad_token_id), "num_skipped": len(samples) - len(kept)}
+

@@ -33,9 +33,11 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "diamond")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_KINDS = ("color", "shape", "count", "position")
-# A kind outside the `vqa` rotation, asked of the same scenes ("What shape is the red object?"): the RL demo
-# (`ivl.demo.rl`) trains on it. The SFT demo never asks it, so its model answers it only partly.
-RL_KIND = "shape_of_color"
+# Kinds outside the `vqa` rotation, asked of the same scenes, that name an object by one attribute and ask another:
+# "What shape is the red object?", "What color is the circle?", "Where is the circle?". The RL demo (`ivl.demo.rl`)
+# trains on them; the SFT demo never asks them, so its model answers them badly, often with the wrong kind of answer
+# (a position for a shape, a count for a place), and which of them it gets wrong varies from one SFT run to another.
+RL_KINDS = ("shape_of_color", "color_of_shape", "where_shape")
 TASKS = ("vqa", "describe", "describe_places")
 PLACE_SHARE = 0.3  # task `describe_places`: the share of descriptions that name their object by its quadrant
 ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -105,8 +107,12 @@ def _scene_and_question(rng: np.random.Generator, kind: str) -> tuple[list[Shape
         return objects, f"What shape is the object at the {where}?", subject.shape
     if kind == "count":
         return objects, "How many objects are there?", str(num_objects)
-    if kind == RL_KIND:
+    if kind == "shape_of_color":
         return objects, f"What shape is the {subject.color} object?", subject.shape
+    if kind == "color_of_shape":
+        return objects, f"What color is the {subject.shape}?", subject.color
+    if kind == "where_shape":
+        return objects, f"Where is the {subject.shape}?", where
     return objects, f"Where is the {subject.color} {subject.shape}?", where
 
 
@@ -150,12 +156,12 @@ def make_sample(split: str, index: int, width: int = 448, height: int = 448) -> 
 
 def make_kind_sample(split: str, index: int, kind: str, width: int = 448, height: int = 448) -> ShapesSample:
     """Question `index` of `kind` in `split`: for a `vqa` kind the same sample as `make_sample` (every 4th index), for
-    RL_KIND its own random stream (other images)."""
+    each of RL_KINDS a random stream of its own (other images)."""
     if kind in QUESTION_KINDS:
         return make_sample(split, QUESTION_KINDS.index(kind) + len(QUESTION_KINDS) * index, width, height)
-    if kind != RL_KIND or split not in SPLIT_SEEDS:
-        raise ValueError(f"kind must be one of {(*QUESTION_KINDS, RL_KIND)} and split one of {sorted(SPLIT_SEEDS)}")
-    rng = np.random.default_rng([SPLIT_SEEDS[split], index, 3])
+    if kind not in RL_KINDS or split not in SPLIT_SEEDS:
+        raise ValueError(f"kind must be one of {(*QUESTION_KINDS, *RL_KINDS)} and split one of {sorted(SPLIT_SEEDS)}")
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index, 3 + RL_KINDS.index(kind)])
     objects, question, answer = _scene_and_question(rng, kind)
     return ShapesSample(render(objects, width, height, rng), question + ANSWER_SUFFIX, answer, kind, objects)
 
