@@ -28,6 +28,27 @@ def test_description_samples_name_what_is_in_the_scene():
     assert make_description_sample("train", 0, 64, 64).objects != make_sample("train", 0, 64, 64).objects
 
 
+def test_place_descriptions_name_the_object_in_that_quadrant_and_leave_the_other_samples_alone():
+    from ivl.data.shapes import PLACE_SHARE, QUADRANTS
+
+    named = 0
+    for index in range(200):
+        sample = make_description_sample("train", index, 32, 32, places=True)
+        plain = make_description_sample("train", index, 32, 32)
+        assert sample.objects == plain.objects  # the same scene either way
+        if sample.question.startswith("Describe the object at the "):
+            named += 1
+            (subject,) = [
+                o for o in sample.objects if sample.question == f"Describe the object at the {QUADRANTS[o.quadrant]}."
+            ]
+            article = "an" if subject.color == "orange" else "a"
+            where = QUADRANTS[subject.quadrant]
+            assert sample.answer == f"{article} {subject.color} {subject.shape} at the {where}"
+        else:
+            assert (sample.question, sample.answer) == (plain.question, plain.answer)
+    assert abs(named / 200 - PLACE_SHARE) < 0.1
+
+
 def test_each_question_is_answered_by_its_scene_and_answers_are_balanced():
     from collections import Counter
 

@@ -7,7 +7,9 @@ validation use disjoint seeds, and sample i is the same whatever the number of s
 so chance accuracy is at most 1/4.
 
 Task `describe` is what the shipped demo base model was pre-trained on (`ivl.demo.pretrain`): descriptions of the whole
-scene, of the object of one colour or of the objects of one shape, on other images than the `vqa` task's.
+scene, of the object of one colour or of the objects of one shape, on other images than the `vqa` task's; task
+`describe_places`, its last pre-training run, also names objects by their quadrant ("Describe the object at the top
+left.").
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ QUESTION_KINDS = ("color", "shape", "count", "position")
 # trains on them; the SFT demo never asks them, so its model answers them badly, often with the wrong kind of answer
 # (a position for a shape, a count for a place), and which of them it gets wrong varies from one SFT run to another.
 RL_KINDS = ("shape_of_color", "color_of_shape", "where_shape")
-TASKS = ("vqa", "describe")
+TASKS = ("vqa", "describe", "describe_places")
+PLACE_SHARE = 0.3  # task `describe_places`: the share of descriptions that name their object by its quadrant
 ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 SPLIT_SEEDS = {"train": 0, "validation": 1}
 
@@ -180,16 +183,24 @@ def _quadrant(obj: ShapeObject) -> int:
     return obj.quadrant
 
 
-def make_description_sample(split: str, index: int, width: int = 448, height: int = 448) -> ShapesSample:
+def make_description_sample(
+    split: str, index: int, width: int = 448, height: int = 448, places: bool = False
+) -> ShapesSample:
     """Sample `index` of the `describe` task: "Describe the image." or a description of the objects named by one
     colour or one shape ("Describe the circles." where shapes repeat). Its own random stream: other images than
-    `make_sample`'s."""
+    `make_sample`'s. With `places` (task `describe_places`), a share of the samples (PLACE_SHARE, drawn from a stream
+    of its own, so the other samples stay as they were) names its object by its quadrant instead ("Describe the
+    object at the top left.")."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     rng = np.random.default_rng([SPLIT_SEEDS[split], index, 1])
     scene_kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
     objects, _, _ = _attribute_scene_and_question(rng, scene_kind)
     image = render(objects, width, height, rng)
+    if places and np.random.default_rng([SPLIT_SEEDS[split], index, 2]).random() < PLACE_SHARE:
+        subject = objects[int(rng.integers(len(objects)))]
+        question = f"Describe the object at the {QUADRANTS[subject.quadrant]}."
+        return ShapesSample(image, question, describe([subject]), "describe", objects)
     target = int(rng.integers(2 if scene_kind == "count" else 3))
     if target == 0:
         return ShapesSample(image, "Describe the image.", describe(objects), "describe", objects)
@@ -208,9 +219,11 @@ def generate(
 ) -> Iterator[ShapesSample]:
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    make = make_sample if task == "vqa" else make_description_sample
     for index in range(num_samples):
-        yield make(split, index, width, height)
+        if task == "vqa":
+            yield make_sample(split, index, width, height)
+        else:
+            yield make_description_sample(split, index, width, height, places=task == "describe_places")
 
 
 def write_split(
