@@ -161,6 +161,8 @@ class DataConfig:
             raise ConfigError(f"max_length: {self.max_length} is too short for any chat sample")
         if not 1 <= self.num_video_frames <= 64:
             raise ConfigError("num_video_frames: use 8-32 frames as InternVL does")
+        if self.packing and self.padding_free:
+            raise ConfigError("data.padding_free is for runs without packing (packed rows have no padding); set one")
         if self.packing:
             self._validate_packing()
 

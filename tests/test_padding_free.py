@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ivl.config import load_config
+from ivl.config import ConfigError, load_config
 from ivl.data.packing import collate_padding_free
 from ivl.data.samples import DataConfig, SampleBuilder, SFTDataset, collate, load_records
 from ivl.evaluate import batch_logps
@@ -68,3 +68,8 @@ def test_sft_run_padding_free_gives_the_padded_runs_losses(shapes, tmp_path, mon
     assert not rows
     assert losses(tmp_path / "free", "data.padding_free=true") == pytest.approx(padded, abs=1e-5)
     assert rows and set(rows) == {4}  # 4 samples per micro-batch went into one row
+
+
+def test_padding_free_with_packing_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="padding_free is for runs without packing"):
+        load_config(DataConfig, None, ["packing=true", "padding_free=true"])
