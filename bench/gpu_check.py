@@ -30,6 +30,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -265,28 +266,44 @@ def main(argv: list[str] | None = None) -> Path:
     env = environment(args.device)
     print(json.dumps(env))
     started, cases = time.perf_counter(), DRY_CASES if args.dry else CASES
-    results = []
+    summary = {**env, "dry": args.dry, "steps": args.steps, "batch_size": args.batch_size, "seconds": 0.0,
+               "sources": SOURCES, "cases": [], "loss_kernels": None}  # fmt: skip
+    if args.dry:
+        summary["note"] = "dry mode: tiny models on CPU, 1 step each; the figures check the code path, not speed"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = results_path(args.out, env["device"])
     with tempfile.TemporaryDirectory(prefix="ivl-gpu-check-") as tmp:
         for case in cases:
             reason = skip_reason(case, env, started, args.budget_s)
             if reason:
                 print(f"[{case}] skipped: {reason}")
-                results.append({"case": " ".join(map(str, case)), "skipped": reason})
+                summary["cases"].append({"case": " ".join(map(str, case)), "skipped": reason})
                 continue
-            results.append(run_case(case, args, Path(tmp), env))
-    losses = loss_kernels(args.device, args.dry)
-    print(f"[loss kernels] {json.dumps(losses)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = results_path(args.out, env["device"])
-    summary = {**env, "dry": args.dry, "steps": args.steps, "batch_size": args.batch_size,
-               "seconds": time.perf_counter() - started, "sources": SOURCES, "cases": results,
-               "loss_kernels": losses}  # fmt: skip
-    if args.dry:
-        summary["note"] = "dry mode: tiny models on CPU, 1 step each; the figures check the code path, not speed"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+            try:
+                summary["cases"].append(run_case(case, args, Path(tmp), env))
+            except Exception as error:  # a lent GPU is scarce: one broken case must not cost the others' figures
+                traceback.print_exc()
+                summary["cases"].append({"case": " ".join(map(str, case)), "error": f"{type(error).__name__}: {error}"})
+                release()
+            write_summary(path, summary, started)  # after every case: a run cut off by its time limit keeps its figures
+    summary["loss_kernels"] = loss_kernels(args.device, args.dry)
+    print(f"[loss kernels] {json.dumps(summary['loss_kernels'])}")
+    write_summary(path, summary, started)
     print(f"wrote {path}")
     return path
 
 
+def write_summary(path: Path, summary: dict[str, Any], started: float) -> None:
+    summary["seconds"] = time.perf_counter() - started
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def failed_cases(path: Path) -> list[str]:
+    return [case["case"] for case in json.loads(path.read_text())["cases"] if "error" in case]
+
+
 if __name__ == "__main__":
-    main()
+    failed = failed_cases(main())
+    if failed:
+        print(f"gpu_check: {len(failed)} case(s) failed: {', '.join(failed)} (errors in the JSON)", file=sys.stderr)
+        sys.exit(1)

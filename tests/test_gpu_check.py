@@ -60,3 +60,21 @@ def test_the_proportional_bench_model_keeps_internvl3_2b_shares_and_the_heavy_on
                 and abs(scaled["lm_head_share_of_llm_forward"] - real["lm_head_share_of_llm_forward"]) < 0.02
             )
             assert close == (bench_model == "proportional"), (bench_model, scaled, real)
+
+
+def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    ran = []
+
+    def run_case(case, *rest):
+        ran.append(case)
+        if case == gpu_check.DRY_CASES[0]:
+            raise RuntimeError("CUDA out of memory")
+        return {"case": " ".join(map(str, case))}
+
+    monkeypatch.setattr(gpu_check, "run_case", run_case)
+    path = gpu_check.main(["--dry", "--out", str(tmp_path)])
+    assert ran == gpu_check.DRY_CASES  # the cases after the failure ran too
+    first, *rest = json.loads(path.read_text())["cases"]
+    assert first["error"] == "RuntimeError: CUDA out of memory" and all("error" not in case for case in rest)
+    assert gpu_check.failed_cases(path) == [first["case"]]
