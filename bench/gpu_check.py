@@ -12,10 +12,10 @@ bitsandbytes imports. Per case:
   peak memory from `torch.cuda.max_memory_allocated` / `max_memory_reserved` over all its steps;
 - predicted: `ivl.plan.plan_sft` for the same config (its total, in GiB, on the device's memory);
 - padded / trl (LoRA, packing off): `bench/sft_throughput.py`'s plain padded Accelerate loop and TRL's SFTTrainer
-  (TRL's defaults, gradient checkpointing included) on the same padded batches; skipped with a note where
+  (gradient checkpointing as `--checkpointing` sets it for all three) on the same padded batches; skipped where
   trl / datasets do not import.
 
-tokens/s counts real (non-pad) tokens over the steps after the first (a warm-up), between CUDA synchronisations.
+tokens/s counts real (non-pad) tokens of a second pass over the batches (the first warms up), between CUDA syncs.
 Every contender that cannot run is kept in the JSON with the reason. Nothing here is tuned to a device.
 """
 
@@ -52,12 +52,14 @@ SOURCES = {
     "predicted.total_gib": "ivl.plan.plan_sft on the case's config (the device's memory as the card size)",
     "*.peak_allocated_gib": "torch.cuda.max_memory_allocated over all of the contender's steps (warm-up included)",
     "*.peak_reserved_gib": "torch.cuda.max_memory_reserved over the same steps",
-    "*.tokens_per_second": "real (non-pad) tokens / wall seconds of the steps after the first, between CUDA syncs",
+    "*.tokens_per_second": "real (non-pad) tokens / wall seconds of a second pass over the"
+    " same batches (the first pass warms up), between CUDA syncs",
     "ours": "ivl.finetune.sft setup + optimizer_step",
     "padded": "bench/sft_throughput.py Padded: HF forward with labels on padded batches, Accelerate, AdamW",
     "loss_kernels": "ivl.losses.linear_cross_entropy (loss.kernel=torch / liger) vs F.cross_entropy on full logits:"
     " relative errors of the loss and of the gradient w.r.t. the hidden states, wall seconds of forward + backward",
-    "trl": "bench/sft_throughput.py TRL: SFTTrainer with its defaults (gradient checkpointing on) on the same batches",
+    "trl": "bench/sft_throughput.py TRL: SFTTrainer on the same batches, gradient checkpointing as"
+    " the run's gradient_checkpointing (as in ours and padded)",
 }
 
 
@@ -90,7 +92,8 @@ def case_overrides(case: tuple[str, str, bool], args: argparse.Namespace, data: 
                  f"model.attn_implementation={attention}", f"data.train={data}", "data.max_tiles=6",
                  f"adapter.qlora={str(method == 'qlora').lower()}", "adapter.dropout=0", "optim.lr=1e-5",
                  "optim.warmup_ratio=0", f"loop.batch_size={args.batch_size}", f"loop.max_steps={10**6}",
-                 f"loop.output_dir={out}", "loop.num_workers=0", "loop.resume=never"]  # fmt: skip
+                 f"loop.output_dir={out}", "loop.num_workers=0", "loop.resume=never",
+                 f"llm.gradient_checkpointing={str(args.checkpointing).lower()}"]  # fmt: skip
     if packing:
         overrides += ["data.packing=true", f"data.pack_max_tokens={args.pack_tokens}", "data.pack_max_tiles=48"]
     return overrides
@@ -152,19 +155,19 @@ def skip_reason(case: tuple[str, str, bool], env: dict, started: float, budget_s
 
 
 def timed(train, batches: list[dict[str, Any]], device: str) -> dict[str, Any]:
-    """Train `batches` one step each (`train(list) -> seconds`); peak memory over all of them, tokens/s after the
-    first (a warm-up) unless there is only one."""
+    """Train `batches` one step each (`train(list) -> seconds`), twice: the first pass is a warm-up (every batch
+    shape meets its kernels and allocator blocks once), tokens/s from the second; peak memory over both. The CPU
+    dry mode checks the code path only: one pass."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    warmup = batches[:1] if len(batches) > 1 else []
+    warmup = device == "cuda"
     if warmup:
-        train(warmup)
-    counted = batches[len(warmup) :]
-    seconds = train(counted)
-    tokens = sum(map(real_tokens, counted))
-    row = {"steps": len(batches), "timed_steps": len(counted), "tokens": tokens, "seconds": seconds,
-           "tokens_per_second": tokens / seconds}  # fmt: skip
+        train(batches)
+    seconds = train(batches)
+    tokens = sum(map(real_tokens, batches))
+    row = {"steps": len(batches), "timed_steps": len(batches), "warmup_steps": len(batches) * warmup,
+           "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}  # fmt: skip
     if device == "cuda":
         row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
@@ -204,8 +207,8 @@ def run_case(case: tuple[str, str, bool], args: argparse.Namespace, work: Path, 
     del ours
     release()
     if method == "lora" and not packing:
-        contenders = {"padded": lambda: Padded(overrides, args.device),
-                      "trl": lambda: TRL(overrides, args.device, work / "trl")}  # fmt: skip
+        contenders = {"padded": lambda: Padded(overrides, args.device, args.checkpointing),
+                      "trl": lambda: TRL(overrides, args.device, work / "trl", args.checkpointing)}  # fmt: skip
         for contender, build in contenders.items():
             if contender == "trl" and not env["trl"]:
                 result[contender] = {"skipped": "trl / datasets do not import here (carry their wheels)"}
@@ -247,6 +250,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per contender (the first is a warm-up)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--pack-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="gradient checkpointing of the LLM in every loop (TRL's default is on; ours' is off)",
+    )
     parser.add_argument("--budget-s", type=float, default=420.0, help="cases not started by then are skipped")
     args = parser.parse_args(argv)
     if args.dry:
@@ -266,12 +274,13 @@ def main(argv: list[str] | None = None) -> Path:
     env = environment(args.device)
     print(json.dumps(env))
     started, cases = time.perf_counter(), DRY_CASES if args.dry else CASES
-    summary = {**env, "dry": args.dry, "steps": args.steps, "batch_size": args.batch_size, "seconds": 0.0,
+    summary = {**env, "dry": args.dry, "steps": args.steps, "batch_size": args.batch_size,
+               "gradient_checkpointing": args.checkpointing, "seconds": 0.0,
                "sources": SOURCES, "cases": [], "loss_kernels": None}  # fmt: skip
     if args.dry:
         summary["note"] = "dry mode: tiny models on CPU, 1 step each; the figures check the code path, not speed"
     args.out.mkdir(parents=True, exist_ok=True)
-    path = results_path(args.out, env["device"])
+    path = results_path(args.out, env["device"] + ("_checkpointing" if args.checkpointing else ""))
     with tempfile.TemporaryDirectory(prefix="ivl-gpu-check-") as tmp:
         for case in cases:
             reason = skip_reason(case, env, started, args.budget_s)
