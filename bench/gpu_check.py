@@ -50,6 +50,8 @@ DRY_CASES = [("tiny-112", "lora", False), ("tiny-112", "lora", True), ("tiny-112
 # Where each figure of the JSON comes from (printed with every figure too).
 SOURCES = {
     "predicted.total_gib": "ivl.plan.plan_sft on the case's config (the device's memory as the card size)",
+    "predicted_at_longest_row.total_gib": "ivl.plan.plan_sft with data.max_length (packing: data.pack_max_tokens)"
+    " set to the longest row of the case's batches",
     "*.peak_allocated_gib": "torch.cuda.max_memory_allocated over all of the contender's steps (warm-up included)",
     "*.peak_reserved_gib": "torch.cuda.max_memory_reserved over the same steps",
     "*.tokens_per_second": "real (non-pad) tokens / wall seconds of a second pass over the"
@@ -198,11 +200,21 @@ def run_case(case: tuple[str, str, bool], args: argparse.Namespace, work: Path, 
     memory_gib = env["device_memory_gib"] or 24.0
     result: dict[str, Any] = {"case": name, "overrides": overrides,
                               "predicted": predicted(overrides, args.device, memory_gib)}  # fmt: skip
-    print(f"[{name}] predicted peak {result['predicted']['total_gib']:.2f} GiB (ivl.plan.plan_sft, {args.device})")
     ours = Ours(overrides)
     indices = step_indices(len(ours.run.train_set), args.batch_size, args.steps, 1, seed=0)[0]
-    padded = ours.padded_batches(indices)
-    result["ours"] = timed(ours.train, ours.batches(indices), args.device)
+    padded, batches = ours.padded_batches(indices), ours.batches(indices)
+    # The plan is for the worst row a config allows (data.max_length / data.pack_max_tokens); planned again at this
+    # data's longest row, it is comparable with the peak measured here.
+    longest = max(batch["input_ids"].shape[-1] for batch in batches)
+    budget = "data.pack_max_tokens" if packing else "data.max_length"
+    result["predicted_at_longest_row"] = {
+        **predicted([*overrides, f"{budget}={longest}"], args.device, memory_gib),
+        "row_tokens": longest,
+    }
+    print(f"[{name}] predicted peak {result['predicted']['total_gib']:.2f} GiB at the config's worst row, "
+          f"{result['predicted_at_longest_row']['total_gib']:.2f} GiB at this data's longest ({longest} tokens) "
+          f"(ivl.plan.plan_sft, {args.device})")  # fmt: skip
+    result["ours"] = timed(ours.train, batches, args.device)
     report(name, "ours", result["ours"], "ivl.finetune.sft optimizer_step")
     del ours
     release()

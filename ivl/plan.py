@@ -157,7 +157,8 @@ def _vision_items(config, model_config, model, work: Workload, act_bytes: int) -
     trained_layers = layers if modes["vision"] != "frozen" else config.vision.unfreeze_last_layers
     targets_per_layer = _lora_targets(model, "vision") / layers if modes["vision"] == "lora" else 0
     mode = "lora" if modes["vision"] == "lora" else "full"
-    per_layer = vision_layer_bytes_per_token(vision, mode, act_bytes, config.adapter.r, targets_per_layer)
+    per_layer = vision_layer_bytes_per_token(vision, mode, act_bytes, config.adapter.r, targets_per_layer,
+                                             dropout=config.adapter.dropout > 0)  # fmt: skip
     checkpointed = checkpointed_layers(config.vision, layers, trained_layers)
     # A checkpointed layer keeps its input (and one at a time comes back whole in the backward pass); the others keep
     # their activations.
@@ -242,7 +243,8 @@ def _llm_items(config, model_config, model, work: Workload, act_bytes: int, devi
     upstream_trains = modes["vision"] != "frozen" or modes["projector"] != "frozen"
     mode = {"lora": "lora", "full": "full"}.get(modes["llm"], "frozen" if upstream_trains else None)
     targets_per_layer = _lora_targets(model, "llm") / layers if modes["llm"] == "lora" else 0
-    per_layer = llm_layer_bytes_per_token(text, mode or "frozen", act_bytes, config.adapter.r, targets_per_layer)
+    per_layer = llm_layer_bytes_per_token(text, mode or "frozen", act_bytes, config.adapter.r, targets_per_layer,
+                                          dropout=config.adapter.dropout > 0)  # fmt: skip
     per_layer += moe_per_token
     hidden = tokens * text.hidden_size * act_bytes
     checkpointed = checkpointed_layers(config.llm, layers, layers) if mode else 0
@@ -355,9 +357,7 @@ def plan_rl(config, device: Device, memory_gib: float) -> Plan:
     # each step's next-token logits [rows, V] in fp32 and the sampler's sorted copy (top-p)
     generation = kv_cache + 3 * rows * text.vocab_size * 4
     items.update(update)
-    items["generation beyond the update (KV cache)"] = max(
-        0.0, generation - sum(update.values())
-    )
+    items["generation beyond the update (KV cache)"] = max(0.0, generation - sum(update.values()))
     workload = {**vars(work), "kv_cache_gib": kv_cache / GIB, "prompt_tokens": prompt_tokens}
     plan = Plan("rl", config.model.name_or_path, device, str(dtype).removeprefix("torch."), workload, items, memory_gib)
     plan.notes.append(f"RL: prompts assumed at {tiles} tiles + {RL_PROMPT_TEXT_TOKENS} text tokens, answers at "
@@ -419,8 +419,10 @@ def _with_train(path: str | None, overrides: list[str]) -> list[str]:
 # distillation.
 RECIPES = {
     "sft": (_loader("ivl.finetune.options", "SFTConfig"), lambda config, device, gib: plan_sft(config, device, gib)),
-    "mpo": (_loader("ivl.finetune.options", "MPOConfig"),
-            lambda config, device, gib: plan_sft(config, device, gib, "mpo", pair_rows=True)),
+    "mpo": (
+        _loader("ivl.finetune.options", "MPOConfig"),
+        lambda config, device, gib: plan_sft(config, device, gib, "mpo", pair_rows=True),
+    ),
     "rl": (_loader("ivl.finetune.options", "RLConfig"), plan_rl),
     "distill": (_loader("ivl.distill.options", "DistillConfig", fills_train=False), plan_distill),
 }

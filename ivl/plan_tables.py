@@ -40,42 +40,48 @@ LLM_LAYER = {
     2: {"full": (30, 8, 4, 4, 8), "frozen": (12, 6, 4, 4, 8)},
 }
 LLM_LORA_EXTRA = {4: (32, 4), 2: (18, 4)}  # (cH, cI) with all 7 targets (q, k, v, o, gate, up, down)
+# Without LoRA dropout (`adapter.dropout: 0`; PEFT then puts an identity before A, which reads the input the base layer
+# keeps anyway) a LoRA layer keeps less than a fully trained one: (cH, cI) with all 7 targets, measured as above.
+LLM_LORA_EXTRA_NO_DROPOUT = {4: (-8, 0), 2: (-6, 0)}
 LLM_DEFAULT_TARGETS = 7
 # ViT layers (no KV grouping; the CLS token counts as a token): (cH, cI, cHeads, c0).
 VISION_LAYER = {4: {"full": (40, 8, 4, 16)}, 2: {"full": (28, 4, 4, 16)}}
 VISION_LORA_EXTRA = {4: (24, 4), 2: (14, 4)}  # all 6 targets (q, k, v, projection_layer, fc1, fc2)
+VISION_LORA_EXTRA_NO_DROPOUT = {4: (-8, 0), 2: (-6, 0)}
 VISION_DEFAULT_TARGETS = 6
 
 
 def _lora_extra(extra: tuple[int, int], hidden: int, inter: int, act_bytes: int, r: int, targets: float,
                 default_targets: int) -> float:  # fmt: skip
-    """LoRA's additional bytes per token: its dropout buffers (scaled by the share of the default targets adapted)
-    and each target's [r] A-projection output."""
+    """LoRA's additional bytes per token: `extra` (the dropout buffers, or what no dropout saves; scaled by the share
+    of the default targets adapted) and each target's [r] A-projection output."""
     share = min(1.0, targets / default_targets)
     return share * (extra[0] * hidden + extra[1] * inter) + act_bytes * r * targets
 
 
-def llm_layer_bytes_per_token(text, mode: str, act_bytes: int, r: int, targets: float) -> float:
+def llm_layer_bytes_per_token(text, mode: str, act_bytes: int, r: int, targets: float, dropout: bool = True) -> float:
     """Saved bytes per token of one LLM decoder layer: `text` the LLM config, `mode` full | frozen | lora, activations
-    of `act_bytes` (4 fp32, 2 bf16 / fp16), LoRA rank `r` on `targets` linear layers of the layer."""
+    of `act_bytes` (4 fp32, 2 bf16 / fp16), LoRA rank `r` on `targets` linear layers of the layer, `dropout`: LoRA
+    dropout is on (`adapter.dropout` > 0)."""
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_width = text.num_key_value_heads * head_dim
     c_h, c_i, c_kv, c_heads, c_0 = LLM_LAYER[act_bytes]["frozen" if mode == "frozen" else "full"]
     total = c_h * text.hidden_size + c_i * text.intermediate_size + c_kv * kv_width + c_heads * heads + c_0
     if mode == "lora":
-        extra = LLM_LORA_EXTRA[act_bytes]
+        extra = (LLM_LORA_EXTRA if dropout else LLM_LORA_EXTRA_NO_DROPOUT)[act_bytes]
         total += _lora_extra(extra, text.hidden_size, text.intermediate_size, act_bytes, r, targets,
                              LLM_DEFAULT_TARGETS)  # fmt: skip
     return total
 
 
-def vision_layer_bytes_per_token(vision, mode: str, act_bytes: int, r: int, targets: float) -> float:
+def vision_layer_bytes_per_token(vision, mode: str, act_bytes: int, r: int, targets: float,
+                                 dropout: bool = True) -> float:  # fmt: skip
     """Saved bytes per token of one ViT layer (`mode` full | lora; see `llm_layer_bytes_per_token`)."""
     c_h, c_i, c_heads, c_0 = VISION_LAYER[act_bytes]["full"]
     total = c_h * vision.hidden_size + c_i * vision.intermediate_size + c_heads * vision.num_attention_heads + c_0
     if mode == "lora":
-        extra = VISION_LORA_EXTRA[act_bytes]
+        extra = (VISION_LORA_EXTRA if dropout else VISION_LORA_EXTRA_NO_DROPOUT)[act_bytes]
         total += _lora_extra(extra, vision.hidden_size, vision.intermediate_size, act_bytes, r, targets,
                              VISION_DEFAULT_TARGETS)  # fmt: skip
     return total

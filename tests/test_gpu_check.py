@@ -28,6 +28,8 @@ def test_dry_mode_without_bitsandbytes_or_trl_runs_ours_and_padded_and_notes_the
     lora, qlora = result["cases"]
     assert "bitsandbytes" in qlora["skipped"] and "trl" in lora["trl"]["skipped"]
     assert lora["predicted"]["total_gib"] > 0 and lora["predicted"]["source"] == "ivl.plan.plan_sft"
+    at_data = lora["predicted_at_longest_row"]  # planned at the data's longest row: below the config's worst case
+    assert 0 < at_data["row_tokens"] < 4096 and 0 < at_data["total_gib"] < lora["predicted"]["total_gib"]
     for loop in ("ours", "padded"):
         assert lora[loop]["steps"] == 1 and lora[loop]["tokens"] > 0 and lora[loop]["tokens_per_second"] > 0
     assert lora["ours"]["tokens"] == lora["padded"]["tokens"]  # the same batches for every contender

@@ -2,6 +2,7 @@
 fit when re-planned, the CLI, and the activation tables against what autograd really keeps."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from ivl.cli import main as cli_main
 from ivl.config import ConfigError
 from ivl.plan import plan_file
 from ivl.plan_proposals import format_plan
-from ivl.plan_tables import GIB, llm_layer_bytes_per_token
+from ivl.plan_tables import GIB, llm_layer_bytes_per_token, vision_layer_bytes_per_token
 
 ZOO_1B = "configs/sft/internvl3_1b_lora.yaml"  # a hub id the planner must know without downloading
 
@@ -161,9 +162,11 @@ def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert error.startswith("error:") and message in error and "Traceback" not in error
 
 
-def test_llm_table_equals_what_autograd_keeps():
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+def test_llm_table_equals_what_autograd_keeps(dropout):
     """Bytes saved for backward per token of one LoRA decoder layer (fp32), counted with saved-tensor hooks on a
-    3- and a 2-layer model at two lengths, equal the table's prediction."""
+    3- and a 2-layer model at two lengths, equal the table's prediction; without LoRA dropout PEFT's A matrix reads
+    the layer input itself, so no dropout mask or output is kept."""
     from transformers import InternVLForConditionalGeneration
 
     from ivl.model.adapters import AdapterConfig, VisionPartConfig, apply_trainability
@@ -178,7 +181,7 @@ def test_llm_table_equals_what_autograd_keeps():
         config = _make_config(vision, {**text, "num_hidden_layers": layers}, 500, image_size=112)
         model = InternVLForConditionalGeneration(config)
         model = apply_trainability(model, {"vision": "frozen", "projector": "full", "llm": "lora"},
-                                   VisionPartConfig(), AdapterConfig(r=8))  # fmt: skip
+                                   VisionPartConfig(), AdapterConfig(r=8, dropout=dropout))  # fmt: skip
         model.train()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen = {}
@@ -195,7 +198,45 @@ def test_llm_table_equals_what_autograd_keeps():
 
     per_layer = (saved_bytes(3, 256) - saved_bytes(3, 128) - saved_bytes(2, 256) + saved_bytes(2, 128)) / 128
     config = _make_config(vision, {**text, "num_hidden_layers": 2}, 500, image_size=112).text_config
-    assert per_layer == pytest.approx(llm_layer_bytes_per_token(config, "lora", 4, r=8, targets=7))
+    expected = llm_layer_bytes_per_token(config, "lora", 4, r=8, targets=7, dropout=dropout > 0)
+    assert per_layer == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+def test_vision_table_equals_what_autograd_keeps(dropout):
+    """The same for one LoRA ViT layer (fp32): 3- and 2-layer towers at one and two tiles."""
+    from transformers import InternVLForConditionalGeneration
+
+    from ivl.model.adapters import AdapterConfig, VisionPartConfig, apply_trainability
+    from ivl.model.presets import TINY_LLM, TINY_VISION, _make_config
+
+    vision = {**TINY_VISION, "hidden_size": 64, "intermediate_size": 256}
+    text = {**TINY_LLM, "vocab_size": 512, "num_hidden_layers": 1}
+
+    def saved_bytes(layers: int, tiles: int) -> int:
+        torch.manual_seed(0)
+        model = InternVLForConditionalGeneration(_make_config({**vision, "num_hidden_layers": layers}, text, 500, 112))
+        model = apply_trainability(model, {"vision": "lora", "projector": "full", "llm": "frozen"},
+                                   VisionPartConfig(), AdapterConfig(r=8, dropout=dropout))  # fmt: skip
+        model.train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() not in params:
+                seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        tower = next(module for name, module in model.named_modules() if name.endswith("vision_tower"))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            tower(pixel_values=torch.randn(tiles, 3, 112, 112))
+        return sum(seen.values())
+
+    patches = (112 // 14) ** 2 + 1  # + the CLS token
+    per_layer = (saved_bytes(3, 2) - saved_bytes(3, 1) - saved_bytes(2, 2) + saved_bytes(2, 1)) / patches
+    config = SimpleNamespace(hidden_size=64, intermediate_size=256, num_attention_heads=vision["num_attention_heads"])
+    expected = vision_layer_bytes_per_token(config, "lora", 4, r=8, targets=6, dropout=dropout > 0)
+    assert per_layer == pytest.approx(expected)
 
 
 def test_an_unknown_device_is_a_config_error():
