@@ -22,8 +22,9 @@ CPU_BASELINE_BYTES = 395 * 2**20
 # blocks and the backward pass frees and reallocates activation gradients, so the peak RSS runs above the sum of live
 # tensors by about this fraction of them.
 CPU_ALLOCATOR_SLACK = 0.10
-# ASSUMED (no GPU measured yet): the CUDA context with cuBLAS / cuDNN handles (~0.5 GiB on recent drivers), and the
-# caching allocator's fragmentation on top of live tensors.
+# ASSUMED: the CUDA context with cuBLAS / cuDNN handles (~0.5 GiB on recent drivers), and the caching allocator's
+# fragmentation on top of live tensors. The H200 check (bench/README.md) reads torch.cuda.max_memory_allocated, which
+# holds neither: with them the plans there were 3-45% above it.
 CUDA_CONTEXT_BYTES = 0.5 * GIB
 CUDA_ALLOCATOR_SLACK = 0.10
 # From the loss's design note, CHECKED by bench/plan_accuracy.py: live copies of one fp32 logits chunk at the loss's
