@@ -202,7 +202,7 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ivl.demo.run import run_demo
 
-    run_demo(args.out_dir)
+    run_demo(args.out_dir, overrides=args.overrides)
     return 0
 
 
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the built-in default job on the synthetic shapes task")
     demo.add_argument("--out-dir", default="outputs/demo")
+    demo.add_argument(
+        "overrides", nargs="*", help="dotted overrides of ivl/assets/demo_sft.yaml, e.g. loop.cpu_threads=2"
+    )
     demo.set_defaults(handler=cmd_demo)
 
     for name, recipe in RECIPES.items():

@@ -257,6 +257,11 @@ class LoopConfig:
         "force: that checkpoint even if the config or base changed | never | a checkpoint dir",
     )
     num_workers: int = option(2, "DataLoader worker processes building samples")
+    cpu_threads: int = option(
+        0,
+        "threads of torch's CPU operators (torch.set_num_threads) in this process; 0: torch's default (one per core). "
+        "Tiny models, like the demo's, run fastest on 1, and a fixed count makes CPU results the same on every machine",
+    )
     on_nonfinite: Literal["stop", "skip"] = option(
         "stop", "a step whose loss / gradient norm is inf or NaN: stop the run there | skip that update (counted)"
     )
@@ -272,7 +277,7 @@ class LoopConfig:
                 raise ConfigError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps < 0 or self.epochs <= 0:
             raise ConfigError("loop.max_steps must be >= 0 and loop.epochs > 0")
-        for name in ("num_workers", "save_every", "eval_every"):
+        for name in ("num_workers", "save_every", "eval_every", "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loop.{name} must be >= 0, got {getattr(self, name)}")
 

@@ -36,6 +36,7 @@ def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:
             "(or model.dtype=float32)"
         )
     _check_trackers(loop.report_to)
+    use_cpu_threads(loop.cpu_threads)
     # Accelerate only forms a multi-process CPU group when told the run is on CPU (e.g. under plain torchrun);
     # without this each process would train alone on its shard, silently.
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -51,6 +52,13 @@ def make_accelerator(loop: LoopConfig, model_dtype: torch.dtype) -> Accelerator:
     _check_backend(accelerator)
     set_seed(loop.seed, device_specific=False)
     return accelerator
+
+
+def use_cpu_threads(threads: int) -> None:
+    """`loop.cpu_threads`: torch's CPU operators use `threads` threads from here on (0: leave torch's default). CPU
+    float sums depend on the thread count, so a run is only reproducible at a fixed count."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _check_backend(accelerator: Accelerator) -> None:

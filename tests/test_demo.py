@@ -100,3 +100,12 @@ def test_demo_runs_end_to_end_and_reports_before_and_after(tmp_path, capsys):
     assert result["exact_match_before"] == 0.0  # the base describes scenes; it has never given a short answer
     for name in ("run/model/model.safetensors", "run/metrics.jsonl", "run/loss.png"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_ivl_demo_takes_overrides_and_a_bad_one_is_one_line_before_any_work(tmp_path, capsys):
+    from ivl.cli import main as cli_main
+
+    assert cli_main(["demo", "--out-dir", str(tmp_path), "loop.cpu_threads=-1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and "loop.cpu_threads must be >= 0" in error and "Traceback" not in error
+    assert not (tmp_path / "data").exists()

@@ -69,8 +69,9 @@ def test_the_demo_config_and_data_run_end_to_end(tmp_path):
     train, validation = write_rl_demo_data(tmp_path / "data", num_train=8, num_validation=2)
     rows = [json.loads(line) for line in validation.read_text().splitlines()]
     assert sorted(row["kind"] for row in rows) == sorted([*RL_KINDS, *QUESTION_KINDS] * 2)
-    rows = [json.loads(line) for line in train.read_text().splitlines()]  # new kinds, SFT kinds 1:1
-    assert sorted(row["kind"] for row in rows) == sorted([*RL_KINDS] * 8 + [*QUESTION_KINDS] * 6)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]  # the new kind, SFT kinds by TRAIN_MIX
+    counts = {"shape_of_color": 8, "shape": 8, "position": 8, "color": 4, "count": 4}
+    assert sorted(row["kind"] for row in rows) == sorted(kind for kind, n in counts.items() for _ in range(n))
     config = load_config(RLConfig, CONFIG, [
         f"model.name_or_path={demo_base_path()}", f"data.train={train}", f"data.validation={validation}",
         f"loop.output_dir={tmp_path / 'run'}", "loop.max_steps=2", "loop.batch_size=2", "loop.log_every=1",

@@ -61,6 +61,20 @@ def test_bf16_model_without_autocast_is_refused():
         make_accelerator(LoopConfig(mixed_precision="no"), torch.bfloat16)
 
 
+
+def test_cpu_threads_sets_torchs_thread_count_and_zero_leaves_it(tmp_path):
+    default = torch.get_num_threads()
+    try:
+        make_accelerator(LoopConfig(cpu_threads=1, output_dir=str(tmp_path)), torch.float32)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        make_accelerator(LoopConfig(cpu_threads=0, output_dir=str(tmp_path)), torch.float32)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(default)
+    with pytest.raises(ConfigError, match="loop.cpu_threads must be >= 0"):
+        LoopConfig(cpu_threads=-1).validate()
+
 def test_loss_plot_is_written_from_metrics(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     records = [{"step": s, "loss": 3.0 / s} for s in range(1, 6)] + [{"step": 5, "eval_loss": 0.9}]

@@ -16,6 +16,7 @@ from ivl.demo.pretrain import IMAGE_SIZE, demo_base_path
 from ivl.evaluate import run_eval
 from ivl.finetune.sft import SFTConfig, run_sft
 from ivl.options import EvalConfig, EvalOptions
+from ivl.runtime import use_cpu_threads
 
 
 def demo_config_path() -> Path:
@@ -29,8 +30,6 @@ def run_demo(
     out_dir = Path(out_dir)
     started = time.perf_counter()
     data = out_dir / "data"
-    print(f"[1/4] writing the shapes task ({num_train} train / {num_validation} validation) to {data}")
-    write_dataset(data, num_train, num_validation, width=IMAGE_SIZE, height=IMAGE_SIZE)
     overrides = [
         f"data.train={data / 'train.jsonl'}",
         f"data.validation={data / 'validation.jsonl'}",
@@ -38,7 +37,10 @@ def run_demo(
         f"model.name_or_path={demo_base_path()}",
         *overrides,
     ]
-    config = load_config(SFTConfig, demo_config_path(), overrides)
+    config = load_config(SFTConfig, demo_config_path(), overrides)  # a bad override fails here, before any work
+    use_cpu_threads(config.loop.cpu_threads)  # from the first evaluation on (the SFT run sets it again)
+    print(f"[1/4] writing the shapes task ({num_train} train / {num_validation} validation) to {data}")
+    write_dataset(data, num_train, num_validation, width=IMAGE_SIZE, height=IMAGE_SIZE)
 
     print("[2/4] validation exact-match of the shipped base model (pre-trained to describe scenes, before SFT)")
     before = run_eval(
