@@ -162,6 +162,23 @@ def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert error.startswith("error:") and message in error and "Traceback" not in error
 
 
+def bytes_saved_for_backward(model, forward) -> int:
+    """Bytes autograd keeps for the backward pass of `forward()` on `model` in training mode: each storage once,
+    parameters excluded (counted with saved-tensor hooks)."""
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(seen.values())
+
+
 @pytest.mark.parametrize("dropout", [0.05, 0.0])
 def test_llm_table_equals_what_autograd_keeps(dropout):
     """Bytes saved for backward per token of one LoRA decoder layer (fp32), counted with saved-tensor hooks on a
@@ -182,19 +199,8 @@ def test_llm_table_equals_what_autograd_keeps(dropout):
         model = InternVLForConditionalGeneration(config)
         model = apply_trainability(model, {"vision": "frozen", "projector": "full", "llm": "lora"},
                                    VisionPartConfig(), AdapterConfig(r=8, dropout=dropout))  # fmt: skip
-        model.train()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen = {}
-
-        def pack(tensor):
-            if tensor.untyped_storage().data_ptr() not in params:
-                seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
         ids = torch.randint(0, 400, (1, tokens))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model(input_ids=ids, logits_to_keep=1)
-        return sum(seen.values())
+        return bytes_saved_for_backward(model, lambda: model(input_ids=ids, logits_to_keep=1))
 
     per_layer = (saved_bytes(3, 256) - saved_bytes(3, 128) - saved_bytes(2, 256) + saved_bytes(2, 128)) / 128
     config = _make_config(vision, {**text, "num_hidden_layers": 2}, 500, image_size=112).text_config
@@ -218,19 +224,8 @@ def test_vision_table_equals_what_autograd_keeps(dropout):
         model = InternVLForConditionalGeneration(_make_config({**vision, "num_hidden_layers": layers}, text, 500, 112))
         model = apply_trainability(model, {"vision": "lora", "projector": "full", "llm": "frozen"},
                                    VisionPartConfig(), AdapterConfig(r=8, dropout=dropout))  # fmt: skip
-        model.train()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen = {}
-
-        def pack(tensor):
-            if tensor.untyped_storage().data_ptr() not in params:
-                seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
         tower = next(module for name, module in model.named_modules() if name.endswith("vision_tower"))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            tower(pixel_values=torch.randn(tiles, 3, 112, 112))
-        return sum(seen.values())
+        return bytes_saved_for_backward(model, lambda: tower(pixel_values=torch.randn(tiles, 3, 112, 112)))
 
     patches = (112 // 14) ** 2 + 1  # + the CLS token
     per_layer = (saved_bytes(3, 2) - saved_bytes(3, 1) - saved_bytes(2, 2) + saved_bytes(2, 1)) / patches
